@@ -1,0 +1,46 @@
+"""Key/value cache for batched decoding: fixed-size slot buffers, written left to right for every row."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxreason.models.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far.
+
+    Every row writes its i-th call's tokens at the same slots `[index, index + T)`; rows of different
+    lengths are handled by `mask` (left-padded prompts leave unmasked gaps at the start).
+
+    Attributes:
+      k: keys, [L, B, S, num_kv_heads, head_dim].
+      v: values, [L, B, S, num_kv_heads, head_dim].
+      mask: [B, S], True where a slot holds a real token.
+      index: [], the next slot to write.
+    """
+
+    k: Float[Array, "L B S K D"]
+    v: Float[Array, "L B S K D"]
+    mask: Bool[Array, "B S"]
+    index: Int[Array, ""]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch, max_len), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+    def num_real_tokens(self) -> Int[Array, "B"]:
+        return jnp.sum(self.mask, axis=1, dtype=jnp.int32)

@@ -1,0 +1,280 @@
+"""Flax NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2/2.5 and SmolLM2.
+
+GQA attention with RoPE (optionally Llama 3 scaled), RMSNorm, SwiGLU MLP, optional q/k/v biases, tied or
+untied embeddings and an optional sliding window. Layers are stacked on a leading `layers` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth. Every parameter carries logical axis names
+(`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`, `norm`) that `jaxreason.sharding` maps
+to mesh axes.
+
+Positions and padding: callers pass `attention_mask` ([B, T], 1 for real tokens); positions default to the
+number of real tokens before each one, so left- and right-padded batches give the same logits as unpadded
+rows. With a `KVCache`, new tokens are written at `cache.index` and attend to every earlier real slot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxreason.models.config import ModelConfig
+from jaxreason.models.kv_cache import KVCache
+
+_INIT_STD = 0.02
+_MASKED = -1e30  # finite, so a row with every key masked (a padding query) gives no NaN
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, init: str = "normal") -> nnx.Param:
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = jnp.zeros(shape, dtype)
+    # Logical names only; `jaxreason.sharding` turns them into NamedShardings under a mesh.
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def rope_frequencies(config: ModelConfig) -> Float[Array, "head_dim/2"]:
+    """Inverse RoPE frequencies, with Llama 3 scaling when configured (as transformers computes them)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(
+    x: Float[Array, "B T H D"], positions: Int[Array, "B T"], inv_freq: Float[Array, "D/2"]
+) -> Float[Array, "B T H D"]:
+    """Rotates halves (x[:D/2], x[D/2:]) as in the Hugging Face Llama layout."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def default_positions(attention_mask: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Position of each token = number of real tokens before it (padding does not shift positions)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (size,), ("norm",), param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... E"]) -> Float[Array, "... E"]:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention; K/V for cached decoding are passed in and returned, never stored."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), param_dtype)
+        self.k = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), param_dtype)
+        if config.attention_bias:
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), param_dtype, init="zeros")
+            self.k_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+            self.v_bias = _param(rngs, (kv, d), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(
+        self,
+        x: Float[Array, "B T E"],
+        positions: Int[Array, "B T"],
+        inv_freq: Float[Array, "D/2"],
+        query_slots: Int[Array, "T"],
+        key_mask: Bool[Array, "B S"],
+        cache_kv: tuple[Float[Array, "B S K D"], Float[Array, "B S K D"]] | None,
+        cache_index: Int[Array, ""] | None,
+    ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "B S K D"], Float[Array, "B S K D"]] | None]:
+        cfg, dt = self.config, self.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt))
+        k = jnp.einsum("bte,ekd->btkd", x, self.k[...].astype(dt))
+        v = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
+        if cfg.attention_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache_kv is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, 1)
+            new_cache = (k_all, v_all)
+        else:
+            k_all, v_all, new_cache = k, v, None
+        b, t, h, d = q.shape
+        groups = h // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all.astype(dt)).astype(jnp.float32) / math.sqrt(d)
+        key_slots = jnp.arange(k_all.shape[1])
+        allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal in slot order
+        if cfg.sliding_window is not None:
+            allowed &= query_slots[:, None] - key_slots[None, :] < cfg.sliding_window
+        allowed = allowed[None, :, :] & key_mask[:, None, :]  # [B, T, S]
+        scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt)).reshape(b, t, h, d)
+        return jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        self.gate = _param(rngs, (e, m), ("embed", "mlp"), param_dtype)
+        self.up = _param(rngs, (e, m), ("embed", "mlp"), param_dtype)
+        self.down = _param(rngs, (m, e), ("mlp", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: Float[Array, "B T E"]) -> Float[Array, "B T E"]:
+        dt = self.dtype
+        gate = jax.nn.silu(x @ self.gate[...].astype(dt))
+        return (gate * (x @ self.up[...].astype(dt))) @ self.down[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.attention = Attention(config, **kw)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(config, **kw)
+
+    def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache_kv, cache_index):
+        attn, new_cache = self.attention(
+            self.attention_norm(x), positions, inv_freq, query_slots, key_mask, cache_kv, cache_index
+        )
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), new_cache
+
+
+class Transformer(nnx.Module):
+    """Embeddings, the stacked decoder layers and the final norm: token ids to hidden states.
+
+    Shared by `CausalLM` (adds the LM head) and `jaxreason.models.ValueModel` (adds a scalar head).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), param_dtype)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        attention_mask: Int[Array, "B T"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B T E"], KVCache | None]:
+        """Hidden states after the final norm, and the cache with these tokens written (None without one)."""
+        b, t = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            offset = 0 if cache is None else cache.num_real_tokens()[:, None]
+            positions = offset + default_positions(attention_mask)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        inv_freq = rope_frequencies(self.config)
+        if cache is None:
+            query_slots = jnp.arange(t)
+            key_mask = attention_mask.astype(bool)
+            cache_index, xs = None, None
+        else:
+            query_slots = cache.index + jnp.arange(t)
+            key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
+            cache_index, xs = cache.index, (cache.k, cache.v)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(h, inputs):
+            state, kv = inputs
+            layer = nnx.merge(graphdef, state)
+            h, new_kv = layer(h, positions, inv_freq, query_slots, key_mask, kv, cache_index)
+            return h, new_kv
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, new_kv = jax.lax.scan(body, x, (layer_state, xs))
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=new_kv[0], v=new_kv[1], mask=key_mask, index=cache.index + t)
+
+
+class CausalLM(nnx.Module):
+    """Llama-family causal language model: token ids [B, T] to next-token logits [B, T, vocab]."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.transformer = Transformer(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def logits_from_hidden(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
+        dt = hidden.dtype
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("bte,ve->btv", hidden, self.transformer.embed[...].astype(dt)).astype(jnp.float32)
+        return (hidden @ self.lm_head[...].astype(dt)).astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        attention_mask: Int[Array, "B T"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], KVCache]:
+        """float32 logits; with a cache, also the updated cache."""
+        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache)
+        logits = self.logits_from_hidden(hidden)
+        return logits if cache is None else (logits, new_cache)

@@ -1,0 +1,186 @@
+"""Jit-compiled batched generation: one prefill, then a `lax.while_loop` decode over a KV cache.
+
+Prompts are left-padded so that every row's next token is written at the same cache slot; the cache lives
+in the loop carry, which XLA updates in place. Each row draws from its own key stream
+(`fold_in(row_key, step)`), so a row's output does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from jaxreason.models.kv_cache import KVCache
+from jaxreason.models.llama import CausalLM
+from jaxreason.sampling.stopping import StopTable, init_stop_buffer, update_stop_buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@struct.dataclass
+class GenerateOutput:
+    """Generated completions.
+
+    Attributes:
+      tokens: [B, N] new token ids; positions at or past `lengths` hold the pad id.
+      logprobs: [B, N] log-probability of each new token under the model (temperature 1, no filtering);
+        0 past `lengths`.
+      lengths: [B] number of new tokens, the EOS or stop-completing token included.
+      stopped: [B] True where the row ended on EOS or a stop string rather than on max_new_tokens.
+    """
+
+    tokens: Int[Array, "B N"]
+    logprobs: Float[Array, "B N"]
+    lengths: Int[Array, "B"]
+    stopped: Bool[Array, "B"]
+
+
+def sample_logits(logits: Float[Array, "V"], key: PRNGKeyArray, config: SamplingConfig) -> Int[Array, ""]:
+    """Draws one token id from one row of logits with temperature, top-k and top-p (nucleus) filtering."""
+    if config.temperature == 0:
+        return jnp.argmax(logits).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / config.temperature
+    if config.top_k:
+        kth = jax.lax.top_k(logits, config.top_k)[0][-1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if config.top_p < 1:
+        sorted_logits = jnp.sort(logits)[::-1]
+        probs = jax.nn.softmax(sorted_logits)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        keep = jnp.cumsum(probs) - probs < config.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf))
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def generate(
+    model: CausalLM,
+    prompt_tokens: Int[Array, "B P"],
+    prompt_mask: Int[Array, "B P"],
+    key: PRNGKeyArray,
+    config: SamplingConfig,
+    *,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    stop_table: StopTable | None = None,
+) -> GenerateOutput:
+    """Samples up to `config.max_new_tokens` tokens after each left-padded prompt.
+
+    Args:
+      model: the causal LM.
+      prompt_tokens: [B, P] left-padded prompt ids (see `jaxreason.sampling.pad_left`).
+      prompt_mask: [B, P] 1 for real prompt tokens.
+      key: one PRNG key, or [B] keys (one per row: a row's draws then depend on its key alone).
+      config: sampling settings (static: a new value compiles a new program).
+      eos_ids: token ids that end a row.
+      pad_id: id written after a row has ended.
+      stop_table: stop strings (`jaxreason.sampling.build_stop_table`); a row ends on the token that
+        completes one, and that token is kept.
+    """
+    if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
+        raise ValueError(
+            f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} must both be [B, P]"
+        )
+    batch = prompt_tokens.shape[0]
+    row_keys = key if _is_key_batch(key, batch) else jax.random.split(key, batch)
+    graphdef, state = nnx.split(model)
+    return _generate_jit(
+        graphdef, state, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+        row_keys, stop_table, config=config, eos_ids=tuple(eos_ids), pad_id=pad_id,
+    )
+
+
+def _is_key_batch(key, batch: int) -> bool:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2 and key.shape[0] == batch
+
+
+@struct.dataclass
+class _LoopState:
+    step: Int[Array, ""]
+    logits: Float[Array, "B V"]
+    cache: KVCache
+    tokens: Int[Array, "B N"]
+    logprobs: Float[Array, "B N"]
+    lengths: Int[Array, "B"]
+    done: Bool[Array, "B"]
+    stopped: Bool[Array, "B"]
+    stop_buffer: object
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_ids", "pad_id"))
+def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, row_keys, stop_table, *, config, eos_ids, pad_id):
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_tokens.shape
+    n = config.max_new_tokens
+    cache = KVCache.init(model.config, batch, prompt_len + n, dtype=model.transformer.dtype)
+    logits, cache = model(prompt_tokens, attention_mask=prompt_mask, cache=cache)
+    eos = jnp.asarray(eos_ids if eos_ids and not config.ignore_eos else (-1,), jnp.int32)
+    sample_rows = jax.vmap(lambda lg, k: sample_logits(lg, k, config))
+
+    def cond(s: _LoopState):
+        return (s.step < n) & ~jnp.all(s.done)
+
+    def body(s: _LoopState) -> _LoopState:
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, s.step)
+        token = sample_rows(s.logits, keys)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(s.logits), token[:, None], axis=1)[:, 0]
+        live = ~s.done
+        token = jnp.where(live, token, pad_id)
+        ended = jnp.isin(token, eos)
+        stop_buffer = s.stop_buffer
+        if stop_table is not None:
+            stop_buffer, hit = update_stop_buffer(stop_table, stop_buffer, token)
+            ended |= hit
+        ended &= live
+        next_logits, cache = model(token[:, None], attention_mask=live[:, None].astype(jnp.int32), cache=s.cache)
+        return _LoopState(
+            step=s.step + 1,
+            logits=next_logits[:, -1],
+            cache=cache,
+            tokens=s.tokens.at[:, s.step].set(token),
+            logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0)),
+            lengths=s.lengths + live,
+            done=s.done | ended,
+            stopped=s.stopped | ended,
+            stop_buffer=stop_buffer,
+        )
+
+    init = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        logits=logits[:, -1],
+        cache=cache,
+        tokens=jnp.full((batch, n), pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, n), jnp.float32),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        stopped=jnp.zeros((batch,), bool),
+        stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, batch),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    return GenerateOutput(tokens=final.tokens, logprobs=final.logprobs, lengths=final.lengths, stopped=final.stopped)
