@@ -4,6 +4,7 @@ from jaxreason.models.config import ModelConfig, RopeScaling
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM, Transformer
 from jaxreason.models.pretrained import PRESETS, load_pretrained, save_pretrained
+from jaxreason.models.value_head import ValueModel
 
 __all__ = [
     "CausalLM",
@@ -14,4 +15,5 @@ __all__ = [
     "Transformer",
     "load_pretrained",
     "save_pretrained",
+    "ValueModel",
 ]

@@ -1,0 +1,65 @@
+"""Command-line entry point: `python -m jaxreason generate ...`.
+
+Errors a user can fix (a missing file, an unknown preset, a bad checkpoint) print one line naming the
+problem and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import jax
+
+    from jaxreason.models import load_pretrained
+    from jaxreason.sampling import SamplingConfig, build_stop_table, decode_completions, encode_prompts, generate
+
+    model, tokenizer = load_pretrained(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer files beside the weights")
+    chat = bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat
+    tokens, mask = encode_prompts(tokenizer, args.prompt, chat=chat)
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+    )
+    stop_table = build_stop_table(tokenizer, args.stop, model.config.vocab_size) if args.stop else None
+    eos_ids = tuple(model.config.eos_token_ids) or (tokenizer.eos_token_id,)
+    start = time.perf_counter()
+    out = generate(model, tokens, mask, jax.random.key(args.seed), config,
+                   eos_ids=eos_ids, pad_id=tokenizer.pad_token_id or 0, stop_table=stop_table)
+    completions = decode_completions(tokenizer, out)
+    seconds = time.perf_counter() - start
+    for prompt, completion in zip(args.prompt, completions):
+        if len(args.prompt) > 1:
+            print(f"### {prompt}")
+        print(completion)
+    print(f"[{int(out.lengths.sum())} tokens in {seconds:.1f}s, compile included]", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxreason", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="sample a completion from a model")
+    gen.add_argument("--model", default="smollm2-135m-instruct", help="preset, Hugging Face folder or .gguf file")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jaxreason {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,55 @@
+"""A scalar head on a decoder backbone: the PRM, ORM or verifier of every method.
+
+The head reads the final hidden state at every position and returns one logit per token; `sigmoid` of the
+logit at a step's last token is the value of the partial solution up to that step, in [0, 1]. The backbone
+is either the model's own `Transformer` or the policy's (pass `backbone=policy.transformer`: NNX shares the
+module, so training one trains the other).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxreason.models.config import ModelConfig
+from jaxreason.models.llama import Transformer
+
+
+class ValueModel(nnx.Module):
+    """Token ids [B, T] -> value logits [B, T] (float32)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        backbone: Transformer | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.transformer = backbone or Transformer(
+            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+        )
+        # Zero-initialised head: every prefix starts at value 0.5, no prior preference.
+        self.head = nnx.Param(jnp.zeros((config.hidden_size,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((), param_dtype), out_sharding=(), eager_sharding=False)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        attention_mask: Int[Array, "B T"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+    ) -> Float[Array, "B T"]:
+        hidden, _ = self.transformer(tokens, attention_mask, positions)
+        logits = hidden.astype(jnp.float32) @ self.head[...].astype(jnp.float32)
+        return logits + self.bias[...].astype(jnp.float32)
+
+    def values(
+        self, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B T"] | None = None
+    ) -> Float[Array, "B T"]:
+        """Values in [0, 1] at every position."""
+        return jax.nn.sigmoid(self(tokens, attention_mask))

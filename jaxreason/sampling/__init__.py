@@ -1,0 +1,18 @@
+"""Jitted batched generation with a KV cache, sampling filters and stop strings."""
+
+from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, generate, sample_logits
+from jaxreason.sampling.prompts import decode_completions, encode_prompts, pad_left, pad_token_id
+from jaxreason.sampling.stopping import StopTable, build_stop_table
+
+__all__ = [
+    "GenerateOutput",
+    "SamplingConfig",
+    "StopTable",
+    "build_stop_table",
+    "decode_completions",
+    "encode_prompts",
+    "generate",
+    "pad_left",
+    "pad_token_id",
+    "sample_logits",
+]

@@ -1,0 +1,110 @@
+"""The jitted sampler against step-by-step recomputation without a cache, on a tiny random model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreason.models import CausalLM, ModelConfig
+from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.sampling import SamplingConfig, build_stop_table, encode_prompts, generate, pad_left, sample_logits
+
+TOKENIZER = build_char_tokenizer()
+CONFIG = ModelConfig(
+    vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=16, eos_token_id=TOKENIZER.eos_token_id, pad_token_id=TOKENIZER.pad_token_id,
+)
+PROMPTS = ["12 + 7 =", "Q: 3 * 4?\nA:", "x"]
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0)
+SAMPLED = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = CausalLM(CONFIG, rngs=nnx.Rngs(0))
+    # Larger weights than the 0.02 default give peaked, prompt-dependent distributions.
+    state = nnx.state(m, nnx.Param)
+    nnx.update(m, jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, state))
+    return m
+
+
+def _run(model, config, texts=PROMPTS, key=0, **kw):
+    tokens, mask = encode_prompts(TOKENIZER, texts)
+    return generate(model, tokens, mask, jax.random.key(key), config, pad_id=TOKENIZER.pad_token_id, **kw)
+
+
+def test_greedy_equals_uncached_argmax(model):
+    out = _run(model, GREEDY)
+    for i, text in enumerate(PROMPTS):
+        ids = TOKENIZER.encode(text)
+        for t in range(GREEDY.max_new_tokens):
+            logits = model(jnp.asarray([ids]))[0, -1]
+            assert int(out.tokens[i, t]) == int(jnp.argmax(logits)), (text, t)
+            ids.append(int(out.tokens[i, t]))
+    assert np.all(np.asarray(out.lengths) == GREEDY.max_new_tokens)
+    assert not np.any(np.asarray(out.stopped))
+
+
+def test_logprobs_are_model_log_softmax(model):
+    out = _run(model, SAMPLED)
+    ids = TOKENIZER.encode(PROMPTS[1]) + np.asarray(out.tokens[1]).tolist()
+    logp = jax.nn.log_softmax(model(jnp.asarray([ids]))[0], axis=-1)
+    p = len(TOKENIZER.encode(PROMPTS[1]))
+    expected = [float(logp[p - 1 + t, ids[p + t]]) for t in range(SAMPLED.max_new_tokens)]
+    np.testing.assert_allclose(np.asarray(out.logprobs[1]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_row_output_does_not_depend_on_batch(model):
+    keys = jax.random.split(jax.random.key(3), len(PROMPTS))
+    tokens, mask = encode_prompts(TOKENIZER, PROMPTS)
+    batched = generate(model, tokens, mask, keys, SAMPLED)
+    for i, text in enumerate(PROMPTS):
+        t1, m1 = pad_left([TOKENIZER.encode(text)], TOKENIZER.pad_token_id)
+        alone = generate(model, t1, m1, keys[i : i + 1], SAMPLED)
+        np.testing.assert_array_equal(np.asarray(alone.tokens[0]), np.asarray(batched.tokens[i]))
+
+
+def test_same_seed_same_output_and_seeds_differ(model):
+    a, b, c = _run(model, SAMPLED, key=1), _run(model, SAMPLED, key=1), _run(model, SAMPLED, key=2)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_eos_ends_row_and_pads_after(model):
+    greedy = _run(model, GREEDY)
+    eos = int(greedy.tokens[0, 4])  # pretend the token greedy emits at step 4 is EOS
+    out = _run(model, GREEDY, eos_ids=(eos,))
+    first = int(np.argmax(np.asarray(greedy.tokens[0]) == eos))
+    assert int(out.lengths[0]) == first + 1 and bool(out.stopped[0])
+    assert np.all(np.asarray(out.tokens[0, first + 1 :]) == TOKENIZER.pad_token_id)
+    assert np.all(np.asarray(out.logprobs[0, first + 1 :]) == 0)
+
+
+def test_stop_string_spanning_tokens(model):
+    greedy = _run(model, GREEDY)
+    text = TOKENIZER.decode(np.asarray(greedy.tokens[1]).tolist())
+    stop = text[5:8]  # three characters = three tokens of the char tokenizer
+    out = _run(model, GREEDY, stop_table=build_stop_table(TOKENIZER, [stop], CONFIG.vocab_size))
+    assert int(out.lengths[1]) == text.index(stop) + len(stop)
+    assert bool(out.stopped[1])
+    np.testing.assert_array_equal(np.asarray(out.tokens[1, :8]), np.asarray(greedy.tokens[1, :8]))
+
+
+def test_top_k_and_top_p_filters():
+    logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    draw = lambda cfg: np.asarray(jax.vmap(lambda k: sample_logits(logits, k, cfg))(keys))
+    assert set(draw(SamplingConfig(top_k=2)).tolist()) == {0, 1}
+    assert set(draw(SamplingConfig(top_p=0.75)).tolist()) == {0, 1}  # 0.5 < 0.75 <= 0.8
+    assert set(draw(SamplingConfig(top_p=0.5)).tolist()) == {0}
+    counts = np.bincount(draw(SamplingConfig()), minlength=4) / len(keys)
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    assert int(sample_logits(logits, keys[0], SamplingConfig(temperature=0))) == 0
+
+
+def test_bad_sampling_config_is_rejected():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingConfig(max_new_tokens=0)
