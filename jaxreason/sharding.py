@@ -1,0 +1,126 @@
+"""Device mesh and the one table that maps the models' logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters and optimizer state
+sharded over it, ZeRO-3 style) and `tensor` (Megatron-style splits of heads and MLP). A batch is split over
+`data` x `fsdp`. Parameters carry logical names (`embed`, `heads`, ...) from `jaxreason.models`; the rules
+below turn them into `PartitionSpec`s. A dimension whose size the mesh axis does not divide is replicated
+instead (and said so by `describe`), never silently mis-laid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or None: replicated). One table for every model.
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape; one axis may be -1 to take all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {self}: at most one axis may be -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh {self}: {num_devices} devices are not divisible by {known}")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(f"mesh {self}: product {math.prod(sizes)} != {num_devices} devices")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all global devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = config.shape(len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axis names, under the rules table.
+
+    A mesh axis is used at most once per array; a dimension it does not divide evenly is replicated.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        if name is not None and name not in LOGICAL_AXIS_RULES:
+            raise ValueError(f"no sharding rule for logical axis {name!r}")
+        axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            spec.append(None)
+        else:
+            spec.append(axis)
+            used.add(axis)
+    return PartitionSpec(*spec)
+
+
+def _variable_spec(variable: nnx.Variable, mesh: Mesh) -> PartitionSpec:
+    names = variable.get_metadata().get("out_sharding")
+    shape = np.shape(variable.get_value())
+    if names is None:
+        return PartitionSpec()
+    return logical_to_spec(names, shape, mesh)
+
+
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for an NNX state (parameters, or optax state built on them), leaf for leaf.
+
+    Variables take their logical names through the rules; anything without names (step counters,
+    scalars) is replicated.
+    """
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return x.replace(NamedSharding(mesh, _variable_spec(x, mesh)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays [B, ...]: B split over data x fsdp, other dimensions replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def describe(state, mesh: Mesh) -> list[str]:
+    """One line per variable: path, shape, logical names and the resulting spec (for logs and tests)."""
+    lines = []
+    for path, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding")
+        spec = _variable_spec(var, mesh)
+        lines.append(f"{'/'.join(map(str, path))} {tuple(np.shape(var.get_value()))} {names} -> {spec}")
+    return lines
