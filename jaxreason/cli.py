@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m jaxreason generate ...`.
+"""Command-line entry point: `python -m jaxreason {generate,sft} ...`.
 
 Errors a user can fix (a missing file, an unknown preset, a bad checkpoint) print one line naming the
 problem and exit with status 2, never a traceback.
@@ -39,6 +39,17 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"[{int(out.lengths.sum())} tokens in {seconds:.1f}s, compile included]", file=sys.stderr)
 
 
+def _sft(args: argparse.Namespace) -> None:
+    from jaxreason.config import load_config
+    from jaxreason.train.sft import SFTConfig, run_sft
+
+    result = run_sft(load_config(SFTConfig, args.config, args.overrides))
+    if result.interrupted:
+        sys.exit(143)  # 128 + SIGTERM, after the checkpoint was saved
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    print(f"sft: finished at step {result.step}, last loss {last:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxreason", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.set_defaults(run=_generate)
+
+    sft = commands.add_parser("sft", help="supervised fine-tuning on a JSONL of {prompt, completion}")
+    sft.add_argument("--config", required=True, help="YAML file (configs/sft/*.yaml)")
+    sft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    sft.set_defaults(run=_sft)
     return parser
 
 

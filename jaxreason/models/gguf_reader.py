@@ -66,7 +66,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     `hf_config` is a dict in the form of a Hugging Face `config.json`. `tensors` maps Hugging Face parameter
     names to dequantized float32 arrays in PyTorch layout: linear weights [out_features, in_features],
     `model.embed_tokens.weight` [vocab_size, hidden_size], norms [hidden_size]. Llama q/k projections are
-    un-permuted back to Hugging Face's rotate-half row order.
+    un-permuted back to Hugging Face's rotate-half row order; a `rope_freqs` tensor becomes a llama3
+    `rope_scaling`. Mistral files (written by llama.cpp as `llama`) load as LlamaForCausalLM.
     """
     path = Path(path)
     reader = _open(path)
@@ -94,7 +95,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
     config["attention_bias"] = arch == "qwen2" or "model.layers.0.self_attn.q_proj.bias" in tensors
     if rope_factors is not None:
-        config["rope_scaling"] = _llama3_rope_scaling(rope_factors, config["rope_theta"], config["head_dim"], path)
+        scaling = _llama3_rope_scaling(rope_factors, config["rope_theta"], config["head_dim"], path)
+        if scaling is not None:
+            config["rope_scaling"] = scaling
     return config, tensors
 
 
@@ -230,12 +233,15 @@ def _llama3_rope_scaling(factors: np.ndarray, rope_theta: float, head_dim: int, 
     factors = factors.astype(np.float64)
     if np.allclose(factors, 1.0):
         return None
+    not_llama3 = ValueError(f"{path}: {_ROPE_FREQS} is not Llama 3 RoPE scaling, the only kind jaxreason represents")
     inv_freq = rope_theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     factor = float(factors.max())
     band = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
     if band.sum() >= 2:
         smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(inv_freq[band], smooth, 1)
+        if slope <= 0 or intercept >= 0:  # smoothing must rise with frequency and start above inv_freq 0
+            raise not_llama3
         start, end = -intercept / slope, (1 - intercept) / slope  # inv_freq where smoothing is 0 and 1
         original_context = round(2 * math.pi / start)
         low = round(original_context * start / (2 * math.pi), 4)
@@ -243,8 +249,9 @@ def _llama3_rope_scaling(factors: np.ndarray, rope_theta: float, head_dim: int, 
     else:  # too few frequencies in the band to fit: Meta's values for every Llama 3.x release, checked below
         original_context, low, high = 8192, 1.0, 4.0
     factor = round(factor, 4)
-    if not np.allclose(_llama3_inv_freq_divisors(factor, low, high, original_context, inv_freq), factors, rtol=1e-4):
-        raise ValueError(f"{path}: {_ROPE_FREQS} does not match Llama 3 RoPE scaling; it cannot be represented")
+    rebuilt = _llama3_inv_freq_divisors(factor, low, high, original_context, inv_freq)
+    if not np.allclose(rebuilt, factors, rtol=1e-4):
+        raise not_llama3
     return {
         "rope_type": "llama3",
         "factor": factor,

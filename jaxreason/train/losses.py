@@ -16,6 +16,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 Metrics = dict[str, Float[Array, ""]]
+Mask = Int[Array, "B T"] | Bool[Array, "B T"]
 
 
 def _masked_mean(x: Array, mask: Array) -> Float[Array, ""]:
@@ -34,7 +35,7 @@ def token_logprobs(logits: Float[Array, "B T V"], tokens: Int[Array, "B T"]) -> 
 
 
 def sft_loss(
-    logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], loss_mask: Int[Array, "B T"] | Bool[Array, "B T"]
+    logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], loss_mask: Mask
 ) -> tuple[Float[Array, ""], Metrics]:
     """Next-token cross-entropy averaged over every masked target token of the batch (not per row).
 
@@ -53,9 +54,9 @@ def sft_loss(
 
 
 def sequence_logprob(
-    logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], loss_mask: Int[Array, "B T"] | Bool[Array, "B T"]
+    logits: Float[Array, "B T V"], tokens: Int[Array, "B T"], loss_mask: Mask
 ) -> Float[Array, " B"]:
-    """Sum of the log-probs of the completion tokens (loss_mask 1) of each row: log pi(completion | prompt)."""
+    """Sum of the log-probs of each row's completion tokens (loss_mask 1): log pi(completion | prompt)."""
     return jnp.sum(token_logprobs(logits, tokens) * loss_mask[:, 1:].astype(jnp.float32), axis=-1)
 
 
@@ -65,7 +66,7 @@ def sequence_logprob(
 def value_loss(
     value_logits: Float[Array, "B T"],
     targets: Float[Array, "B T"],
-    target_mask: Int[Array, "B T"] | Bool[Array, "B T"],
+    target_mask: Mask,
     kind: str = "mse",
 ) -> tuple[Float[Array, ""], Metrics]:
     """PRM value regression at step-end positions (target_mask 1), soft targets in [0, 1].
@@ -109,8 +110,9 @@ def dpo_loss(
     chosen_reward = beta * (policy_chosen - ref_chosen).astype(jnp.float32)
     rejected_reward = beta * (policy_rejected - ref_rejected).astype(jnp.float32)
     margin = chosen_reward - rejected_reward  # = beta * h
-    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
-    loss = jnp.mean(per_pair)
+    # log-likelihood of the pair under the stated label and under the flipped one
+    agree, flipped = jax.nn.log_sigmoid(margin), jax.nn.log_sigmoid(-margin)
+    loss = -jnp.mean((1.0 - label_smoothing) * agree + label_smoothing * flipped)
     metrics = {
         "loss": loss,
         "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
@@ -121,7 +123,9 @@ def dpo_loss(
     return loss, metrics
 
 
-def dpo_score(policy_logprob: Float[Array, " B"], ref_logprob: Float[Array, " B"], beta: float) -> Float[Array, " B"]:
+def dpo_score(
+    policy_logprob: Float[Array, " B"], ref_logprob: Float[Array, " B"], beta: float
+) -> Float[Array, " B"]:
     """The implicit DPO reward beta (log pi - log pi_ref): how a V-STaR verifier ranks candidate solutions."""
     return beta * (policy_logprob - ref_logprob).astype(jnp.float32)
 
@@ -202,7 +206,9 @@ def multi_turn_pg_loss(
 # ---------------------------------------------------------------- generative verifier
 
 
-def _verdict_logprobs(logits: Float[Array, "B T V"], verdict_position: Int[Array, " B"]) -> Float[Array, "B V"]:
+def _verdict_logprobs(
+    logits: Float[Array, "B T V"], verdict_position: Int[Array, " B"]
+) -> Float[Array, "B V"]:
     """Log-softmax of the logits that predict the verdict token (those at verdict_position - 1)."""
     index = (verdict_position - 1)[:, None, None]
     return jax.nn.log_softmax(jnp.take_along_axis(logits, index, axis=1)[:, 0].astype(jnp.float32), axis=-1)
@@ -218,12 +224,12 @@ def verdict_loss(
 ) -> tuple[Float[Array, ""], Metrics]:
     """Generative-verifier loss: next-token cross-entropy of the correct verdict token.
 
-    Each row is prompt, solution, optional rationale, then the verdict token at `tokens[b, verdict_position[b]]`
-    (verdict_position >= 1), predicted by `logits[b, verdict_position[b] - 1]`. The target is yes_id for a
-    correct solution (label True) and no_id otherwise, scored with a full-vocabulary softmax. Rationale tokens
-    are trained separately with `sft_loss`. `tokens` is the sequence the logits were computed from; the
-    target comes from the labels, so a row may hold either verdict token. Metrics: loss, accuracy
-    (P(Yes) > P(No) agrees with the label).
+    Each row is prompt, solution, optional rationale, then the verdict token at
+    `tokens[b, verdict_position[b]]` (verdict_position >= 1), predicted by `logits[b, verdict_position[b] - 1]`.
+    The target is yes_id for a correct solution (label True) and no_id otherwise, scored with a
+    full-vocabulary softmax. Rationale tokens are trained separately with `sft_loss`. `tokens` is the
+    sequence the logits were computed from; the target comes from the labels, so a row may hold either
+    verdict token. Metrics: loss, accuracy (P(Yes) > P(No) agrees with the label).
     """
     del tokens  # the verdict target is fixed by the label, not by the token in the sequence
     logp = _verdict_logprobs(logits, verdict_position)
@@ -233,6 +239,8 @@ def verdict_loss(
     return loss, {"loss": loss, "accuracy": jnp.mean((says_yes == labels).astype(jnp.float32))}
 
 
-def p_yes(logits: Float[Array, "B T V"], verdict_position: Int[Array, " B"], yes_id: int) -> Float[Array, " B"]:
+def p_yes(
+    logits: Float[Array, "B T V"], verdict_position: Int[Array, " B"], yes_id: int
+) -> Float[Array, " B"]:
     """P(Yes) under the full softmax at the verdict slot: the generative verifier's score of a solution."""
     return jnp.exp(_verdict_logprobs(logits, verdict_position)[:, yes_id])

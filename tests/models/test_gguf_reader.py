@@ -95,8 +95,9 @@ def test_tokenizer_has_the_gguf_chat_template(tokenizer):
 
 def test_missing_path(tmp_path):
     path = tmp_path / "absent.gguf"
-    with pytest.raises(FileNotFoundError, match=str(path)):
-        read_gguf(path)
+    for read in (read_gguf, load_gguf_tokenizer):
+        with pytest.raises(FileNotFoundError, match=str(path)):
+            read(path)
 
 
 def test_not_a_gguf_file(tmp_path):
@@ -166,6 +167,11 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _write_tiny(path, arch: str, hf: dict[str, np.ndarray], qtype=Q.F32, rope_freqs=None, rope_theta=10000.0):
+    _finish(_tiny_writer(path, arch, hf, qtype, rope_freqs, rope_theta))
+
+
+def _tiny_writer(path, arch, hf, qtype=Q.F32, rope_freqs=None, rope_theta=10000.0) -> gguf.GGUFWriter:
+    """A writer holding a tiny model's metadata and tensors, in llama.cpp's conventions; not yet written."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(_LAYERS)
     writer.add_context_length(2048)
@@ -186,7 +192,7 @@ def _write_tiny(path, arch: str, hf: dict[str, np.ndarray], qtype=Q.F32, rope_fr
         writer.add_tensor(_gguf_name(name), gguf.quants.quantize(array, tensor_type), raw_dtype=tensor_type)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
-    _finish(writer)
+    return writer
 
 
 def _finish(writer: gguf.GGUFWriter):
@@ -212,8 +218,8 @@ def test_tiny_llama_recovers_hf_tensors(tmp_path, qtype):
         # Quantization blocks run along rows, so it commutes with the row permutation: exact equality holds.
         np.testing.assert_array_equal(array, _round_trip(hf[name], qtype), err_msg=name)
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (_HEADS, _KV_HEADS, _HEAD_DIM)
-    assert (config["vocab_size"], config["hidden_size"], config["intermediate_size"]) == (_VOCAB, _HIDDEN, _FFN)
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    assert [config[k] for k in sizes] == [_VOCAB, _HIDDEN, _FFN, _HEADS, _KV_HEADS, _HEAD_DIM]
     assert config["tie_word_embeddings"] is False and config["attention_bias"] is False
     assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-6, 10000.0)
 
@@ -234,6 +240,7 @@ def _llama3_divisors(head_dim: int, rope_theta: float, scaling: dict) -> np.ndar
     """What llama.cpp stores as rope_freqs: transformers' default inv_freq over its llama3 inv_freq."""
     config = LlamaConfig(
         hidden_size=_HEADS * head_dim, num_attention_heads=_HEADS, head_dim=head_dim,
+        max_position_embeddings=131072,
         rope_parameters={"rope_type": "llama3", "rope_theta": rope_theta, **scaling},
     )
     scaled = LlamaRotaryEmbedding(config).inv_freq.double().numpy()
@@ -260,3 +267,13 @@ def test_rope_freqs_that_are_not_llama3_are_rejected(tmp_path):
     _write_tiny(path, "llama", hf, rope_freqs=np.linspace(1.0, 3.0, _HEAD_DIM // 2) ** 2)
     with pytest.raises(ValueError, match="rope_freqs"):
         read_gguf(path)
+
+
+def test_linear_rope_scaling_metadata(tmp_path):
+    path = tmp_path / "tiny-linear-rope.gguf"
+    writer = _tiny_writer(path, "llama", _hf_tensors(np.random.default_rng(4), biases=False, tied=True))
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(2.0)
+    _finish(writer)
+    config, _ = read_gguf(path)
+    assert config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}

@@ -80,7 +80,8 @@ def test_sft_loss_gradient_is_softmax_minus_onehot_at_masked_targets():
 
 def test_sft_loss_with_no_masked_tokens_is_zero_not_nan():
     zeros = np.zeros_like(LOSS_MASK)
-    (loss, metrics), grad = jax.value_and_grad(losses.sft_loss, has_aux=True)(jnp.asarray(LOGITS), TOKENS, zeros)
+    loss_and_grad = jax.value_and_grad(losses.sft_loss, has_aux=True)
+    (loss, metrics), grad = loss_and_grad(jnp.asarray(LOGITS), TOKENS, zeros)
     assert loss == 0.0 and metrics["num_tokens"] == 0 and metrics["accuracy"] == 0.0
     assert np.all(np.isfinite(grad)) and not np.any(grad)
 
@@ -100,7 +101,8 @@ VALUE_MASK = np.array([[1, 0, 1]], np.int32)
 
 
 def test_value_loss_mse():
-    loss, metrics = jax.jit(losses.value_loss, static_argnames="kind")(VALUE_LOGITS, VALUE_TARGETS, VALUE_MASK)
+    mse = jax.jit(losses.value_loss, static_argnames="kind")
+    loss, metrics = mse(VALUE_LOGITS, VALUE_TARGETS, VALUE_MASK)
     assert loss == pytest.approx((0.5**2 + 0.5**2) / 2, abs=ATOL)  # (0.5 - 1)^2, (0.75 - 0.25)^2
     assert metrics["mae"] == pytest.approx(0.5, abs=ATOL)
 
@@ -114,12 +116,14 @@ def test_value_loss_bce_with_soft_labels_and_its_gradient():
     assert loss == pytest.approx((first + last) / 2, abs=ATOL)
     assert metrics["mae"] == pytest.approx(0.5, abs=ATOL)
     # d BCE / d logit = sigmoid(logit) - target, averaged over the 2 step ends
-    grad = jax.grad(lambda x: losses.value_loss(x, VALUE_TARGETS, VALUE_MASK, kind="bce")[0])(jnp.asarray(VALUE_LOGITS))
+    bce = lambda x: losses.value_loss(x, VALUE_TARGETS, VALUE_MASK, kind="bce")[0]
+    grad = jax.grad(bce)(jnp.asarray(VALUE_LOGITS))
     np.testing.assert_allclose(grad, [[(0.5 - 1.0) / 2, 0.0, (0.75 - 0.25) / 2]], atol=ATOL)
 
 
 def test_value_loss_bce_is_finite_for_extreme_logits():
-    loss, _ = losses.value_loss(jnp.array([[200.0, -200.0]]), jnp.array([[0.0, 1.0]]), jnp.ones((1, 2)), kind="bce")
+    logits, targets = jnp.array([[200.0, -200.0]]), jnp.array([[0.0, 1.0]])
+    loss, _ = losses.value_loss(logits, targets, jnp.ones((1, 2)), kind="bce")
     assert loss == pytest.approx(200.0, rel=1e-5)
 
 
@@ -152,7 +156,8 @@ def test_dpo_loss_by_hand():
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     args = [jnp.zeros(2)] * 4
-    g_chosen, g_rejected, g_ref_chosen, _ = jax.grad(lambda *a: losses.dpo_loss(*a, beta=0.1)[0], argnums=(0, 1, 2, 3))(*args)
+    grads = jax.grad(lambda *a: losses.dpo_loss(*a, beta=0.1)[0], argnums=(0, 1, 2, 3))
+    g_chosen, g_rejected, g_ref_chosen, _ = grads(*args)
     # at h = 0: d/d pc of -log sigmoid(beta h) = -beta * sigmoid(0) = -0.05, averaged over 2 pairs
     np.testing.assert_allclose(g_chosen, [-0.025, -0.025], atol=ATOL)
     np.testing.assert_allclose(g_rejected, [0.025, 0.025], atol=ATOL)
@@ -218,8 +223,8 @@ def test_multi_turn_bonus_shapes_the_last_turn():
 def test_multi_turn_kl_penalty():
     _, same = losses.multi_turn_pg_loss(LOGP, LOGP, TURN, REWARDS, (10.0, 0.1))
     assert same["kl_loss"] == 0.0 and same["kl_turn0"] == 0.0 and same["kl_turn1"] == 0.0
-    grad_at_ref = jax.grad(lambda lp: losses.multi_turn_pg_loss(lp, LOGP, TURN, REWARDS, (10.0, 0.1))[1]["kl_loss"])
-    assert not np.any(grad_at_ref(jnp.asarray(LOGP)))  # the k3 penalty is flat at the reference
+    kl = lambda lp: losses.multi_turn_pg_loss(lp, LOGP, TURN, REWARDS, (10.0, 0.1))[1]["kl_loss"]
+    assert not np.any(jax.grad(kl)(jnp.asarray(LOGP)))  # the k3 penalty is flat at the reference
 
     ref = LOGP - 0.5 * (TURN == 0) + 0.2 * (TURN == 1)  # untrained tokens differ not at all
     ref[TURN < 0] += 3.0  # ...and now wildly, which must not count

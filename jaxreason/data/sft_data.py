@@ -1,0 +1,84 @@
+"""Supervised fine-tuning data: JSONL {prompt, completion} records into padded token batches.
+
+Batches are a deterministic function of (seed, position): epoch e is a permutation drawn from seed + e, so a
+resumed run continues at exactly the batch it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict]:
+    """Records of a JSONL file, each with string `fields`; errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file does not exist: {path}")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            for field in fields:
+                if field not in record:
+                    raise ValueError(f"{path}:{number}: missing field {field!r}")
+                if not isinstance(record[field], str):
+                    raise ValueError(f"{path}:{number}: field {field!r} must be a string")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+class SFTDataset:
+    """Tokenized (prompt, completion) pairs; the completion (and EOS) are the trained tokens."""
+
+    def __init__(self, tokenizer, records: Sequence[dict], max_len: int):
+        self.max_len = max_len
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.examples = []
+        for r in records:
+            prompt = tokenizer.encode(r["prompt"], add_special_tokens=False)
+            completion = tokenizer.encode(r["completion"], add_special_tokens=False) + [tokenizer.eos_token_id]
+            if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+                prompt = [tokenizer.bos_token_id] + prompt
+            self.examples.append((prompt, completion))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """tokens, attention_mask, loss_mask: [B, max_len]; right-padded, truncated on the right."""
+        b = len(indices)
+        tokens = np.full((b, self.max_len), self.pad_id, np.int32)
+        attention = np.zeros((b, self.max_len), np.int32)
+        loss_mask = np.zeros((b, self.max_len), np.int32)
+        for row, i in enumerate(indices):
+            prompt, completion = self.examples[i]
+            ids = (prompt + completion)[: self.max_len]
+            tokens[row, : len(ids)] = ids
+            attention[row, : len(ids)] = 1
+            loss_mask[row, len(prompt) : len(ids)] = 1
+        return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+    def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batch number `start`, `start + 1`, ... of the endless epoch-by-epoch shuffled stream."""
+        per_epoch = max(len(self) // batch_size, 1)
+        position = start
+        while True:
+            epoch, offset = divmod(position, per_epoch)
+            order = np.random.default_rng([seed, epoch]).permutation(len(self))
+            if len(order) < batch_size:  # tiny data sets: repeat within the epoch
+                order = np.resize(order, batch_size)
+            yield self.batch(order[offset * batch_size : (offset + 1) * batch_size])
+            position += 1

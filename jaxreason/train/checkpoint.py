@@ -1,0 +1,107 @@
+"""Orbax checkpoints of a training run: asynchronous saves every N steps, keep the last K, exact resume.
+
+A checkpoint holds the whole `TrainState` (parameters, optimizer state, step) as a flat mapping of
+path -> array, plus JSON metadata (the RNG key data and the data position). Orbax writes each step to a
+temporary folder and renames it when complete, so a crash mid-save leaves no step folder; a step folder that
+is still unreadable (a truncated file, say) is skipped with a warning naming it, and the one before is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(tree) -> tuple[dict[str, Any], Any]:
+    """A pytree as {"path/to/leaf": leaf} plus its treedef, so checkpoints are readable and order-free."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
+    return flat, treedef
+
+
+class Checkpointer:
+    """Saves and restores a training state and its metadata under `directory`."""
+
+    def __init__(self, directory: str | Path, *, save_every: int = 100, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.save_every = save_every
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            ),
+        )
+
+    def should_save(self, step: int) -> bool:
+        return self.save_every > 0 and step % self.save_every == 0
+
+    def save(self, step: int, state, metadata: dict[str, Any], *, wait: bool = False) -> None:
+        """Starts saving `state` at `step`; returns once arrays are copied off device (orbax's async save)."""
+        flat, _ = _flatten(state)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(flat), metadata=ocp.args.JsonSave(metadata)),
+            force=True,
+        )
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore_latest(self, like) -> tuple[int, Any, dict[str, Any]] | None:
+        """Restores the newest readable checkpoint into the structure, shapes and shardings of `like`.
+
+        Returns (step, state, metadata), or None when there is no checkpoint. Unreadable checkpoints are
+        skipped with a warning that names them.
+        """
+        self.wait()
+        flat_like, treedef = _flatten(like)
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat_like.items()}
+        for step in reversed(self.steps()):
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as e:  # orbax raises many types for damaged files; all mean "skip this one"
+                log.warning("skipping unreadable checkpoint %s: %s", self.directory / str(step), e)
+                continue
+            flat = restored["state"]
+            state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_like])
+            return step, state, dict(restored["metadata"])
+        return None
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class StopSignal:
+    """Records SIGTERM (a pre-emption) so the training loop can save a checkpoint before it exits."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self._previous = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,78 @@
+"""Supervised fine-tuning: `python -m jaxreason sft --config configs/sft/NAME.yaml [key.sub=value ...]`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from flax import nnx
+
+from jaxreason import sharding
+from jaxreason.config import to_dict
+from jaxreason.data.sft_data import SFTDataset, read_jsonl
+from jaxreason.models.pretrained import save_pretrained
+from jaxreason.models.spec import ModelSpec, build_model
+from jaxreason.train.checkpoint import Checkpointer
+from jaxreason.train.loop import LoopResult, run_training
+from jaxreason.train.metrics import MetricsLogger
+from jaxreason.train.objectives import sft_objective
+from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
+from jaxreason.train.step import init_train_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50  # steps between saves; 0 saves only at the end and on SIGTERM
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    model: ModelSpec
+    data: str  # JSONL with {"prompt": ..., "completion": ...} per line
+    run_dir: str = "runs/sft"
+    max_len: int = 256
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    num_steps: int = 100
+    seed: int = 0
+    save_model: bool = True  # write a Hugging Face folder to run_dir/model at the end
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+def run_sft(config: SFTConfig) -> LoopResult:
+    """Trains, checkpointing under run_dir/checkpoints and resuming from there when checkpoints exist."""
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    model, tokenizer = build_model(config.model, config.seed)
+    if tokenizer is None:
+        raise ValueError(f"{config.model.pretrained}: no tokenizer beside the weights")
+    dataset = SFTDataset(tokenizer, read_jsonl(config.data, ("prompt", "completion")), config.max_len)
+    mesh = sharding.make_mesh(config.mesh)
+    optimizer = make_optimizer(config.optimizer)
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh, config.grad_accum_steps)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", save_every=config.checkpoint.every, keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    logger = MetricsLogger(run_dir, "sft")
+    try:
+        result = run_training(
+            step, state, lambda position: dataset.batches(config.batch_size, config.seed, position),
+            num_steps=config.num_steps, seed=config.seed, checkpointer=checkpointer, logger=logger,
+            description="sft",
+        )
+    finally:
+        checkpointer.close()
+        logger.close()
+    if config.save_model and not result.interrupted:
+        trained = nnx.merge(graphdef, result.state.trainable, result.state.frozen)
+        save_pretrained(trained, tokenizer, run_dir / "model")
+    return result
+
