@@ -22,6 +22,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.models.config import ModelConfig
 from jaxreason.models.kv_cache import KVCache
+from jaxreason.models.lora import effective_kernel
 
 _INIT_STD = 0.02
 _MASKED = -1e30  # finite, so a row with every key masked (a padding query) gives no NaN
@@ -112,9 +113,9 @@ class Attention(nnx.Module):
         cache_index: Int[Array, ""] | None,
     ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "B S K D"], Float[Array, "B S K D"]] | None]:
         cfg, dt = self.config, self.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", x, self.k[...].astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", x, self.v[...].astype(dt))
+        q = jnp.einsum("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
+        k = jnp.einsum("bte,ekd->btkd", x, effective_kernel(self, "k").astype(dt))
+        v = jnp.einsum("bte,ekd->btkd", x, effective_kernel(self, "v").astype(dt))
         if cfg.attention_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -139,7 +140,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt)).reshape(b, t, h, d)
-        return jnp.einsum("bthd,hde->bte", out, self.o[...].astype(dt)), new_cache
+        return jnp.einsum("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
 
 
 class MLP(nnx.Module):
@@ -154,8 +155,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T E"]) -> Float[Array, "B T E"]:
         dt = self.dtype
-        gate = jax.nn.silu(x @ self.gate[...].astype(dt))
-        return (gate * (x @ self.up[...].astype(dt))) @ self.down[...].astype(dt)
+        gate = jax.nn.silu(x @ effective_kernel(self, "gate").astype(dt))
+        return (gate * (x @ effective_kernel(self, "up").astype(dt))) @ effective_kernel(self, "down").astype(dt)
 
 
 class DecoderLayer(nnx.Module):

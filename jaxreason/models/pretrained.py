@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from jaxreason.models import gguf_reader
 from jaxreason.models.config import ModelConfig
 from jaxreason.models.llama import CausalLM
+from jaxreason.models.lora import merged_kernels
 from jaxreason.models.params import hf_to_nnx, nnx_to_hf
 
 # Presets resolve to a local file shipped in a pip package: nothing is downloaded at run time.
@@ -82,7 +83,7 @@ def save_pretrained(model: CausalLM, tokenizer, folder: str | os.PathLike) -> Pa
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = nnx_to_hf(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.config)
+    tensors = nnx_to_hf(merged_kernels(model), model.config)  # adapters, if any, folded in
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
         (staging / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))

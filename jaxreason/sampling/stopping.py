@@ -45,8 +45,8 @@ class StopTable:
     With H = L - 1 and W = min(longest token in bytes, 2H):
 
     Attributes:
-      token_bytes: [V, W] uint8, each id's bytes, left-aligned and zero padded; an id longer than W bytes
-        keeps its first H and last W - H (= H) bytes, the only ones a match across tokens can touch.
+      token_bytes: [V, W] uint8, each id's bytes, left-aligned and zero padded; an id longer than W = 2H
+        bytes keeps its first H and last H: the only ones a match across tokens or the next history reads.
       token_len: [V] int32, bytes of `token_bytes` in use per id (0 for special and unknown ids).
       token_hit: [V] bool, the id's full bytes contain a stop string.
       stop_bytes: [S, L] uint8, UTF-8 of each stop string, left-aligned and zero padded.
@@ -54,10 +54,10 @@ class StopTable:
     """
 
     token_bytes: UInt8[Array, "V W"]
-    token_len: Int[Array, " V"]
-    token_hit: Bool[Array, " V"]
+    token_len: Int[Array, "V"]
+    token_hit: Bool[Array, "V"]
     stop_bytes: UInt8[Array, "S L"]
-    stop_len: Int[Array, " S"]
+    stop_len: Int[Array, "S"]
 
 
 def token_byte_strings(tokenizer) -> list[bytes]:
@@ -170,7 +170,7 @@ def build_stop_table(tokenizer, stop_strings: Sequence[str], vocab_size: int | N
         pieces = (pieces + [b""] * vocab_size)[:vocab_size]
     history = max(map(len, stops)) - 1
     width = min(max(map(len, pieces)), 2 * history)
-    kept = [p if len(p) <= width else p[:history] + p[len(p) - (width - history):] for p in pieces]
+    kept = [p if len(p) <= width else p[:history] + p[len(p) - history:] for p in pieces]
     return StopTable(
         token_bytes=jnp.asarray(_pack(kept, width)),
         token_len=jnp.asarray([len(p) for p in kept], jnp.int32),
@@ -191,8 +191,8 @@ def init_stop_buffer(table: StopTable, batch: int) -> Int[Array, "B H"]:
 
 
 def update_stop_buffer(
-    table: StopTable, buffer: Int[Array, "B H"], tokens: Int[Array, " B"]
-) -> tuple[Int[Array, "B H"], Bool[Array, " B"]]:
+    table: StopTable, buffer: Int[Array, "B H"], tokens: Int[Array, "B"]
+) -> tuple[Int[Array, "B H"], Bool[Array, "B"]]:
     """Appends each row's new token and reports whether it completes a stop string.
 
     Args:
