@@ -87,26 +87,21 @@ def hf_to_nnx(
     used = set()
     tree: dict = {}
     for rule in _rules(cfg):
-        names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)] if "{i}" in rule.hf_name else [rule.hf_name]
+        layered = "{i}" in rule.hf_name
+        names = [rule.hf_name.format(i=i) for i in range(cfg.num_layers)] if layered else [rule.hf_name]
+        want = _lookup(expected, rule.path)
+        want_shape = tuple(want.shape[1:] if layered else want.shape)
+        hf_shape = rule.to_hf(np.empty(want_shape, np.float32), cfg).shape
         parts = []
         for name in names:
             if name not in tensors:
                 raise ValueError(f"{source}: missing tensor {name!r}")
-            try:
-                parts.append(rule.to_nnx(np.asarray(tensors[name]), cfg))
-            except ValueError:
-                raise ValueError(
-                    f"{source}: tensor {name!r} has shape {tuple(np.shape(tensors[name]))}, "
-                    f"which does not fit the config"
-                ) from None
+            tensor = np.asarray(tensors[name])
+            if tensor.shape != hf_shape:
+                raise ValueError(f"{source}: tensor {name!r} has shape {tensor.shape}, expected {hf_shape}")
+            parts.append(rule.to_nnx(tensor, cfg))
             used.add(name)
-        value = np.stack(parts) if "{i}" in rule.hf_name else parts[0]
-        want = _lookup(expected, rule.path)
-        if tuple(value.shape) != tuple(want.shape):
-            raise ValueError(
-                f"{source}: tensor {names[0]!r} gives shape {tuple(value.shape)} for {'/'.join(rule.path)}, "
-                f"expected {tuple(want.shape)}"
-            )
+        value = np.stack(parts) if layered else parts[0]
         _assign(tree, rule.path, value.astype(want.dtype))
     leftover = sorted(
         n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES) and not _is_tied_head(n, cfg)

@@ -68,12 +68,14 @@ def _detect(table, tokens) -> np.ndarray:
 
 
 def _reference(pieces: list[bytes], stops: list[str], ids) -> list[bool]:
-    """hit[t]: a stop string occurs in the decoded bytes ending inside token t's bytes."""
+    """hit[t]: a stop string occurs in the decoded bytes ending inside token t's bytes (so the first hit is
+    the first token after which the text contains a stop string)."""
     hits, end = [], 0
     text = _joined(pieces, ids)
     for i in ids:
         start, end = end, end + len(pieces[i])
-        hits.append(end > start and any(s.encode() in text[max(start - len(s.encode()) + 1, 0):end] for s in stops))
+        # An occurrence ending in [start, end) begins at most len(stop) - 1 bytes before the token.
+        hits.append(end > start and any(s in text[max(start - len(s) + 1, 0) : end] for s in map(str.encode, stops)))
     return hits
 
 
