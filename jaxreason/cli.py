@@ -40,6 +40,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _sft(args: argparse.Namespace) -> None:
+    from jaxreason import distributed
+
+    distributed.initialize()  # multi-host jobs (SLURM, TPU pods, JAXREASON_*); before any jax computation
     from jaxreason.config import load_config
     from jaxreason.train.sft import SFTConfig, run_sft
 

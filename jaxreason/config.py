@@ -7,6 +7,7 @@ Unknown keys are errors that name the key and the file; override values are pars
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -16,6 +17,15 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, except that `1e-4` is a float (YAML 1.2), not the string YAML 1.1 makes it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -28,16 +38,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.exists():
             raise FileNotFoundError(f"config file does not exist: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from None
+            raise ValueError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value else "")
+        try:
+            parsed = yaml.load(value, Loader=_Loader) if value else ""
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: {value!r} is not a valid YAML value") from None
+        _set_dotted(raw, key.strip().split("."), parsed)
     return from_dict(cls, raw, source)
 
 

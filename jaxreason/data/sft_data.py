@@ -19,7 +19,7 @@ def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"data file does not exist: {path}")
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

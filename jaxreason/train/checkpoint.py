@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run: asynchronous saves every N steps, keep the last K, exact resume.
 
 A checkpoint holds the whole `TrainState` (parameters, optimizer state, step) as a flat mapping of
-path -> array, plus JSON metadata (the RNG key data and the data position). Orbax writes each step to a
+path -> array, plus JSON metadata (the data position and the seed). Orbax writes each step to a
 temporary folder and renames it when complete, so a crash mid-save leaves no step folder; a step folder that
 is still unreadable (a truncated file, say) is skipped with a warning naming it, and the one before is used.
 """
@@ -38,6 +38,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()},
         )
 
     def should_save(self, step: int) -> bool:
@@ -46,6 +47,9 @@ class Checkpointer:
     def save(self, step: int, state, metadata: dict[str, Any], *, wait: bool = False) -> None:
         """Starts saving `state` at `step`; returns once arrays are copied off device (orbax's async save)."""
         flat, _ = _flatten(state)
+        if step in self._manager.all_steps():  # an unreadable one that restore_latest skipped: replace it
+            log.warning("replacing checkpoint %s", self.directory / str(step))
+            self._manager.delete(step)
         self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(flat), metadata=ocp.args.JsonSave(metadata)),
@@ -64,12 +68,29 @@ class Checkpointer:
         """Restores the newest readable checkpoint into the structure, shapes and shardings of `like`.
 
         Returns (step, state, metadata), or None when there is no checkpoint. Unreadable checkpoints are
-        skipped with a warning that names them.
+        skipped with a warning that names them; a readable one that does not fit `like` (another model
+        config in the same run folder) is a ValueError, not a silent restart from step 0.
         """
         self.wait()
         flat_like, treedef = _flatten(like)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat_like.items()}
         for step in reversed(self.steps()):
+            path = self.directory / str(step)
+            try:
+                stored = self._manager.item_metadata(step)["state"]
+                if stored is None:
+                    raise FileNotFoundError("no readable array metadata")
+                stored = {k: tuple(v.shape) for k, v in stored.items()}
+            except Exception as e:
+                log.warning("skipping unreadable checkpoint %s: %s", path, e)
+                continue
+            wanted = {k: tuple(v.shape) for k, v in abstract.items()}
+            if stored != wanted:
+                key = sorted(set(stored) ^ set(wanted) or (k for k in wanted if stored[k] != wanted[k]))[0]
+                raise ValueError(
+                    f"{path}: checkpoint does not fit this run ({key}: saved {stored.get(key, 'nothing')}, "
+                    f"run has {wanted.get(key, 'nothing')}); was it written with another config?"
+                )
             try:
                 restored = self._manager.restore(
                     step,
@@ -78,7 +99,7 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # orbax raises many types for damaged files; all mean "skip this one"
-                log.warning("skipping unreadable checkpoint %s: %s", self.directory / str(step), e)
+                log.warning("skipping unreadable checkpoint %s: %s", path, e)
                 continue
             flat = restored["state"]
             state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_like])

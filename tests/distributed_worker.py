@@ -1,0 +1,71 @@
+"""One process of the two-process test (tests/test_distributed.py); not collected by pytest.
+
+`python tests/distributed_worker.py PROCESS_ID PORT` joins a 2-process job on 127.0.0.1:PORT (run it with
+JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=4), builds the global 8-device
+mesh for every shape in MESH_SHAPES, runs the sharded SFT step on the same batch in every process and
+prints {"process": i, "devices": n, "losses": {shape: [[loss, grad_norm], ...]}} as its last line.
+The test imports `train` from here to compute the single-process reference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+MESH_SHAPES = [(2, 4, 1)]  # data splits the batch over the processes, fsdp the parameters inside each
+STEPS = 2
+
+
+def batch(rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 64, (rows, length)).astype(np.int32)
+    attention = np.ones_like(tokens)
+    attention[::2, -3:] = 0  # some right padding
+    loss_mask = attention.copy()
+    loss_mask[:, :5] = 0  # the prompt
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def train(mesh_shape: tuple[int, int, int], steps: int = STEPS) -> list[list[float]]:
+    """[loss, grad_norm] per step of the sharded SFT step on the global mesh of this shape."""
+    from flax import nnx
+
+    from jaxreason import sharding
+    from jaxreason.models import CausalLM, ModelConfig
+    from jaxreason.train.objectives import sft_objective
+    from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
+    from jaxreason.train.step import init_train_state, make_train_step
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    # No warmup: the first step already moves the parameters, so the second loss checks the update.
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
+    mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh)
+    out = []
+    for _ in range(steps):
+        state, metrics = step(state, batch())
+        out.append([float(metrics["loss"]), float(metrics["grad_norm"])])
+    return out
+
+
+def main() -> None:
+    process_id, port = int(sys.argv[1]), int(sys.argv[2])
+    from jaxreason import distributed
+
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)  # no-op
+    import jax
+
+    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    losses = {"x".join(map(str, shape)): train(shape) for shape in MESH_SHAPES}
+    print(json.dumps({"process": jax.process_index(), "main": distributed.is_main_process(),
+                      "devices": jax.device_count(), "losses": losses}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
