@@ -43,7 +43,7 @@ def train(mesh_shape: tuple[int, int, int], steps: int = STEPS) -> list[list[flo
     # No warmup: the first step already moves the parameters, so the second loss checks the update.
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
     mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
-    model = CausalLM(config, rngs=nnx.Rngs(0))
+    model = nnx.jit(lambda: CausalLM(config, rngs=nnx.Rngs(0)))()  # one compile, not one per initialiser
     graphdef, state, shardings = init_train_state(model, optimizer, mesh)
     step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh)
     out = []

@@ -146,7 +146,7 @@ def test_bad_override_syntax(override):
     assert repr(override) in _error(Outer, None, [override])
 
 
-def test_override_through_a_scalar(tmp_path):
+def test_override_through_a_scalar():
     assert "inner.rate.x: rate is not a mapping" in _error(Outer, None, ["size=1", "inner.rate=1", "inner.rate.x=2"])
 
 

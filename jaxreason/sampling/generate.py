@@ -68,13 +68,26 @@ def sample_logits(logits: Float[Array, "V"], key: PRNGKeyArray, config: Sampling
         kth = jax.lax.top_k(logits, config.top_k)[0][-1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if config.top_p < 1:
-        sorted_logits = jnp.sort(logits)[::-1]
-        probs = jax.nn.softmax(sorted_logits)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        keep = jnp.cumsum(probs) - probs < config.top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf))
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        probs = jax.nn.softmax(logits)
+        logits = jnp.where(probs >= nucleus_threshold(probs, config.top_p), logits, -jnp.inf)
     return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def nucleus_threshold(probs: Float[Array, "V"], top_p: float) -> Float[Array, ""]:
+    """The largest probability t such that the tokens with probability >= t carry mass >= top_p.
+
+    Bisection on t instead of sorting the vocabulary: 32 vectorised passes are much cheaper than a 50k-way
+    sort per row on CPU, and the result equals the sorted-prefix rule up to ties within max_p / 2**32.
+    """
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        enough = jnp.sum(jnp.where(probs >= mid, probs, 0.0)) >= top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.zeros(()), jnp.max(probs) * (1 + 1e-6)))
+    return lo
 
 
 def generate(

@@ -46,14 +46,20 @@ class SFTConfig:
 
 def run_sft(config: SFTConfig) -> LoopResult:
     """Trains, checkpointing under run_dir/checkpoints and resuming from there when checkpoints exist."""
+    records = read_jsonl(config.data, ("prompt", "completion"))  # data errors before a slow model load
+    mesh = sharding.make_mesh(config.mesh)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"] * config.grad_accum_steps
+    if config.batch_size % rows:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not a multiple of mesh data x fsdp x grad_accum_steps = {rows}"
+        )
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     model, tokenizer = build_model(config.model, config.seed)
     if tokenizer is None:
         raise ValueError(f"{config.model.pretrained}: no tokenizer beside the weights")
-    dataset = SFTDataset(tokenizer, read_jsonl(config.data, ("prompt", "completion")), config.max_len)
-    mesh = sharding.make_mesh(config.mesh)
+    dataset = SFTDataset(tokenizer, records, config.max_len)
     optimizer = make_optimizer(config.optimizer)
     graphdef, state, shardings = init_train_state(model, optimizer, mesh)
     step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh, config.grad_accum_steps)

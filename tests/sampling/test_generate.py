@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxreason.models import CausalLM, ModelConfig
 from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.sampling.generate import nucleus_threshold
 from jaxreason.sampling import SamplingConfig, build_stop_table, encode_prompts, generate, pad_left, sample_logits
 
 TOKENIZER = build_char_tokenizer()
@@ -108,3 +109,17 @@ def test_bad_sampling_config_is_rejected():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+
+
+def test_nucleus_threshold_keeps_the_sorted_prefix():
+    rng = np.random.default_rng(0)
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        for _ in range(20):
+            probs = rng.dirichlet(np.full(500, 0.3))
+            order = np.argsort(-probs)
+            before = np.cumsum(probs[order]) - probs[order]
+            expected = set(order[before < top_p].tolist())
+            if np.min(np.abs(before - top_p)) < 1e-5:
+                continue  # float32 sums cannot settle a boundary this close
+            kept = np.flatnonzero(probs >= float(nucleus_threshold(jnp.asarray(probs, jnp.float32), top_p)))
+            assert set(kept.tolist()) == expected

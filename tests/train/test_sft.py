@@ -1,0 +1,220 @@
+"""`python -m jaxreason sft` on a tiny scratch model: a whole run, SIGTERM, and one-line errors (exit status 2).
+
+SFT of the real SmolLM2-135M is too slow for every CI run and is not tested here.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from jaxreason.cli import main
+from jaxreason.config import load_config
+from jaxreason.train.checkpoint import Checkpointer
+from jaxreason.train.sft import SFTConfig, run_sft
+
+ROOT = Path(__file__).parents[2]
+CONFIG = ROOT / "configs/sft/tiny_arith.yaml"
+DATA = ROOT / "configs/sft/data/arith_sample.jsonl"
+# The same tiny shape as tests/train/test_checkpoint_resume.py, so that the compiled step is shared.
+TINY = [
+    f"data={DATA}", "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64",
+    "model.scratch.num_layers=2", "model.scratch.head_dim=8", "max_len=64", "batch_size=8",
+]
+CACHE_FLAGS = {
+    "jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache shared by this module, its subprocesses and test_checkpoint_resume.py."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this session
+    flags = {**CACHE_FLAGS, "jax_compilation_cache_dir": str(base / "jax_cache")}
+    previous = {name: getattr(jax.config, name) for name in flags}
+    for name, value in flags.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield flags
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def env(compile_cache):
+    """The environment for CLI subprocesses (8 CPU devices from conftest, the shared compile cache)."""
+    return {**os.environ, **{name.upper(): str(value) for name, value in compile_cache.items()}}
+
+
+def _sft_command(*args):
+    return [sys.executable, "-m", "jaxreason", "sft", "--config", str(CONFIG), *TINY, *args]
+
+
+def _logged(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "sft_metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_command_end_to_end(tmp_path, env):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(_sft_command(f"run_dir={run_dir}", "num_steps=16", "checkpoint.every=8"),
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("sft: finished at step 16, last loss ")
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num_steps"] == 16 and config["model"]["scratch"]["hidden_size"] == 32
+    assert config["data"] == str(DATA)
+
+    logged = _logged(run_dir)
+    assert [m["step"] for m in logged] == list(range(1, 17))
+    assert {"loss", "accuracy", "num_tokens", "grad_norm", "tokens_per_s", "step_seconds", "time"} <= set(logged[0])
+    assert all(np.isfinite(m["loss"]) for m in logged)
+    assert logged[-1]["loss"] < logged[0]["loss"] - 0.2, [m["loss"] for m in logged]
+    assert f"last loss {logged[-1]['loss']:.4f}" in result.stdout
+
+    events = list((run_dir / "tensorboard" / "sft").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert Checkpointer(run_dir / "checkpoints").steps() == [8, 16]
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    text = "Q: (3 + 17) * 9 = ?\n"
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids.shape == (1, len(text)) and tokenizer.decode(ids[0]) == text  # the character tokenizer
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
+    assert model.config.vocab_size == len(tokenizer)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, len(text), len(tokenizer)) and torch.isfinite(logits).all()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, env):
+    run_dir = tmp_path / "run"
+    log_file = tmp_path / "stderr.txt"
+    with open(log_file, "w") as stderr:
+        process = subprocess.Popen(
+            _sft_command(f"run_dir={run_dir}", "num_steps=100000", "checkpoint.every=100000"),
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            metrics = run_dir / "sft_metrics.jsonl"
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+                assert process.poll() is None, log_file.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no training steps logged in time"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert returncode == 143, log_file.read_text()[-3000:]
+    assert "SIGTERM: saved checkpoint at step" in log_file.read_text()
+
+    last = _logged(run_dir)[-1]["step"]
+    assert 2 <= last < 100000
+    assert Checkpointer(run_dir / "checkpoints").steps() == [last]
+    assert not (run_dir / "model").exists()  # an interrupted run exports no model
+
+    config = load_config(SFTConfig, CONFIG, [*TINY, f"run_dir={run_dir}", f"num_steps={last + 2}", "save_model=false"])
+    resumed = run_sft(config)
+    assert resumed.step == last + 2 and len(resumed.history) == 2 and not resumed.interrupted
+    assert int(resumed.state.step) == last + 2
+    assert [m["step"] for m in _logged(run_dir)] == list(range(1, last + 3))
+
+
+# ---------------------------------------------------------------- errors: one line, exit status 2
+
+
+def _cli_error(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--config", str(CONFIG), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("jaxreason sft: error: ")
+    return lines[0]
+
+
+def _jsonl(tmp_path, *lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD = '{"prompt": "1 + 1 = ", "completion": "2"}'
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    line = _cli_error(capsys, *TINY, f"run_dir={tmp_path}", "optimizer.learning_rat=0.1")
+    assert "unknown key 'optimizer.learning_rat'" in line and str(CONFIG) in line
+
+
+def test_malformed_jsonl_line(capsys, tmp_path):
+    data = _jsonl(tmp_path, GOOD, GOOD, '{"prompt": "x", ')
+    line = _cli_error(capsys, *TINY, f"data={data}", f"run_dir={tmp_path / 'run'}")
+    assert f"{data}:3: malformed JSON" in line
+    assert not (tmp_path / "run").exists()  # data errors come before anything is written
+
+
+def test_missing_field(capsys, tmp_path):
+    data = _jsonl(tmp_path, GOOD, '{"prompt": "2 + 2 = ", "answer": "4"}')
+    line = _cli_error(capsys, *TINY, f"data={data}", f"run_dir={tmp_path / 'run'}")
+    assert f"{data}:2: missing field 'completion'" in line
+
+
+def test_missing_data_file(capsys, tmp_path):
+    line = _cli_error(capsys, *TINY, f"data={tmp_path / 'nowhere.jsonl'}", f"run_dir={tmp_path / 'run'}")
+    assert f"data file does not exist: {tmp_path / 'nowhere.jsonl'}" in line
+
+
+def test_missing_config_file(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--config", str(tmp_path / "nowhere.yaml")])
+    assert e.value.code == 2
+    assert f"config file does not exist: {tmp_path / 'nowhere.yaml'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["batch_size", "batch_size=[8", "=8"])
+def test_bad_override_syntax(capsys, override):
+    assert repr(override) in _cli_error(capsys, override)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("batch_size=abc", "batch_size must be int, got 'abc'"),
+    ("optimizer.learning_rate=fast", "optimizer.learning_rate must be float, got 'fast'"),
+    ("save_model=maybe", "save_model must be true or false, got 'maybe'"),
+])
+def test_wrong_typed_override(capsys, override, fragment):
+    assert fragment in _cli_error(capsys, override)
+
+
+def test_batch_not_divisible_by_the_mesh(capsys, tmp_path):
+    line = _cli_error(capsys, *TINY, "batch_size=4", f"run_dir={tmp_path}")  # 8 CPU devices in tests
+    assert "batch_size 4 is not a multiple of mesh data x fsdp x grad_accum_steps = 8" in line
+
+
+def test_errors_from_a_real_process_are_one_line(tmp_path, env):
+    result = subprocess.run(_sft_command(f"run_dir={tmp_path}", "num_step=3"),
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2
+    known = ", ".join(sorted(SFTConfig.__dataclass_fields__))
+    assert result.stderr.strip().splitlines() == [
+        f"jaxreason sft: error: {CONFIG}: unknown key 'num_step' (known: {known})"
+    ]
