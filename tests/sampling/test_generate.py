@@ -115,7 +115,7 @@ def test_nucleus_threshold_keeps_the_sorted_prefix():
     rng = np.random.default_rng(0)
     for top_p in (0.1, 0.5, 0.9, 0.99):
         for _ in range(20):
-            probs = rng.dirichlet(np.full(500, 0.3))
+            probs = rng.dirichlet(np.full(500, 0.3)).astype(np.float32)
             order = np.argsort(-probs)
             before = np.cumsum(probs[order]) - probs[order]
             expected = set(order[before < top_p].tolist())
