@@ -30,8 +30,19 @@ fi
 
 export JAXREASON_COORDINATOR=127.0.0.1:$port JAXREASON_NUM_PROCESSES=$processes
 pids=()
-# A process that dies leaves the others waiting on it (for jax's 5-minute timeout): stop them all on exit.
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+# A process that dies leaves the others waiting on it in a collective (until jax's timeouts), where they
+# cannot act on SIGTERM: on exit, TERM whatever is left, then KILL it after a grace period.
+cleanup() {
+  local alive=() pid
+  for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+  (( ${#alive[@]} )) || return 0
+  kill "${alive[@]}" 2>/dev/null || true
+  sleep "${GRACE_S:-10}"
+  kill -KILL "${alive[@]}" 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 for ((i = 0; i < processes; i++)); do
   JAXREASON_PROCESS_ID=$i "$python" -m jaxreason "$@" > >(sed "s/^/[$i] /") 2>&1 &
   pids+=($!)

@@ -72,6 +72,7 @@ def test_sft_command_end_to_end(tmp_path, env):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("sft: finished at step 16, last loss ")
+    assert "sft: 100%" in result.stderr and "16/16" in result.stderr  # the progress bar
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num_steps"] == 16 and config["model"]["scratch"]["hidden_size"] == 32
