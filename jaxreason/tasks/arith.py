@@ -1,0 +1,97 @@
+"""Multi-step arithmetic: generated expressions with one-operation-per-line gold solutions.
+
+Grammar (ASCII only, short enough for a character-level model):
+
+    question := "What is " NUM (" " OP " " NUM){k} "?"          k in [min_ops, max_ops], OP from `ops`
+    solution := (NUM " " OP " " NUM " = " NUM "\\n"){k} "The answer is " NUM
+
+Usual precedence: the gold solution first does every * and / from left to right, then every + and - from
+left to right, one operation per line. Numbers joined by * or / lie in [2, max_factor] (a product of two
+small numbers is one learnable fact), the others in [1, max_operand]. Every division is exact and no
+intermediate result is negative, so every number in a solution is a non-negative integer.
+
+Example (prompt, then solution):
+
+    Q: What is 12 + 7 * 3 - 5?
+    7 * 3 = 21
+    12 + 21 = 33
+    33 - 5 = 28
+    The answer is 28
+"""
+
+from __future__ import annotations
+
+import random
+
+from jaxreason.tasks.base import Problem, register_task
+from jaxreason.tasks.procedural import ProceduralTask, content_id
+
+_MULDIV = ("*", "/")
+
+
+class ArithTask(ProceduralTask):
+    """Arithmetic expressions of `min_ops`..`max_ops` operations drawn from `ops` (a subset of "+-*/")."""
+
+    name = "arith"
+
+    def __init__(self, min_ops: int = 1, max_ops: int = 3, max_operand: int = 20, max_factor: int = 10,
+                 ops: str = "+-*", test_fraction: float = 0.1, prompt_template: str | None = None):
+        super().__init__(test_fraction, prompt_template)
+        if not 1 <= min_ops <= max_ops:
+            raise ValueError(f"need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+        if max_operand < 1 or max_factor < 2:
+            raise ValueError("need max_operand >= 1 and max_factor >= 2")
+        if not ops or len(set(ops)) != len(ops) or set(ops) - set("+-*/"):
+            raise ValueError(f"ops must be distinct characters from '+-*/', got {ops!r}")
+        self.min_ops, self.max_ops = min_ops, max_ops
+        self.max_operand, self.max_factor, self.ops = max_operand, max_factor, ops
+
+    def sample(self, rng: random.Random) -> Problem:
+        while True:
+            problem = self._try_sample(rng)
+            if problem is not None:
+                return problem
+
+    def _try_sample(self, rng: random.Random) -> Problem | None:
+        """A random problem, or None when the draw would need an inexact division or a negative number."""
+        ops = [rng.choice(self.ops) for _ in range(rng.randint(self.min_ops, self.max_ops))]
+        numbers, steps = [], []
+        terms, term_ops = [], []  # values of the maximal * / chains and the + - between them
+        value = 0
+        for i in range(len(ops) + 1):
+            left = ops[i - 1] if i > 0 else None
+            right = ops[i] if i < len(ops) else None
+            if left == "/":
+                divisors = [d for d in range(2, self.max_factor + 1) if value % d == 0]
+                if not divisors:
+                    return None
+                x = rng.choice(divisors)
+            elif left in _MULDIV or right in _MULDIV:
+                x = rng.randint(2, self.max_factor)
+            else:
+                x = rng.randint(1, self.max_operand)
+            numbers.append(x)
+            if left in _MULDIV:
+                result = value * x if left == "*" else value // x
+                steps.append(f"{value} {left} {x} = {result}")
+                value = result
+            else:
+                if left is not None:
+                    terms.append(value)
+                    term_ops.append(left)
+                value = x
+        terms.append(value)
+        total = terms[0]
+        for op, term in zip(term_ops, terms[1:]):
+            result = total + term if op == "+" else total - term
+            if result < 0:
+                return None
+            steps.append(f"{total} {op} {term} = {result}")
+            total = result
+        expression = str(numbers[0]) + "".join(f" {op} {x}" for op, x in zip(ops, numbers[1:]))
+        question = f"What is {expression}?"
+        return Problem(id=content_id(self.name, question), question=question, answer=str(total),
+                       solution_steps=tuple(steps), meta={"num_ops": len(ops)})
+
+
+register_task("arith", ArithTask)

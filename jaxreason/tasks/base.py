@@ -1,0 +1,86 @@
+"""Problems, the Task interface every search and training method evaluates through, and the task registry.
+
+A solution is a sequence of steps joined by `STEP_DELIMITER` ("\n", so one step is one line) and closed by a
+final line "The answer is X". Step-level search expands one line at a time; a line that starts with
+`ANSWER_PREFIX` ends the solution.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from jaxreason.tasks.math_answers import ANSWER_PREFIX, answers_equal, extract_answer
+
+STEP_DELIMITER = "\n"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: its text, canonical gold answer and gold step-by-step solution (empty when unknown)."""
+
+    id: str
+    question: str
+    answer: str
+    solution_steps: tuple[str, ...] = ()
+    # Left out of the hash so that a Problem stays hashable although a dict is not.
+    meta: dict = field(default_factory=dict, hash=False)
+
+
+class Task(abc.ABC):
+    """A problem set with its prompt format and answer checker."""
+
+    name: str
+    step_delimiter: str = STEP_DELIMITER
+    answer_prefix: str = ANSWER_PREFIX
+    prompt_template: str = "Q: {question}\n"
+
+    def __init__(self, prompt_template: str | None = None):
+        if prompt_template is not None:
+            if "{question}" not in prompt_template:
+                raise ValueError("prompt_template must contain '{question}'")
+            self.prompt_template = prompt_template
+
+    @abc.abstractmethod
+    def problems(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
+        """`n` problems of `split` (all, or the task's default size, when None), chosen by `seed`."""
+
+    def prompt(self, problem: Problem) -> str:
+        """The text the policy continues; it ends with the step delimiter so the first step starts a line."""
+        return self.prompt_template.format(question=problem.question)
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_answer(completion)
+
+    def is_correct(self, problem: Problem, completion: str) -> bool:
+        return answers_equal(self.extract_answer(completion), problem.answer)
+
+    def format_solution(self, steps: Sequence[str], answer: str) -> str:
+        """The steps, one per line, then the final-answer line: the completion a perfect policy writes."""
+        return self.step_delimiter.join([*steps, f"{self.answer_prefix}{answer}"])
+
+    def is_final_step(self, step: str) -> bool:
+        """Whether `step` is the final-answer line, which makes its search node terminal."""
+        return step.strip().startswith(self.answer_prefix.strip())
+
+
+_FACTORIES: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str, factory: Callable[..., Task]) -> None:
+    """Makes `get_task(name, **kwargs)` return `factory(**kwargs)`; a name can be registered once."""
+    if name in _FACTORIES:
+        raise ValueError(f"task {name!r} is already registered")
+    _FACTORIES[name] = factory
+
+
+def task_names() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """The task registered as `name`, built with `kwargs` (e.g. difficulty settings or `path=`)."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(task_names())}")
+    return _FACTORIES[name](**kwargs)

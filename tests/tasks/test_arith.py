@@ -1,0 +1,90 @@
+"""Generated arithmetic: determinism, disjoint splits, difficulty knobs, gold solutions, char-tokenizer fit."""
+
+import re
+
+import pytest
+
+from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.tasks import ArithTask
+from jaxreason.tasks.procedural import split_of
+
+UNK_ID = 3
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def expression(question: str) -> str:
+    return re.fullmatch(r"What is (.+)\?", question)[1]
+
+
+def test_deterministic_and_prefix_stable():
+    task = ArithTask()
+    first = task.problems("train", 200, seed=3)
+    assert first == ArithTask().problems("train", 200, seed=3)
+    assert first[:50] == task.problems("train", 50, seed=3)
+    assert [p.question for p in first] != [p.question for p in task.problems("train", 200, seed=4)]
+    assert len({p.question for p in first}) == len(first) == len({p.id for p in first})
+
+
+def test_train_and_test_never_overlap_whatever_the_seeds():
+    task = ArithTask()
+    train = {p.question for seed in (0, 1) for p in task.problems("train", 2000, seed=seed)}
+    test = {p.question for seed in (0, 1) for p in task.problems("test", 300, seed=seed)}
+    assert not train & test
+    assert all(split_of(q, task.test_fraction) == "test" for q in test)
+    with pytest.raises(ValueError, match="split"):
+        task.problems("validation", 10)
+
+
+@pytest.mark.parametrize("ops", [1, 2, 4])
+def test_number_of_operations_sets_the_number_of_steps(ops):
+    problems = ArithTask(min_ops=ops, max_ops=ops).problems("train", 100)
+    assert all(len(p.solution_steps) == ops == p.meta["num_ops"] for p in problems)
+    assert all(len(re.findall(r" [-+*/] ", p.question)) == ops for p in problems)
+
+
+def test_operand_range_and_operations():
+    problems = ArithTask(max_operand=9, max_factor=5, ops="+-").problems("train", 300)
+    numbers = [int(x) for p in problems for x in re.findall(r"\d+", p.question)]
+    assert max(numbers) == 9 and min(numbers) >= 1
+    assert all("*" not in p.question and "/" not in p.question for p in problems)
+    products = ArithTask(ops="*", max_factor=5).problems("train", 100)
+    assert {int(x) for p in products for x in re.findall(r"\d+", p.question)} <= set(range(2, 6))
+
+
+@pytest.mark.parametrize("ops", ["+-*", "+-*/"])
+def test_gold_solutions_are_correct(ops):
+    task = ArithTask(max_ops=4, ops=ops)
+    for p in task.problems("train", 1000):
+        # Python's precedence is the grammar's; every division in the expression is exact.
+        assert int(p.answer) == eval(expression(p.question).replace("/", "//"))
+        for step in p.solution_steps:
+            a, op, b, c = STEP.fullmatch(step).groups()
+            assert int(c) == eval(f"{a} {op.replace('/', '//')} {b}") >= 0
+            assert op != "/" or int(a) % int(b) == 0
+        solution = task.format_solution(p.solution_steps, p.answer)
+        assert solution.endswith(f"\nThe answer is {p.answer}")
+        assert task.is_correct(p, solution)
+        assert not task.is_correct(p, task.format_solution(p.solution_steps, str(int(p.answer) + 1)))
+
+
+def test_texts_are_short_ascii_and_char_tokenizable():
+    task = ArithTask()
+    tokenizer = build_char_tokenizer()
+    problems = task.problems("train", 1000) + task.problems("test", 100)
+    for p in problems:
+        prompt, solution = task.prompt(p), task.format_solution(p.solution_steps, p.answer)
+        assert len(prompt) < 60 and len(solution) < 80
+        assert UNK_ID not in tokenizer.encode(prompt + solution)
+
+
+def test_exhausted_problem_space_is_an_error():
+    # Only 1 + 1, 1 + 2, 2 + 1 and 2 + 2 exist.
+    with pytest.raises(ValueError, match="distinct"):
+        ArithTask(max_ops=1, max_operand=2, ops="+").problems("train", 10)
+
+
+@pytest.mark.parametrize("kwargs", [dict(min_ops=0), dict(min_ops=3, max_ops=2), dict(ops="+x"), dict(ops=""),
+                                    dict(max_factor=1), dict(test_fraction=1.0)])
+def test_bad_settings_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        ArithTask(**kwargs)
