@@ -1,6 +1,6 @@
 """Jitted batched generation with a KV cache, sampling filters and stop strings."""
 
-from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, generate, sample_logits
+from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, generate, sample, sample_logits
 from jaxreason.sampling.prompts import decode_completions, encode_prompts, pad_left, pad_token_id
 from jaxreason.sampling.stopping import StopTable, build_stop_table
 
@@ -14,5 +14,6 @@ __all__ = [
     "generate",
     "pad_left",
     "pad_token_id",
+    "sample",
     "sample_logits",
 ]

@@ -149,12 +149,44 @@ class _LoopState:
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_ids", "pad_id"))
 def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, row_keys, stop_table, *, config, eos_ids, pad_id):
     model = nnx.merge(graphdef, state)
+    return sample(model, prompt_tokens, prompt_mask, row_keys, config, eos_ids=eos_ids, pad_id=pad_id,
+                  stop_table=stop_table)
+
+
+def sample(
+    model: CausalLM,
+    prompt_tokens: Int[Array, "B P"],
+    prompt_mask: Int[Array, "B P"],
+    row_keys: PRNGKeyArray,
+    config: SamplingConfig,
+    *,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    stop_table: StopTable | None = None,
+    samples_per_prompt: int = 1,
+) -> GenerateOutput:
+    """The pure sampling program (call it inside your own jit; `generate` is its jitted wrapper).
+
+    Each prompt is prefilled once and its cache repeated `samples_per_prompt` = K times, so K continuations
+    of one prefix cost one prefill. Output rows are prompt-major: row b * K + k is sample k of prompt b.
+
+    Args:
+      row_keys: [B * K] keys, one per output row.
+    """
     batch, prompt_len = prompt_tokens.shape
+    k = samples_per_prompt
     n = config.max_new_tokens
     cache = KVCache.init(model.config, batch, prompt_len + n, dtype=model.transformer.dtype)
     logits, cache = model(prompt_tokens, attention_mask=prompt_mask, cache=cache)
+    logits = logits[:, -1]
+    if k > 1:
+        logits = jnp.repeat(logits, k, axis=0)
+        cache = cache.replace(
+            k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1), mask=jnp.repeat(cache.mask, k, axis=0)
+        )
+    rows = batch * k
     eos = jnp.asarray(eos_ids if eos_ids and not config.ignore_eos else (-1,), jnp.int32)
-    sample_rows = jax.vmap(lambda lg, k: sample_logits(lg, k, config))
+    sample_rows = jax.vmap(lambda lg, key: sample_logits(lg, key, config))
 
     def cond(s: _LoopState):
         return (s.step < n) & ~jnp.all(s.done)
@@ -186,14 +218,14 @@ def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, row_keys, stop_ta
 
     init = _LoopState(
         step=jnp.zeros((), jnp.int32),
-        logits=logits[:, -1],
+        logits=logits,
         cache=cache,
-        tokens=jnp.full((batch, n), pad_id, jnp.int32),
-        logprobs=jnp.zeros((batch, n), jnp.float32),
-        lengths=jnp.zeros((batch,), jnp.int32),
-        done=jnp.zeros((batch,), bool),
-        stopped=jnp.zeros((batch,), bool),
-        stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, batch),
+        tokens=jnp.full((rows, n), pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, n), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        done=jnp.zeros((rows,), bool),
+        stopped=jnp.zeros((rows,), bool),
+        stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, rows),
     )
     final = jax.lax.while_loop(cond, body, init)
     return GenerateOutput(tokens=final.tokens, logprobs=final.logprobs, lengths=final.lengths, stopped=final.stopped)

@@ -123,3 +123,15 @@ def test_nucleus_threshold_keeps_the_sorted_prefix():
                 continue  # float32 sums cannot settle a boundary this close
             kept = np.flatnonzero(probs >= float(nucleus_threshold(jnp.asarray(probs, jnp.float32), top_p)))
             assert set(kept.tolist()) == expected
+
+
+def test_samples_per_prompt_share_one_prefill(model):
+    """K samples of one prefill equal K separate generations of the same prompt with the same keys."""
+    from jaxreason.sampling import sample
+
+    tokens, mask = encode_prompts(TOKENIZER, PROMPTS[:2])
+    keys = jax.random.split(jax.random.key(5), 6)  # 2 prompts x 3 samples
+    many = jax.jit(lambda t, m, k: sample(model, t, m, k, SAMPLED, samples_per_prompt=3))(tokens, mask, keys)
+    repeated = generate(model, np.repeat(tokens, 3, axis=0), np.repeat(mask, 3, axis=0), keys, SAMPLED)
+    np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(repeated.tokens))
+    np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(repeated.logprobs), rtol=1e-5, atol=1e-5)
