@@ -1,0 +1,239 @@
+"""The mctx adapter for step-level reasoning search: `root_fn` and `recurrent_fn` driven by a policy and a PRM.
+
+Creating a node samples its K candidate next steps in one batched call (one prefill per node, K
+continuations), so the node's prior logits (the candidates' length-normalised log-probabilities) are known
+when `recurrent_fn` returns. Taking action k appends candidate k to the partial solution; the PRM scores the
+result. A step that ends the solution (final-answer marker, EOS, depth or length limit) makes a terminal
+node: its score goes into `reward` with discount 0, and an expansion below it changes nothing and backs up
+the same score again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import mctx
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxreason.sampling.generate import SamplingConfig, sample
+from jaxreason.sampling.stopping import StopTable, init_stop_buffer, update_stop_buffer
+from jaxreason.search.actions import ActionSpace
+from jaxreason.search.node import NodeState
+from jaxreason.search.scoring import prefix_values, right_align
+from jaxreason.search.selection import INVALID_LOGIT
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpansionSpec:
+    """Static sizes and sampling settings of one search program."""
+
+    max_len: int  # L: prompt + all steps
+    max_step_tokens: int  # S: one step (template included)
+    max_depth: int  # D: steps from the root; a node at this depth is terminal
+    temperature: float = 0.7
+    top_p: float = 1.0
+    rollout_steps: int = 0  # ReST-MCTS*'s greedy roll-forward length r (0: off)
+    rollout_alpha: float = 0.5  # V <- (1 - alpha) V + alpha * max V along the roll
+    pad_id: int = 0
+    eos_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTables:
+    """Host-built token tables the program closes over (arrays, so they are not static arguments)."""
+
+    step_end: StopTable  # the step delimiter
+    answer: StopTable  # the final-answer marker
+    templates: tuple[np.ndarray, ...]  # token ids of each action type's template
+
+
+def build_step_tables(tokenizer, action_space: ActionSpace, step_delimiter: str, answer_marker: str,
+                      vocab_size: int) -> StepTables:
+    from jaxreason.sampling.stopping import build_stop_table
+
+    return StepTables(
+        step_end=build_stop_table(tokenizer, [step_delimiter], vocab_size),
+        answer=build_stop_table(tokenizer, [answer_marker.strip()], vocab_size),
+        templates=tuple(
+            np.asarray(tokenizer.encode(t.template, add_special_tokens=False), np.int32) for t in action_space.types
+        ),
+    )
+
+
+class StepSearch:
+    """Builds the root and recurrent functions for a policy/PRM pair over one action space.
+
+    `params` passed to mctx is `(policy_state, prm_state)`; the graph definitions are fixed here.
+    """
+
+    def __init__(self, policy_graphdef, prm_graphdef, action_space: ActionSpace, spec: ExpansionSpec,
+                 tables: StepTables):
+        self.policy_graphdef = policy_graphdef
+        self.prm_graphdef = prm_graphdef
+        self.space = action_space
+        self.spec = spec
+        self.tables = tables
+        self.slot_types = jnp.asarray(action_space.slot_types())
+        self.validity = jnp.asarray(action_space.validity())
+
+    # -- candidates ---------------------------------------------------------------------------------------
+
+    def _sample_candidates(self, policy, key, tokens, length):
+        """K candidate steps after each partial solution.
+
+        Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], and the
+        number of generated tokens [B].
+        """
+        spec, b = self.spec, tokens.shape[0]
+        groups = []
+        for g, action in enumerate(self.space.types):
+            template = jnp.asarray(self.tables.templates[g])
+            t = template.shape[0]
+            # Append the template, then left-pad for the sampler.
+            prefix = jnp.pad(tokens, ((0, 0), (0, t)), constant_values=spec.pad_id)
+            prefix = jax.vmap(lambda row, n: jax.lax.dynamic_update_slice(row, template, (n,)))(prefix, length)
+            padded, mask = right_align(prefix, length + t, spec.pad_id)
+            config = SamplingConfig(max_new_tokens=spec.max_step_tokens - t, temperature=spec.temperature,
+                                    top_p=spec.top_p)
+            keys = jax.random.split(jax.random.fold_in(key, g), b * action.num_samples)
+            out = sample(policy, padded, mask, keys, config, eos_ids=spec.eos_ids, pad_id=spec.pad_id,
+                         stop_table=self.tables.step_end if action.until_step_end else None,
+                         samples_per_prompt=action.num_samples)
+            n = action.num_samples
+            new = out.tokens.reshape(b, n, -1)
+            cand = jnp.concatenate([jnp.broadcast_to(template, (b, n, t)), new], axis=-1)
+            lens = out.lengths.reshape(b, n)
+            logp = out.logprobs.reshape(b, n, -1).sum(-1) / jnp.maximum(lens, 1)  # length-normalised
+            ended_eos = jnp.isin(jnp.take_along_axis(new, jnp.maximum(lens - 1, 0)[..., None], -1)[..., 0],
+                                 jnp.asarray(spec.eos_ids or (-1,)))
+            groups.append((cand, t + lens, logp, ended_eos, jnp.sum(lens, axis=1)))
+        cand, lens, logp, ended_eos = (jnp.concatenate([g[i] for g in groups], axis=1) for i in range(4))
+        generated = sum(g[4] for g in groups)
+        ends = ended_eos | self._contains_answer(cand)
+        logp = jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp)
+        return cand, lens, logp, ends, generated
+
+    def _contains_answer(self, cand: Int[Array, "B K S"]) -> Bool[Array, "B K"]:
+        b, k, s = cand.shape
+        flat = cand.reshape(b * k, s)
+
+        def scan_token(buffer_hit, token):
+            buffer, hit = buffer_hit
+            buffer, now = update_stop_buffer(self.tables.answer, buffer, token)
+            return (buffer, hit | now), None
+
+        init = (init_stop_buffer(self.tables.answer, b * k), jnp.zeros((b * k,), bool))
+        (_, hit), _ = jax.lax.scan(scan_token, init, flat.T)
+        return hit.reshape(b, k)
+
+    # -- nodes ------------------------------------------------------------------------------------------
+
+    def _new_node(self, policy, prm, key, tokens, length, prompt_len, step_ends, depth, node_type, terminal):
+        """A NodeState with its candidates and PRM value; priors are invalid where the node is terminal."""
+        cand, cand_len, logp, ends, generated = self._sample_candidates(policy, key, tokens, length)
+        padded, mask = right_align(tokens, length, self.spec.pad_id)
+        value = prefix_values(prm, padded, mask)
+        valid = self.validity[node_type] & ~terminal[:, None]
+        prior = jnp.where(valid, logp, INVALID_LOGIT)
+        node = NodeState(
+            tokens=tokens, length=length, prompt_len=prompt_len, step_ends=step_ends, depth=depth,
+            node_type=node_type, terminal=terminal, terminal_value=jnp.where(terminal, value, 0.0),
+            candidates=cand, candidate_len=cand_len, candidate_ends=ends, generated_tokens=generated,
+        )
+        return node, prior, value
+
+    def root_fn(self, params, key, prompt_tokens: Int[Array, "B L"], prompt_len: Int[Array, "B"]) -> mctx.RootFnOutput:
+        """Root nodes for left-aligned prompts [B, L] (L = spec.max_len)."""
+        policy, prm = self._models(params)
+        b = prompt_tokens.shape[0]
+        node, prior, value = self._new_node(
+            policy, prm, key, prompt_tokens, prompt_len, prompt_len,
+            jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
+            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool),
+        )
+        return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
+
+    def recurrent_fn(self, params, key, action: Int[Array, "B"], parent: NodeState):
+        """Takes candidate `action` at each parent: the child node, its reward/discount/value and priors."""
+        policy, prm = self._models(params)
+        spec = self.spec
+        rows = jnp.arange(action.shape[0])
+        step = parent.candidates[rows, action]  # [B, S]
+        step_len = parent.candidate_len[rows, action]
+        width = parent.tokens.shape[1]
+        room = width - parent.length
+        tokens = jax.vmap(_append)(parent.tokens, parent.length, step, jnp.minimum(step_len, room))
+        length = jnp.minimum(parent.length + step_len, width)
+        depth = parent.depth + 1
+        step_ends = jax.vmap(lambda ends, d, n: ends.at[d - 1].set(n, mode="drop"))(parent.step_ends, depth, length)
+        terminal = parent.candidate_ends[rows, action] | (depth >= spec.max_depth) | (step_len > room)
+        child, prior, value = self._new_node(
+            policy, prm, key, tokens, length, parent.prompt_len, step_ends, depth, self.slot_types[action], terminal
+        )
+        if spec.rollout_steps:
+            value = jnp.where(terminal, value, self._rolled_value(policy, prm, key, child, value))
+        child = child.replace(terminal_value=jnp.where(terminal, value, 0.0))
+        # Below a terminal node nothing changes: the same node and score are backed up again.
+        stay = parent.terminal
+        sampled = child.generated_tokens  # spent even where the node is discarded: counts toward the budget
+        child = jax.tree.map(lambda p, c: jnp.where(_expand(stay, c), p, c), parent, child)
+        child = child.replace(generated_tokens=sampled)
+        reward = jnp.where(stay, parent.terminal_value, jnp.where(terminal, value, 0.0))
+        discount = jnp.where(stay | terminal, 0.0, 1.0)
+        prior = jnp.where(stay[:, None] | terminal[:, None], INVALID_LOGIT, prior)
+        out = mctx.RecurrentFnOutput(reward=reward, discount=discount, prior_logits=prior,
+                                     value=jnp.where(stay | terminal, 0.0, value))
+        return out, child
+
+    def _rolled_value(self, policy, prm, key, node: NodeState, value: Float[Array, "B"]) -> Float[Array, "B"]:
+        """ReST-MCTS*'s greedy roll-forward: r steps, each keeping the best-valued candidate."""
+        spec = self.spec
+        b, k = node.candidate_len.shape
+
+        def roll(i, carry):
+            tokens, length, cand, cand_len, ends, done, best = carry
+            width = tokens.shape[1]
+            ext = jax.vmap(lambda t, n, c, m: jax.vmap(lambda cc, mm: _append(t, n, cc, mm))(c, m))(
+                tokens, length, cand, jnp.minimum(cand_len, (width - length)[:, None]))
+            ext_len = jnp.minimum(length[:, None] + cand_len, width)
+            padded, mask = right_align(ext.reshape(b * k, width), ext_len.reshape(b * k), spec.pad_id)
+            values = prefix_values(prm, padded, mask).reshape(b, k)
+            pick = jnp.argmax(values, axis=1)
+            rows = jnp.arange(b)
+            best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
+            tokens, length = ext[rows, pick], ext_len[rows, pick]
+            done = done | ends[rows, pick]
+            cand, cand_len, _, ends, _ = self._sample_candidates(policy, jax.random.fold_in(key, 1000 + i), tokens, length)
+            return tokens, length, cand, cand_len, ends, done, best
+
+        init = (node.tokens, node.length, node.candidates, node.candidate_len, node.candidate_ends,
+                jnp.zeros((b,), bool), jnp.zeros((b,)))
+        best = jax.lax.fori_loop(0, spec.rollout_steps, roll, init)[-1]
+        return (1 - spec.rollout_alpha) * value + spec.rollout_alpha * best
+
+    def _models(self, params):
+        policy_state, prm_state = params
+        return nnx.merge(self.policy_graphdef, policy_state), nnx.merge(self.prm_graphdef, prm_state)
+
+
+def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[Array, "L"]:
+    """row with the first `count` tokens of `piece` written at `length` (the rest of row unchanged)."""
+    positions = jnp.arange(row.shape[0])
+    source = jnp.clip(positions - length, 0, piece.shape[0] - 1)
+    inside = (positions >= length) & (positions < length + count)
+    return jnp.where(inside, piece[source], row)
+
+
+def _duplicates(cand: Int[Array, "B K S"], lens: Int[Array, "B K"]) -> Bool[Array, "B K"]:
+    """True for a candidate equal to an earlier one of the same node (same tokens and length)."""
+    same = jnp.all(cand[:, :, None] == cand[:, None, :], axis=-1) & (lens[:, :, None] == lens[:, None, :])
+    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
+    return jnp.any(same & earlier[None], axis=-1)
+
+
+def _expand(mask: Bool[Array, "B"], like: Array) -> Bool[Array, "..."]:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
