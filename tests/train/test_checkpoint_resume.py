@@ -11,40 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxreason.config import load_config
 from jaxreason.train.checkpoint import Checkpointer, StopSignal
 from jaxreason.train.sft import SFTConfig, run_sft
 
 ROOT = Path(__file__).parents[2]
-# One tiny shape for every run in tests/train, so each compiles once (see compile_cache).
+# One tiny shape for every run in tests/train, so each compiles once (with the persistent compile cache set in tests/conftest.py).
 TINY = [
     f"data={ROOT / 'configs/sft/data/arith_sample.jsonl'}", "model.scratch.hidden_size=32",
     "model.scratch.intermediate_size=64", "model.scratch.num_layers=2", "model.scratch.head_dim=8", "max_len=64",
     "batch_size=8",
 ]
-CACHE_FLAGS = {
-    "jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache for this module's runs (shared with tests/train/test_sft.py and its subprocesses)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # shared by the workers of this session
-    flags = {**CACHE_FLAGS, "jax_compilation_cache_dir": str(base / "jax_cache")}
-    previous = {name: getattr(jax.config, name) for name in flags}
-    for name, value in flags.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield flags
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def tiny_config(run_dir, *overrides) -> SFTConfig:

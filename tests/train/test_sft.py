@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from jaxreason.cli import main
 from jaxreason.config import load_config
@@ -29,33 +27,12 @@ TINY = [
     f"data={DATA}", "model.scratch.hidden_size=32", "model.scratch.intermediate_size=64",
     "model.scratch.num_layers=2", "model.scratch.head_dim=8", "max_len=64", "batch_size=8",
 ]
-CACHE_FLAGS = {
-    "jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache shared by this module, its subprocesses and test_checkpoint_resume.py."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # shared by the workers of this session
-    flags = {**CACHE_FLAGS, "jax_compilation_cache_dir": str(base / "jax_cache")}
-    previous = {name: getattr(jax.config, name) for name in flags}
-    for name, value in flags.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield flags
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
-def env(compile_cache):
-    """The environment for CLI subprocesses (8 CPU devices from conftest, the shared compile cache)."""
-    return {**os.environ, **{name.upper(): str(value) for name, value in compile_cache.items()}}
+def env():
+    """The environment for CLI subprocesses (8 CPU devices and the shared compile cache, from conftest)."""
+    return dict(os.environ)
 
 
 def _sft_command(*args):
