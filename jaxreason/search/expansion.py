@@ -15,12 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import mctx
-import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.sampling.generate import SamplingConfig, sample
-from jaxreason.sampling.stopping import StopTable, init_stop_buffer, update_stop_buffer
+from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.node import NodeState
 from jaxreason.search.scoring import prefix_values, right_align
@@ -42,24 +41,22 @@ class ExpansionSpec:
     eos_ids: tuple[int, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class StepTables:
-    """Host-built token tables the program closes over (arrays, so they are not static arguments)."""
+    """Host-built token tables, passed to the search program as arrays (template shapes are static)."""
 
     step_end: StopTable  # the step delimiter
     answer: StopTable  # the final-answer marker
-    templates: tuple[np.ndarray, ...]  # token ids of each action type's template
+    templates: tuple[Int[Array, "T"], ...]  # token ids of each action type's template
 
 
 def build_step_tables(tokenizer, action_space: ActionSpace, step_delimiter: str, answer_marker: str,
                       vocab_size: int) -> StepTables:
-    from jaxreason.sampling.stopping import build_stop_table
-
     return StepTables(
         step_end=build_stop_table(tokenizer, [step_delimiter], vocab_size),
         answer=build_stop_table(tokenizer, [answer_marker.strip()], vocab_size),
         templates=tuple(
-            np.asarray(tokenizer.encode(t.template, add_special_tokens=False), np.int32) for t in action_space.types
+            jnp.asarray(tokenizer.encode(t.template, add_special_tokens=False), jnp.int32) for t in action_space.types
         ),
     )
 

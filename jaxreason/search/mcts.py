@@ -1,0 +1,126 @@
+"""PRM-guided step-level MCTS over a batch of problems: one jit-compiled program from prompts to tree.
+
+The root and recurrent functions come from `expansion.StepSearch`, the selection rule from
+`selection.run_mcts` (ReST-MCTS*'s UCT, MuZero or Gumbel MuZero). The answer of a problem is its best
+finished solution by PRM score (ReST-MCTS*'s choice); a search that finished none answers with the best
+path by value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxreason.models.llama import CausalLM
+from jaxreason.models.value_head import ValueModel
+from jaxreason.sampling.prompts import pad_token_id
+from jaxreason.search.actions import ActionSpace
+from jaxreason.search.baselines import MethodResult
+from jaxreason.search.expansion import ExpansionSpec, StepSearch, build_step_tables
+from jaxreason.search.selection import run_mcts
+from jaxreason.search.traces import TreeTraces, extract_traces
+from jaxreason.tasks.base import Problem, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class MCTSConfig:
+    rule: str = "rest_mcts"  # rest_mcts | muzero | gumbel
+    num_simulations: int = 16
+    num_candidates: int = 4  # K: candidate next steps per node (single-step action space)
+    max_depth: int = 8  # steps from the root
+    max_step_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 1.0
+    c: float = 1.0  # exploration constant
+    rollout_steps: int = 0  # ReST-MCTS*'s greedy roll-forward r; 0 disables
+    rollout_alpha: float = 0.5
+    chat: bool = False  # wrap prompts in the tokenizer's chat template
+
+    def __post_init__(self):
+        for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mcts.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def mcts(
+    policy: CausalLM,
+    prm: ValueModel,
+    tokenizer,
+    task: Task,
+    problems: Sequence[Problem],
+    config: MCTSConfig,
+    key: jax.Array,
+    action_space: ActionSpace | None = None,
+) -> tuple[MethodResult, list[TreeTraces]]:
+    """Searches every problem; returns the method's answers and each problem's traces (decoded)."""
+    space = action_space or ActionSpace.single_step(config.num_candidates)
+    started = time.perf_counter()
+    prompts = [_prompt_ids(tokenizer, task, p, config.chat) for p in problems]
+    longest = max(len(p) for p in prompts)
+    max_len = _round_up(longest + config.max_depth * config.max_step_tokens, 64)
+    tokens = np.full((len(prompts), max_len), pad_token_id(tokenizer), np.int32)
+    for row, ids in enumerate(prompts):
+        tokens[row, : len(ids)] = ids
+    prompt_len = np.asarray([len(p) for p in prompts], np.int32)
+
+    spec = ExpansionSpec(
+        max_len=max_len, max_step_tokens=config.max_step_tokens, max_depth=config.max_depth,
+        temperature=config.temperature, top_p=config.top_p, rollout_steps=config.rollout_steps,
+        rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
+        eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
+    )
+    tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
+    policy_def, policy_state = nnx.split(policy)
+    prm_def, prm_state = nnx.split(prm)
+    program = _search_program(policy_def, prm_def, space, spec, config)
+    tree = program((policy_state, prm_state), tables, key, jnp.asarray(tokens), jnp.asarray(prompt_len))
+    traces = [t.decode(tokenizer) for t in extract_traces(tree, tokenizer=None)]
+    visited = np.asarray(tree.node_visits) > 0
+    generated = (np.asarray(tree.embeddings.generated_tokens) * visited).sum(axis=1)
+
+    completions = [_answer_text(t) for t in traces]
+    answers = [task.extract_answer(c) for c in completions]
+    correct = [task.is_correct(p, c) for p, c in zip(problems, completions)]
+    result = MethodResult(method="mcts", completions=completions, answers=answers, correct=correct,
+                          generated_tokens=generated.astype(np.int64), seconds=time.perf_counter() - started)
+    return result, traces
+
+
+def _answer_text(traces: TreeTraces) -> str:
+    if traces.terminals:
+        return max(traces.terminals, key=lambda p: p.terminal_value).text
+    return traces.best_by_value.text
+
+
+@functools.lru_cache(maxsize=16)
+def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec, config: MCTSConfig):
+    """The jitted prompts -> tree program, cached per (models, action space, sizes, rule)."""
+
+    @jax.jit
+    def program(params, tables, key, tokens, prompt_len):
+        search = StepSearch(policy_def, prm_def, space, spec, tables)
+        root_key, search_key = jax.random.split(key)
+        root = search.root_fn(params, root_key, tokens, prompt_len)
+        return run_mcts(params, search_key, root, search.recurrent_fn, rule=config.rule,
+                        num_simulations=config.num_simulations, max_depth=config.max_depth + 1, c=config.c)
+
+    return program
+
+
+def _prompt_ids(tokenizer, task: Task, problem: Problem, chat: bool) -> list[int]:
+    text = task.prompt(problem)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

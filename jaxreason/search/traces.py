@@ -1,0 +1,172 @@
+"""Reasoning traces read off a finished search tree whose embeddings are `NodeState`s.
+
+The tree is fetched to the host once; the rest is numpy. A node is reported when it was expanded
+(node_visits > 0) and is not an expansion below a terminal node: mctx expands one node per simulation, so a
+simulation that ends at a terminal node adds a copy of it below (same embedding, the terminal score backed up
+again). Copies count in their terminal ancestor's visits but are not partial solutions of their own.
+Where `max_depth` cut a simulation mctx re-expanded an existing leaf and overwrote it; each node keeps its own
+embedding, so its tokens always name its own path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import mctx
+import numpy as np
+
+from jaxreason.search.node import NodeState
+
+
+class Decoder(Protocol):
+    """What `decode` needs of a tokenizer (any Hugging Face tokenizer qualifies)."""
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchPath:
+    """One root-to-node path of a search tree: a partial solution, or a finished one if it ends at a terminal node.
+
+    With d the number of steps:
+      nodes: [d + 1] node indices, the root first.
+      actions: [d] candidate slot taken at each step.
+      values: [d + 1] each node's search value (mctx `node_values`: running mean of the backed-up values).
+      visits: [d + 1] each node's visit count.
+      qvalues: [d] each edge's Q: reward + discount * value of the child.
+      terminal: [d + 1] whether each node ends the solution.
+      tokens: [length] the last node's token ids: the prompt, then the steps.
+      prompt_len: number of prompt tokens at the start of `tokens`.
+      step_ends: [d] one past the last token of each step in `tokens`.
+      terminal_value: the finished solution's score if the path ends at a terminal node, else None.
+      text: the decoded steps (`tokens[prompt_len:]`), once `decode` has been called.
+    """
+
+    nodes: np.ndarray
+    actions: np.ndarray
+    values: np.ndarray
+    visits: np.ndarray
+    qvalues: np.ndarray
+    terminal: np.ndarray
+    tokens: np.ndarray
+    prompt_len: int
+    step_ends: np.ndarray
+    terminal_value: float | None
+    text: str | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.actions)
+
+    def node_tokens(self, i: int) -> np.ndarray:
+        """Token ids of the partial solution at the path's i-th node (0: the prompt alone)."""
+        return self.tokens[: self.prompt_len if i == 0 else self.step_ends[i - 1]]
+
+    def step_tokens(self) -> list[np.ndarray]:
+        """Token ids of each step."""
+        starts = np.concatenate([[self.prompt_len], self.step_ends[:-1]]).astype(int)
+        return [self.tokens[s:e] for s, e in zip(starts, self.step_ends)]
+
+    def decode(self, tokenizer: Decoder) -> SearchPath:
+        return dataclasses.replace(self, text=tokenizer.decode(self.tokens[self.prompt_len :].tolist()))
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeTraces:
+    """What one problem's (one batch row's) search found.
+
+    paths: one path per reported node, in node-index order, so `paths[0]` is the root alone.
+    best_by_visits: from the root, the most visited child each time, down to a leaf (ties: lowest slot).
+    best_by_value: from the root, the child of highest Q each time, down to a leaf (ties: lowest slot).
+    terminals: the paths that end at terminal nodes (the finished solutions), in node-index order; each
+      one's `terminal_value` is its score.
+    """
+
+    paths: tuple[SearchPath, ...]
+    best_by_visits: SearchPath
+    best_by_value: SearchPath
+    terminals: tuple[SearchPath, ...]
+
+    def decode(self, tokenizer: Decoder) -> TreeTraces:
+        return TreeTraces(
+            paths=tuple(p.decode(tokenizer) for p in self.paths),
+            best_by_visits=self.best_by_visits.decode(tokenizer),
+            best_by_value=self.best_by_value.decode(tokenizer),
+            terminals=tuple(p.decode(tokenizer) for p in self.terminals),
+        )
+
+
+def _ancestry(parents: np.ndarray) -> np.ndarray:
+    """[B, N, H] the j-th ancestor of each node (column 0: the node itself), -1 past the root."""
+    chain = [np.broadcast_to(np.arange(parents.shape[1]), parents.shape)]
+    while (chain[-1] >= 0).any():
+        up = np.take_along_axis(parents, np.maximum(chain[-1], 0), axis=1)
+        chain.append(np.where(chain[-1] >= 0, up, -1))
+    return np.stack(chain[:-1], axis=-1)
+
+
+def _best_leaf(children: np.ndarray, score: np.ndarray, stop: np.ndarray) -> int:
+    """Node reached from the root by taking the highest-`score` existing child until `stop` or no child.
+
+    children, score: [N, K] for one row; stop: [N].
+    """
+    node = 0
+    while not stop[node] and (children[node] >= 0).any():
+        node = int(children[node, np.argmax(np.where(children[node] >= 0, score[node], -np.inf))])
+    return node
+
+
+def _path(t: mctx.Tree, b: int, nodes: np.ndarray, edge_q: np.ndarray) -> SearchPath:
+    """The path through `nodes` (root first) of row b of the host tree `t`; edge_q: [B, N]."""
+    emb: NodeState = t.embeddings
+    n = nodes[-1]
+    return SearchPath(
+        nodes=nodes,
+        actions=t.action_from_parent[b, nodes[1:]],
+        values=t.node_values[b, nodes],
+        visits=t.node_visits[b, nodes],
+        qvalues=edge_q[b, nodes[1:]],
+        terminal=emb.terminal[b, nodes],
+        tokens=emb.tokens[b, n, : emb.length[b, n]],
+        prompt_len=int(emb.prompt_len[b, n]),
+        step_ends=emb.step_ends[b, n, : emb.depth[b, n]],
+        terminal_value=float(emb.terminal_value[b, n]) if emb.terminal[b, n] else None,
+    )
+
+
+def extract_traces(tree: mctx.Tree, tokenizer: Decoder | None = None) -> list[TreeTraces]:
+    """Every reported root-to-node path, the two best paths and the finished solutions, one `TreeTraces` per
+    batch row.
+
+    tree: a finished batched search tree whose embeddings are `NodeState`s.
+    tokenizer: if given, every path's `text` is filled.
+    """
+    t = jax.device_get(tree)
+    terminal = t.embeddings.terminal  # [B, N]
+    rows = np.arange(terminal.shape[0])[:, None]
+    parent = np.maximum(t.parents, 0)
+    below_terminal = (t.parents >= 0) & np.take_along_axis(terminal, parent, axis=1)
+    reported = (t.node_visits > 0) & ~below_terminal
+    q = t.children_rewards + t.children_discounts * t.children_values  # [B, N, K]
+    edge_q = q[rows, parent, np.maximum(t.action_from_parent, 0)]  # [B, N] Q of the edge into each node
+    ancestry = _ancestry(t.parents)
+    depth = (ancestry >= 0).sum(-1) - 1
+
+    traces = []
+    for b in range(terminal.shape[0]):
+        paths = {
+            int(n): _path(t, b, ancestry[b, n, : depth[b, n] + 1][::-1], edge_q) for n in np.flatnonzero(reported[b])
+        }
+        # Below a terminal node there are only copies, so the best paths stop there.
+        best_by_visits = _best_leaf(t.children_index[b], t.children_visits[b], terminal[b])
+        best_by_value = _best_leaf(t.children_index[b], q[b], terminal[b])
+        row = TreeTraces(
+            paths=tuple(paths.values()),
+            best_by_visits=paths[best_by_visits],
+            best_by_value=paths[best_by_value],
+            terminals=tuple(p for n, p in paths.items() if terminal[b, n]),
+        )
+        traces.append(row if tokenizer is None else row.decode(tokenizer))
+    return traces
