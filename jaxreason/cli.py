@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m jaxreason {generate,sft} ...`.
+"""Command-line entry point: `python -m jaxreason {generate,sft,search} ...`.
 
 Errors a user can fix (a missing file, an unknown preset, a bad checkpoint) print one line naming the
 problem and exit with status 2, never a traceback.
@@ -53,6 +53,13 @@ def _sft(args: argparse.Namespace) -> None:
     print(f"sft: finished at step {result.step}, last loss {last:.4f}")
 
 
+def _search(args: argparse.Namespace) -> None:
+    from jaxreason.config import load_config
+    from jaxreason.search.command import SearchCommandConfig, run_search_command
+
+    run_search_command(load_config(SearchCommandConfig, args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxreason", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--config", required=True, help="YAML file (configs/sft/*.yaml)")
     sft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     sft.set_defaults(run=_sft)
+
+    search = commands.add_parser("search", help="compare MCTS and the test-time baselines on a problem set")
+    search.add_argument("--config", required=True, help="YAML file (configs/search/*.yaml)")
+    search.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    search.set_defaults(run=_search)
     return parser
 
 
