@@ -8,7 +8,8 @@
 # CPU devices. Set PYTHON to pick the interpreter (default: python).
 set -euo pipefail
 
-processes=1 devices="" port=$((20000 + RANDOM % 20000))
+# The default port sits below Linux's ephemeral range (32768+), where an outgoing connection could take it.
+processes=1 devices="" port=$((20000 + RANDOM % 12000))
 while getopts "n:d:p:h" opt; do
   case $opt in
     n) processes=$OPTARG ;;

@@ -164,6 +164,7 @@ def sample(
     pad_id: int = 0,
     stop_table: StopTable | None = None,
     samples_per_prompt: int = 1,
+    skip: Bool[Array, "B"] | None = None,
 ) -> GenerateOutput:
     """The pure sampling program (call it inside your own jit; `generate` is its jitted wrapper).
 
@@ -172,6 +173,7 @@ def sample(
 
     Args:
       row_keys: [B * K] keys, one per output row.
+      skip: [B] prompts to generate nothing for (their rows come back empty, with length 0).
     """
     batch, prompt_len = prompt_tokens.shape
     k = samples_per_prompt
@@ -223,7 +225,7 @@ def sample(
         tokens=jnp.full((rows, n), pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, n), jnp.float32),
         lengths=jnp.zeros((rows,), jnp.int32),
-        done=jnp.zeros((rows,), bool),
+        done=jnp.zeros((rows,), bool) if skip is None else jnp.repeat(skip, k),
         stopped=jnp.zeros((rows,), bool),
         stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, rows),
     )

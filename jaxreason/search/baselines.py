@@ -203,8 +203,9 @@ def _sample_jit(policy_def, policy_state, prefix, prefix_mask, row_keys, *, conf
     jax.jit, static_argnames=("policy_def", "scorer_def", "config", "eos_ids", "pad_id", "samples_per_prompt")
 )
 def _sample_and_score_jit(policy_def, policy_state, scorer_def, scorer_state, prefix, prefix_mask, row_keys,
-                          stop_table, *, config, eos_ids, pad_id, samples_per_prompt):
-    """K continuations of each left-padded prefix [R, W], each scored with its prefix.
+                          stop_table, skip, *, config, eos_ids, pad_id, samples_per_prompt):
+    """K continuations of each left-padded prefix [R, W], each scored with its prefix; a prefix marked in
+    `skip` [R] (or None) gets empty continuations.
 
     Returns the GenerateOutput [R * K, S], the extended sequences [R * K, W + S] left-padded with their mask,
     and the scores [R * K].
@@ -212,12 +213,12 @@ def _sample_and_score_jit(policy_def, policy_state, scorer_def, scorer_state, pr
     policy = nnx.merge(policy_def, policy_state)
     scorer = nnx.merge(scorer_def, scorer_state)
     out = sample(policy, prefix, prefix_mask, row_keys, config, eos_ids=eos_ids, pad_id=pad_id,
-                 stop_table=stop_table, samples_per_prompt=samples_per_prompt)
-    tokens, mask = extend(prefix, prefix_mask, out, samples_per_prompt, pad_id)
+                 stop_table=stop_table, samples_per_prompt=samples_per_prompt, skip=skip)
+    tokens, mask = _extend(prefix, prefix_mask, out, samples_per_prompt, pad_id)
     return out, tokens, mask, prefix_values(scorer, tokens, mask)
 
 
-def extend(
+def _extend(
     prefix: Int[Array, "R W"], prefix_mask: Int[Array, "R W"], out: GenerateOutput, samples_per_prompt: int,
     pad_id: int,
 ) -> tuple[Int[Array, "RK W+S"], Int[Array, "RK W+S"]]:
@@ -284,7 +285,7 @@ def _solutions(policy, tokenizer, task, problems, config, key, samples_per_promp
     else:
         scorer_def, scorer_state = nnx.split(scorer)
         out, _, _, scores = _sample_and_score_jit(policy_def, policy_state, scorer_def, scorer_state, prompts,
-                                                  prompt_mask, row_keys, None, **static)
+                                                  prompt_mask, row_keys, None, None, **static)
         scores = np.asarray(scores).reshape(b, k)
     texts = decode_completions(tokenizer, out)
     return [texts[i * k:(i + 1) * k] for i in range(b)], np.asarray(out.lengths).reshape(b, k), scores
@@ -345,8 +346,8 @@ def prm_beam_search(policy: CausalLM, prm: ValueModel, tokenizer, task: Task, pr
     max_steps; the answer is the best finished beam by PRM score, or the best beam if none finished
     (`best_beams`). Step s draws with row keys `split(fold_in(key, s), B * N * M)`.
 
-    Budget: the tokens of every proposal of every open beam, M * (open beams) proposals per step. A
-    finished beam's rows still run in the fixed-shape batch, but their draws are dropped and not counted.
+    Budget: the tokens of every proposal, M per open beam and step; a finished beam's rows stay in the
+    fixed-shape batch, but the sampler skips them.
     """
     start = time.perf_counter()
     b, n, m, s = len(problems), config.beam_width, config.proposals_per_beam, config.max_step_tokens
@@ -369,10 +370,11 @@ def prm_beam_search(policy: CausalLM, prm: ValueModel, tokenizer, task: Task, pr
             break
         row_keys = jax.random.split(jax.random.fold_in(key, step), b * n * m)
         out, cand, cand_mask, cand_scores = _sample_and_score_jit(
-            policy_def, policy_state, prm_def, prm_state, beams, beam_mask, row_keys, stop_table, **static
+            policy_def, policy_state, prm_def, prm_state, beams, beam_mask, row_keys, stop_table,
+            jnp.asarray(finished.reshape(-1)), **static
         )
         lengths = np.asarray(out.lengths).reshape(b, n, m)
-        generated += np.sum(lengths * ~finished[:, :, None], axis=(1, 2))
+        generated += lengths.sum(axis=(1, 2))
         ends = _ends_solution(task, tokenizer, out, eos_ids).reshape(b, n * m)
         survivors = select_beams(np.asarray(cand_scores).reshape(b, n * m), scores, finished, m)
         beams, beam_mask = _gather_beams(cand, cand_mask, beams, beam_mask, jnp.asarray(survivors))
@@ -390,7 +392,7 @@ def prm_beam_search(policy: CausalLM, prm: ValueModel, tokenizer, task: Task, pr
 def _ends_solution(task: Task, tokenizer, out: GenerateOutput, eos_ids: tuple[int, ...]) -> np.ndarray:
     """[R] the proposed step ends the solution: it ends on EOS or is the final-answer line."""
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    on_eos = np.isin(tokens[np.arange(len(lengths)), lengths - 1], eos_ids)  # a draw has >= 1 token
+    on_eos = (lengths > 0) & np.isin(tokens[np.arange(len(lengths)), np.maximum(lengths - 1, 0)], eos_ids)
     return on_eos | np.array([task.is_final_step(t) for t in decode_completions(tokenizer, out)])
 
 

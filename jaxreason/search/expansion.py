@@ -79,8 +79,8 @@ class StepSearch:
 
     # -- candidates ---------------------------------------------------------------------------------------
 
-    def _sample_candidates(self, policy, key, tokens, length):
-        """K candidate steps after each partial solution.
+    def _sample_candidates(self, policy, key, tokens, length, skip):
+        """K candidate steps after each partial solution; rows in `skip` (terminal nodes) get none.
 
         Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], and the
         number of generated tokens [B].
@@ -99,7 +99,7 @@ class StepSearch:
             keys = jax.random.split(jax.random.fold_in(key, g), b * action.num_samples)
             out = sample(policy, padded, mask, keys, config, eos_ids=spec.eos_ids, pad_id=spec.pad_id,
                          stop_table=self.tables.step_end if action.until_step_end else None,
-                         samples_per_prompt=action.num_samples)
+                         samples_per_prompt=action.num_samples, skip=skip)
             n = action.num_samples
             new = out.tokens.reshape(b, n, -1)
             cand = jnp.concatenate([jnp.broadcast_to(template, (b, n, t)), new], axis=-1)
@@ -131,7 +131,7 @@ class StepSearch:
 
     def _new_node(self, policy, prm, key, tokens, length, prompt_len, step_ends, depth, node_type, terminal):
         """A NodeState with its candidates and PRM value; priors are invalid where the node is terminal."""
-        cand, cand_len, logp, ends, generated = self._sample_candidates(policy, key, tokens, length)
+        cand, cand_len, logp, ends, generated = self._sample_candidates(policy, key, tokens, length, terminal)
         padded, mask = right_align(tokens, length, self.spec.pad_id)
         value = prefix_values(prm, padded, mask)
         valid = self.validity[node_type] & ~terminal[:, None]
@@ -167,23 +167,24 @@ class StepSearch:
         length = jnp.minimum(parent.length + step_len, width)
         depth = parent.depth + 1
         step_ends = jax.vmap(lambda ends, d, n: ends.at[d - 1].set(n, mode="drop"))(parent.step_ends, depth, length)
-        terminal = parent.candidate_ends[rows, action] | (depth >= spec.max_depth) | (step_len > room)
+        stay = parent.terminal
+        # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
+        terminal = parent.candidate_ends[rows, action] | (depth >= spec.max_depth) | (step_len > room) | stay
         child, prior, value = self._new_node(
             policy, prm, key, tokens, length, parent.prompt_len, step_ends, depth, self.slot_types[action], terminal
         )
         if spec.rollout_steps:
             value = jnp.where(terminal, value, self._rolled_value(policy, prm, key, child, value))
         child = child.replace(terminal_value=jnp.where(terminal, value, 0.0))
-        # Below a terminal node nothing changes: the same node and score are backed up again.
-        stay = parent.terminal
-        sampled = child.generated_tokens  # spent even where the node is discarded: counts toward the budget
+        # Below a terminal node nothing changes: the same node and score are backed up again. The copy keeps
+        # generated_tokens = 0 (nothing was sampled for it), so summing over nodes counts each token once.
         child = jax.tree.map(lambda p, c: jnp.where(_expand(stay, c), p, c), parent, child)
-        child = child.replace(generated_tokens=sampled)
-        reward = jnp.where(stay, parent.terminal_value, jnp.where(terminal, value, 0.0))
-        discount = jnp.where(stay | terminal, 0.0, 1.0)
-        prior = jnp.where(stay[:, None] | terminal[:, None], INVALID_LOGIT, prior)
-        out = mctx.RecurrentFnOutput(reward=reward, discount=discount, prior_logits=prior,
-                                     value=jnp.where(stay | terminal, 0.0, value))
+        child = child.replace(generated_tokens=jnp.where(stay, 0, child.generated_tokens))
+        score = jnp.where(stay, parent.terminal_value, value)
+        # A terminal edge carries its score as reward with discount 0; its node value is the score too, so
+        # the node's running mean stays equal to it.
+        out = mctx.RecurrentFnOutput(reward=jnp.where(terminal, score, 0.0), discount=jnp.where(terminal, 0.0, 1.0),
+                                     prior_logits=prior, value=score)
         return out, child
 
     def _rolled_value(self, policy, prm, key, node: NodeState, value: Float[Array, "B"]) -> Float[Array, "B"]:
@@ -204,7 +205,8 @@ class StepSearch:
             best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
             tokens, length = ext[rows, pick], ext_len[rows, pick]
             done = done | ends[rows, pick]
-            cand, cand_len, _, ends, _ = self._sample_candidates(policy, jax.random.fold_in(key, 1000 + i), tokens, length)
+            cand, cand_len, _, ends, _ = self._sample_candidates(
+                policy, jax.random.fold_in(key, 1000 + i), tokens, length, done)
             return tokens, length, cand, cand_len, ends, done, best
 
         init = (node.tokens, node.length, node.candidates, node.candidate_len, node.candidate_ends,

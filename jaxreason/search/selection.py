@@ -143,4 +143,3 @@ def run_mcts(
         gumbel_scale=gumbel_scale,
         max_num_considered_actions=max_num_considered_actions,
     ).search_tree
-

@@ -67,7 +67,7 @@ class SearchPath:
     def step_tokens(self) -> list[np.ndarray]:
         """Token ids of each step."""
         starts = np.concatenate([[self.prompt_len], self.step_ends[:-1]]).astype(int)
-        return [self.tokens[s:e] for s, e in zip(starts, self.step_ends)]
+        return [self.tokens[s:e] for s, e in zip(starts, self.step_ends, strict=True)]
 
     def decode(self, tokenizer: Decoder) -> SearchPath:
         return dataclasses.replace(self, text=tokenizer.decode(self.tokens[self.prompt_len :].tolist()))

@@ -181,7 +181,6 @@ def test_batch_equals_separate_searches(tables, trees, rule):
     args, c = CONFIGS[rule]
     batched = jax.tree.leaves(trees[rule])
     for b in range(tables.value.shape[0]):
-        single = jax.tree.leaves(jax.device_get(S.searcher(*args)(jax.tree.map(lambda x: x[b : b + 1], tables), KEY, c)))
-        assert len(single) == len(batched)
-        for x, y in zip(batched, single):
+        single = jax.tree.leaves(jax.device_get(S.searcher(*args)(S.stack([S.row(tables, b)]), KEY, c)))
+        for x, y in zip(batched, single, strict=True):
             np.testing.assert_array_equal(x[b], y[0], err_msg=f"row {b}")

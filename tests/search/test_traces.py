@@ -76,7 +76,7 @@ def test_decode_fills_text_without_changing_paths(hand_tree):
     assert all(p.text is None for p in plain.paths)
     decoded = plain.decode(StepNames())
     assert [p.text for p in decoded.paths][:3] == ["", "s1", "s2"]
-    for a, b in zip(plain.paths, decoded.paths):
+    for a, b in zip(plain.paths, decoded.paths, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
@@ -85,10 +85,12 @@ def check_consistent(tables: S.Table, tree, traces, max_depth: int = S.DEPTH):
     paths end at leaves; the terminals are exactly the terminal paths, with the table's scores."""
     tree = jax.device_get(tree)
     emb = tree.embeddings
+    q = tree.children_rewards + tree.children_discounts * tree.children_values
     for b, row in enumerate(traces):
         table = S.row(tables, b)
         below_terminal = (tree.parents[b] >= 0) & emb.terminal[b, np.maximum(tree.parents[b], 0)]
-        assert [int(p.nodes[-1]) for p in row.paths] == np.flatnonzero((tree.node_visits[b] > 0) & ~below_terminal).tolist()
+        reported = np.flatnonzero((tree.node_visits[b] > 0) & ~below_terminal)
+        assert [int(p.nodes[-1]) for p in row.paths] == reported.tolist()
         ends = []
         for p in row.paths:
             ids = table_path(p.actions)
@@ -97,11 +99,7 @@ def check_consistent(tables: S.Table, tree, traces, max_depth: int = S.DEPTH):
             np.testing.assert_array_equal(p.tokens, [*S.PROMPT, *(S.STEP_TOKEN + np.array(ids, int))])
             np.testing.assert_array_equal(p.step_ends, len(S.PROMPT) + 1 + np.arange(p.depth))
             np.testing.assert_array_equal(p.terminal, [False, *table.terminal[ids]])
-            parents, actions = p.nodes[:-1], p.actions
-            q = tree.children_rewards[b, parents, actions] + tree.children_discounts[b, parents, actions] * (
-                tree.children_values[b, parents, actions]
-            )
-            np.testing.assert_allclose(p.qvalues, q)
+            np.testing.assert_allclose(p.qvalues, q[b, p.nodes[:-1], p.actions])
             np.testing.assert_array_equal(p.visits, tree.node_visits[b, p.nodes])
         assert len(set(ends)) == len(ends), f"row {b}: a table node reported twice"
         for best in (row.best_by_visits, row.best_by_value):
