@@ -7,6 +7,7 @@ problem and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.run(args)
     except (FileNotFoundError, ValueError) as e:

@@ -38,6 +38,8 @@ def detect(environ: dict[str, str] | None = None) -> str | None:
     mode = env.get("JAXREASON_DISTRIBUTED", "").strip().lower()
     if mode in ("off", "0", "false", "none"):
         return None
+    if mode not in ("", "auto"):
+        raise ValueError(f"JAXREASON_DISTRIBUTED={mode!r}: expected 'auto' or 'off'")
     if any(env.get(k) for k in ("JAXREASON_COORDINATOR", "JAXREASON_NUM_PROCESSES", "JAXREASON_PROCESS_ID")):
         return "explicit"
     if mode == "auto":

@@ -6,10 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.config import to_dict
+from jaxreason.distributed import is_main_process
 from jaxreason.data.sft_data import SFTDataset, read_jsonl
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
@@ -54,8 +56,10 @@ def run_sft(config: SFTConfig) -> LoopResult:
             f"batch_size {config.batch_size} is not a multiple of mesh data x fsdp x grad_accum_steps = {rows}"
         )
     run_dir = Path(config.run_dir)
+    main_process = is_main_process()  # in a multi-host job one process writes the run folder's files
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    if main_process:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     model, tokenizer = build_model(config.model, config.seed)
     if tokenizer is None:
         raise ValueError(f"{config.model.pretrained}: no tokenizer beside the weights")
@@ -67,7 +71,7 @@ def run_sft(config: SFTConfig) -> LoopResult:
         run_dir / "checkpoints", save_every=config.checkpoint.every, keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
     )
-    logger = MetricsLogger(run_dir, "sft")
+    logger = MetricsLogger(run_dir, "sft") if main_process else None
     try:
         result = run_training(
             step, state, lambda position: dataset.batches(config.batch_size, config.seed, position),
@@ -76,9 +80,13 @@ def run_sft(config: SFTConfig) -> LoopResult:
         )
     finally:
         checkpointer.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     if config.save_model and not result.interrupted:
-        trained = nnx.merge(graphdef, result.state.trainable, result.state.frozen)
-        save_pretrained(trained, tokenizer, run_dir / "model")
+        # Parameters may be split across hosts: gather them everywhere, then one process writes.
+        gather = jax.jit(lambda tree: tree, out_shardings=sharding.replicated(mesh))
+        trained = nnx.merge(graphdef, gather(result.state.trainable), gather(result.state.frozen))
+        if main_process:
+            save_pretrained(trained, tokenizer, run_dir / "model")
     return result
 
