@@ -6,35 +6,17 @@ resumed run continues at exactly the batch it would have seen.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jaxreason.data.jsonl import iter_records
+
 
 def read_jsonl(path: str | Path, fields: Sequence[str]) -> list[dict]:
     """Records of a JSONL file, each with string `fields`; errors name the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file does not exist: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            for field in fields:
-                if field not in record:
-                    raise ValueError(f"{path}:{number}: missing field {field!r}")
-                if not isinstance(record[field], str):
-                    raise ValueError(f"{path}:{number}: field {field!r} must be a string")
-            records.append(record)
+    records = [record for _, record in iter_records(path, tuple(fields))]
     if not records:
         raise ValueError(f"{path}: no records")
     return records

@@ -9,45 +9,23 @@ A problem's id is "<file name>:<line number>". Any malformed line is a ValueErro
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from jaxreason.data.jsonl import iter_records
 from jaxreason.tasks.base import Problem, Task, register_task
 from jaxreason.tasks.math_answers import last_boxed, normalize_answer
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
-def _records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line, each record an object with string `fields`."""
-    if not path.exists():
-        raise FileNotFoundError(f"data file does not exist: {path}")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            for name in fields:
-                if name not in record:
-                    raise ValueError(f"{path}:{number}: missing field {name!r}")
-                if not isinstance(record[name], str):
-                    raise ValueError(f"{path}:{number}: field {name!r} must be a string")
-            yield number, record
-
-
 def load_gsm8k(path: str | Path) -> list[Problem]:
     """The problems of a GSM8K-format JSONL file."""
     path = Path(path)
     problems = []
-    for number, record in _records(path, ("question", "answer")):
+    for number, record in iter_records(path, ("question", "answer")):
         rationale, hashes, final = record["answer"].rpartition("####")
         final = normalize_answer(final)
         if not hashes or not final:
@@ -62,7 +40,7 @@ def load_math(path: str | Path) -> list[Problem]:
     """The problems of a MATH-format JSONL file."""
     path = Path(path)
     problems = []
-    for number, record in _records(path, ("problem", "solution")):
+    for number, record in iter_records(path, ("problem", "solution")):
         answer = last_boxed(record["solution"])
         if not answer:
             raise ValueError(f"{path}:{number}: the solution has no \\boxed{{...}} answer")
