@@ -74,6 +74,12 @@ class StepSearch:
         self.space = action_space
         self.spec = spec
         self.tables = tables
+        for action, template in zip(action_space.types, tables.templates):
+            if template.shape[0] >= spec.max_step_tokens:
+                raise ValueError(
+                    f"action type {action.name!r}: its template is {template.shape[0]} tokens, which leaves no room "
+                    f"in max_step_tokens={spec.max_step_tokens}"
+                )
         self.slot_types = jnp.asarray(action_space.slot_types())
         self.validity = jnp.asarray(action_space.validity())
 

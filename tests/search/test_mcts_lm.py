@@ -1,0 +1,118 @@
+"""MCTS driven by a real (tiny, random) policy and PRM: multi-action expansion, terminals, token budget."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreason.models import CausalLM, ModelConfig, ValueModel
+from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.search.actions import ROOT, ActionSpace, ActionType
+from jaxreason.search.mcts import MCTSConfig, mcts
+from jaxreason.search.selection import INVALID_LOGIT
+from jaxreason.tasks import get_task
+
+TOKENIZER = build_char_tokenizer()
+CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, eos_token_id=TOKENIZER.eos_token_id,
+                     pad_token_id=TOKENIZER.pad_token_id)
+TASK = get_task("arith")
+PROBLEMS = TASK.problems("test", n=3, seed=0)
+SEARCH = MCTSConfig(rule="rest_mcts", num_simulations=8, num_candidates=3, max_depth=3, max_step_tokens=16,
+                    temperature=1.0)
+# Two action types with an ordering constraint: the root may only take a step; after a step, either another
+# step or the final answer (whose template starts the answer line); nothing follows an answer.
+TWO_TYPES = ActionSpace(
+    types=(ActionType("step", num_samples=2), ActionType("answer", num_samples=1, template="The answer is ",
+                                                         until_step_end=False)),
+    allowed_after=((ROOT, ("step",)), ("step", ("step", "answer"))),
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    policy = CausalLM(CONFIG, rngs=nnx.Rngs(0))
+    prm = ValueModel(CONFIG, rngs=nnx.Rngs(1))
+    prm.head[...] = jax.random.normal(jax.random.key(2), prm.head[...].shape)
+    return policy, prm
+
+
+def _visited_nodes(traces):
+    return [p for t in traces for p in t.paths]
+
+
+def test_single_step_search_runs_and_counts_tokens(models):
+    policy, prm = models
+    result, traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(0))
+    assert len(result.completions) == len(PROBLEMS) and len(traces) == len(PROBLEMS)
+    assert np.all(result.generated_tokens > 0)
+    for t in traces:
+        assert len(t.paths) >= 2  # the root and at least one expansion
+        for path in t.paths:
+            assert np.all(np.diff(path.step_ends) > 0)
+            assert not np.any(path.terminal[:-1])  # no node below a terminal one is reported
+            assert path.depth <= SEARCH.max_depth
+    again, _ = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(0))
+    assert again.completions == result.completions
+
+
+def test_token_budget_counts_each_sampled_candidate_once(models):
+    policy, prm = models
+    _, traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(1))
+    result, _ = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(1))
+    for t, tokens in zip(traces, result.generated_tokens):
+        # Every non-terminal reported node sampled K candidates of at most max_step_tokens each.
+        open_nodes = sum(1 for p in t.paths if not p.terminal[-1])
+        assert 0 < tokens <= open_nodes * SEARCH.num_candidates * SEARCH.max_step_tokens
+
+
+def test_two_action_types_respect_the_ordering_constraint(models):
+    policy, prm = models
+    config = MCTSConfig(rule="rest_mcts", num_simulations=10, num_candidates=3, max_depth=3, max_step_tokens=24,
+                        temperature=1.0)
+    result, traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, config, jax.random.key(3), action_space=TWO_TYPES)
+    answer_slot = 2  # slots: step, step, answer
+    template = TOKENIZER.encode("The answer is ", add_special_tokens=False)
+    saw_answer = False
+    for t in traces:
+        for path in t.paths:
+            if path.depth:
+                assert path.actions[0] != answer_slot  # never an answer straight from the root
+            for i, action in enumerate(path.actions):
+                if action == answer_slot:
+                    saw_answer = True
+                    start = path.step_ends[i - 1]
+                    assert path.tokens[start : start + len(template)].tolist() == template
+                    assert path.terminal[i + 1]  # the answer line ends the solution
+    assert saw_answer
+
+
+def test_priors_mark_invalid_slots(models):
+    """At the root the answer slot is invalid; so is every slot of a terminal node."""
+    from jaxreason.search.expansion import ExpansionSpec, StepSearch, build_step_tables
+
+    policy, prm = models
+    spec = ExpansionSpec(max_len=96, max_step_tokens=24, max_depth=2, pad_id=0, eos_ids=(TOKENIZER.eos_token_id,))
+    tables = build_step_tables(TOKENIZER, TWO_TYPES, "\n", "The answer is", CONFIG.vocab_size)
+    policy_def, policy_state = nnx.split(policy)
+    prm_def, prm_state = nnx.split(prm)
+    with pytest.raises(ValueError, match="template"):
+        StepSearch(policy_def, prm_def, TWO_TYPES, ExpansionSpec(max_len=96, max_step_tokens=12, max_depth=2), tables)
+    search = StepSearch(policy_def, prm_def, TWO_TYPES, spec, tables)
+    ids = TOKENIZER.encode("Q: 1 + 2?\n", add_special_tokens=False)
+    tokens = np.zeros((1, 96), np.int32)
+    tokens[0, : len(ids)] = ids
+    root = search.root_fn((policy_state, prm_state), jax.random.key(0), tokens, np.asarray([len(ids)], np.int32))
+    priors = np.asarray(root.prior_logits[0])
+    assert priors[2] == INVALID_LOGIT and np.all(priors[:2] > INVALID_LOGIT / 2)
+    out, child = search.recurrent_fn((policy_state, prm_state), jax.random.key(1), np.asarray([0]), root.embedding)
+    assert int(child.depth[0]) == 1
+    out2, grandchild = search.recurrent_fn((policy_state, prm_state), jax.random.key(2), np.asarray([0]), child)
+    assert bool(grandchild.terminal[0])  # max_depth 2 reached
+    assert float(out2.discount[0]) == 0 and float(out2.reward[0]) == float(grandchild.terminal_value[0])
+    assert np.all(np.asarray(out2.prior_logits) == INVALID_LOGIT)
+    assert int(grandchild.generated_tokens[0]) == 0  # nothing is sampled for a terminal node
+    # Below a terminal node: the same node, the same score, nothing sampled.
+    out3, below = search.recurrent_fn((policy_state, prm_state), jax.random.key(3), np.asarray([0]), grandchild)
+    np.testing.assert_array_equal(np.asarray(below.tokens), np.asarray(grandchild.tokens))
+    assert float(out3.reward[0]) == float(grandchild.terminal_value[0]) and float(out3.discount[0]) == 0
