@@ -109,9 +109,9 @@ class Attention(nnx.Module):
         inv_freq: Float[Array, "D/2"],
         query_slots: Int[Array, "T"],
         key_mask: Bool[Array, "B S"],
-        cache_kv: tuple[Float[Array, "B S K D"], Float[Array, "B S K D"]] | None,
+        cache_kv: tuple[Float[Array, "L B S K D"], Float[Array, "L B S K D"], Int[Array, ""]] | None,
         cache_index: Int[Array, ""] | None,
-    ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "B S K D"], Float[Array, "B S K D"]] | None]:
+    ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "L B S K D"], Float[Array, "L B S K D"]] | None]:
         cfg, dt = self.config, self.dtype
         q = jnp.einsum("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x, effective_kernel(self, "k").astype(dt))
@@ -123,9 +123,14 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache_kv is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[0], k.astype(cache_kv[0].dtype), cache_index, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache_kv[1], v.astype(cache_kv[1].dtype), cache_index, 1)
-            new_cache = (k_all, v_all)
+            # Write only the new tokens into the all-layer buffers, which the layer scan carries (and XLA
+            # updates in place); then read this layer's keys and values back.
+            k_cache, v_cache, layer = cache_kv
+            start = (layer, 0, cache_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+            k_all, v_all = k_cache[layer], v_cache[layer]
+            new_cache = (k_cache, v_cache)
         else:
             k_all, v_all, new_cache = k, v, None
         b, t, h, d = q.shape
@@ -222,23 +227,26 @@ class Transformer(nnx.Module):
         if cache is None:
             query_slots = jnp.arange(t)
             key_mask = attention_mask.astype(bool)
-            cache_index, xs = None, None
+            cache_index = None
         else:
             query_slots = cache.index + jnp.arange(t)
             key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
-            cache_index, xs = cache.index, (cache.k, cache.v)
+            cache_index = cache.index
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(h, inputs):
-            state, kv = inputs
+        def body(carry, inputs):
+            h, kv = carry
+            state, layer_index = inputs
             layer = nnx.merge(graphdef, state)
-            h, new_kv = layer(h, positions, inv_freq, query_slots, key_mask, kv, cache_index)
-            return h, new_kv
+            layer_cache = None if kv is None else (*kv, layer_index)
+            h, kv = layer(h, positions, inv_freq, query_slots, key_mask, layer_cache, cache_index)
+            return (h, kv), None
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, xs))
+        kv = None if cache is None else (cache.k, cache.v)
+        (x, new_kv), _ = jax.lax.scan(body, (x, kv), (layer_state, jnp.arange(self.config.num_layers)))
         x = self.norm(x)
         if cache is None:
             return x, None
