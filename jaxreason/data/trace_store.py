@@ -2,8 +2,9 @@
 
 A trace is one row: `problem_id`, `iteration`, the full token ids (prompt + solution), `prompt_len`, the
 reasoning steps as `step_ends` (index in `tokens` one past each step's last token) with one value target
-per step in `step_values`, a final `reward` and a `flags` bit field (`FLAG_*`). Ragged fields are stored
-flat, one array per field, and each row records where its slices end (the jagged-array layout):
+per step in `step_values` (NaN: no target for that step), a final `reward` and a `flags` bit field
+(`FLAG_*`). Ragged fields are stored flat, one array per field, and each row records where its slices end
+(the jagged-array layout):
 
     <store>/manifest.json         committed counts {num_rows, num_tokens, num_steps}: all a reader trusts
     <store>/writer.lock           flock-ed by the single writer
@@ -70,7 +71,10 @@ class TraceStoreLockedError(RuntimeError):
 
 @dataclasses.dataclass
 class Trace:
-    """One search or sampling trace. tokens: [T] int32; step_ends, step_values: [S] int32 / float32."""
+    """One search or sampling trace. tokens: [T] int32; step_ends, step_values: [S] int32 / float32.
+
+    A NaN step value means the step has no value target (it is masked out of the value loss).
+    """
 
     problem_id: int
     iteration: int
@@ -313,7 +317,8 @@ def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[s
     Returns tokens [B, max_len] int32 (pad_id past the end), attention_mask [B, max_len] int32 (1 on real
     tokens), loss_mask [B, max_len] int32 (1 on real non-prompt tokens, the SFT targets), value_targets
     [B, max_len] float32 (each step's value at its last token, step_ends - 1), value_mask [B, max_len]
-    int32 (1 there), reward [B] float32, problem_id [B] int64.
+    int32 (1 there, except for steps whose value is NaN: no target, mask 0 and target 0), reward [B] float32,
+    problem_id [B] int64.
     Traces longer than max_len are cut on the right: tokens past max_len are dropped, and so is every
     step that ends past max_len (its value target would sit on a dropped token).
     """
@@ -331,8 +336,9 @@ def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[s
         attention_mask[b, :length] = 1
         loss_mask[b, min(trace.prompt_len, length):length] = 1
         ends = np.asarray(trace.step_ends)
-        kept = ends <= max_len
-        value_targets[b, ends[kept] - 1] = np.asarray(trace.step_values)[kept]
+        values = np.asarray(trace.step_values, np.float32)
+        kept = (ends <= max_len) & ~np.isnan(values)
+        value_targets[b, ends[kept] - 1] = values[kept]
         value_mask[b, ends[kept] - 1] = 1
     return {
         "tokens": tokens,
@@ -381,8 +387,8 @@ def _validate(trace: Trace, k: int) -> Trace:
             fail("step_ends", f"must end after the prompt (> prompt_len={prompt_len}), got {step_ends[0]}")
         if step_ends[-1] > len(tokens):
             fail("step_ends", f"must be <= len(tokens)={len(tokens)}, got {step_ends[-1]}")
-    if not np.isfinite(step_values).all():
-        fail("step_values", "must be finite")
+    if np.isinf(step_values).any():
+        fail("step_values", "must be finite or NaN (no target)")
     if not np.isfinite(trace.reward):
         fail("reward", f"must be finite, got {trace.reward}")
     int64 = np.iinfo(np.int64)

@@ -133,6 +133,17 @@ def test_padded_batch_hand_checked(tmp_path):
         pad_traces(_small_traces(), max_len=0)
 
 
+def test_nan_step_value_means_no_target(tmp_path):
+    long, short = _small_traces()
+    long.step_values = np.array([np.nan, 1.0], np.float32)
+    store = TraceStore.create(tmp_path / "s")
+    store.append([long, short])
+    assert_same(TraceStore(tmp_path / "s").read([0, 1]), [long, short])  # NaN survives the round trip
+    batch = store.padded_batch([0, 1], max_len=6)
+    np.testing.assert_array_equal(batch["value_targets"], [[0, 0, 0, 0, 0, 1.0], [0, 0, 0.5, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["value_mask"], [[0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0]])
+
+
 @pytest.mark.parametrize("mesh_shape, axes, batch_axes", [
     ((8,), ("data",), "data"),
     ((2, 4), ("data", "fsdp"), ("data", "fsdp")),
@@ -169,7 +180,8 @@ def _bad(field, value):
     ("step_ends", np.array([4, 7]), "step_ends must be <= len"),
     ("step_ends", np.array([2, 4]), "step_ends must end after the prompt"),
     ("step_values", np.array([0.5]), "step_values has shape"),
-    ("step_values", np.array([0.5, np.nan]), "step_values must be finite"),
+    ("step_values", np.array([0.5, np.inf]), "step_values must be finite or NaN"),
+    ("step_values", np.array([-np.inf, 0.5]), "step_values must be finite or NaN"),
     ("prompt_len", 7, "prompt_len must be an integer in"),
     ("tokens", np.array([[1, 2]]), "tokens must be 1-D"),
     ("reward", float("inf"), "reward must be finite"),

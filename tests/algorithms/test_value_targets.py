@@ -1,0 +1,125 @@
+"""ReST-MCTS* value targets: hand-checked trees, and the traces of a real search on the synthetic table."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxreason.algorithms.value_targets import reasoning_distances, tree_value_traces, value_targets
+from jaxreason.data.trace_store import FLAG_CORRECT, FLAG_SEARCH
+from jaxreason.search.traces import extract_traces
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "search"))  # the synthetic table search of tests/search
+import synthetic as S  # noqa: E402
+
+KEY = jax.random.key(0)
+
+
+def test_paper_four_step_chain():
+    parent = np.array([-1, 0, 1, 2, 3])
+    correct = np.array([0, 0, 0, 0, 1], bool)
+    np.testing.assert_array_equal(reasoning_distances(parent, correct), [5, 4, 3, 2, 1])
+    values = value_targets(parent, correct)
+    assert values.dtype == np.float32
+    np.testing.assert_allclose(values, [0, 0.25, 0.5, 0.75, 1.0], atol=1e-6)
+
+
+def test_branching_tree_hand_checked():
+    """0 -> 1 -> 2 -> 3 (correct leaf); off path: 2 -> 4 -> 5 -> 6 and 1 -> 7 (an incorrect leaf).
+
+    d: 3: 1, 2: 2, 1: 3, 0: 4; 4, 5, 6 inherit 2's d = 2; 7 inherits 1's d = 3.
+    On the path: v1 = 0 + 1/3 = 1/3; v2 = 1/3 + (2/3)/2 = 2/3; v3 = 2/3 + (1/3)/1 = 1.
+    Off it: v4 = 2/3 - (1/3)/2 = 1/2; v5 = 1/2 - (1/2)/2 = 1/4; v6 = max(1/4 - (3/4)/2, 0) = 0;
+    v7 = 1/3 - (2/3)/3 = 1/9.
+    """
+    parent = np.array([-1, 0, 1, 2, 2, 4, 5, 1])
+    correct = np.zeros(8, bool)
+    correct[3] = True
+    np.testing.assert_array_equal(reasoning_distances(parent, correct), [4, 3, 2, 1, 2, 2, 2, 3])
+    np.testing.assert_allclose(value_targets(parent, correct), [0, 1 / 3, 2 / 3, 1, 1 / 2, 1 / 4, 0, 1 / 9],
+                               atol=1e-6)
+
+
+def test_two_correct_leaves_take_the_nearer():
+    """0 -> 1 -> 2 -> 3 (correct) and 1 -> 4 (correct): 1 has d = min(2, 1) + 1 = 2, the root 3.
+    v1 = 1/2; v4 = 1/2 + (1/2)/1 = 1; v2 = 1/2 + (1/2)/2 = 3/4; v3 = 3/4 + 1/4 = 1."""
+    parent = np.array([-1, 0, 1, 2, 1])
+    correct = np.array([0, 0, 0, 1, 1], bool)
+    np.testing.assert_array_equal(reasoning_distances(parent, correct), [3, 2, 2, 1, 1])
+    np.testing.assert_allclose(value_targets(parent, correct), [0, 1 / 2, 3 / 4, 1, 1], atol=1e-6)
+
+
+def test_no_correct_leaf_and_bad_parents():
+    parent = np.array([-1, 0, 0, 1])
+    assert value_targets(parent, np.zeros(4, bool)) is None
+    assert reasoning_distances(parent, np.zeros(4, bool)) is None
+    for bad in ([0, 0], [-1, 1], [-1, 0, 3, 0], [-1, -1]):
+        with pytest.raises(ValueError, match="parent"):
+            value_targets(np.array(bad), np.ones(len(bad), bool))
+
+
+@pytest.fixture(scope="module")
+def hand_tree():
+    """The hand-checked tree of tests/search/test_traces.py. Reported nodes (table node in brackets):
+    0 root -> 1 [t1] (a leaf, not terminal), 2 [t2]; 2 -> 3 [t8] (terminal), 4 [t7], 5 [t9];
+    4 -> 6 [t23], 7 [t24] (terminal); 5 -> 8 [t28] (terminal). Node 9 is a copy below 8, not reported."""
+    (row,) = extract_traces(S.searcher("rest_mcts", 9)(S.stack([S.fixed_table()]), KEY, 0.0))
+    return row
+
+
+def ends_at(*table_nodes):
+    return lambda path: int(path.tokens[-1]) - S.STEP_TOKEN in table_nodes
+
+
+def test_tree_value_traces_hand_checked(hand_tree):
+    """Correct: t8 (node 3) and t28 (node 8). d: 3, 8: 1; 5: 2; 2: min(1, 2) + 1 = 2; 0: 3; 1 inherits 3,
+    4, 6, 7 inherit 2. On a path: v2 = 1/2, v3 = 1/2 + 1/2 = 1, v5 = 1/2 + (1/2)/2 = 3/4, v8 = 1.
+    Off: v1 = max(-1/3, 0) = 0; v4 = 1/2 - (1/2)/2 = 1/4; v6 = v7 = max(1/4 - (3/4)/2, 0) = 0."""
+    asked = []
+
+    def is_correct(path):
+        asked.append(int(path.nodes[-1]))
+        return ends_at(8, 28)(path)
+
+    traces = tree_value_traces(hand_tree, is_correct, problem_id=5, iteration=2)
+    assert asked == [3, 6, 7, 8]  # terminal paths only
+    leaves = [1, 3, 6, 7, 8]
+    assert len(traces) == len(leaves)
+    nan = np.nan
+    want = [[0], [1 / 2, 1], [nan, 1 / 4, 0], [nan, nan, 0], [nan, 3 / 4, 1]]
+    for trace, leaf, values in zip(traces, leaves, want, strict=True):
+        path = hand_tree.paths[leaf]
+        np.testing.assert_array_equal(trace.tokens, path.tokens)
+        np.testing.assert_array_equal(trace.step_ends, path.step_ends)
+        assert trace.prompt_len == path.prompt_len and (trace.problem_id, trace.iteration) == (5, 2)
+        np.testing.assert_allclose(trace.step_values, values, atol=1e-6)
+        assert trace.step_values.dtype == np.float32
+        correct = leaf in (3, 8)
+        assert trace.reward == float(correct)
+        assert trace.flags == FLAG_SEARCH | (FLAG_CORRECT if correct else 0)
+    assert tree_value_traces(hand_tree, ends_at(16, 17), 5, 2) == []  # t16, t17 were never reached
+
+
+def test_tree_value_traces_each_target_once():
+    """A larger search, where copies below terminal nodes leave gaps in the reported node indices: every
+    reported node but the root gets its target in exactly one trace, and each correct leaf's is 1."""
+    (row,) = extract_traces(S.searcher("rest_mcts", 40)(S.stack([S.random_table(1)]), KEY, 1.0))
+    reported = [int(p.nodes[-1]) for p in row.paths]
+    assert reported != list(range(len(reported)))  # sparse indices were exercised
+    threshold = np.median([p.terminal_value for p in row.terminals])
+    is_correct = lambda p: p.terminal_value >= threshold  # noqa: E731
+    traces = tree_value_traces(row, is_correct, 0, 0)
+    by_node = {int(p.nodes[-1]): p for p in row.paths}
+    given = {}
+    for trace in traces:
+        leaf = next(p for p in row.paths if np.array_equal(p.tokens, trace.tokens))
+        for node, value in zip(leaf.nodes[1:], trace.step_values, strict=True):
+            if not np.isnan(value):
+                assert int(node) not in given
+                given[int(node)] = value
+        if trace.flags & FLAG_CORRECT:
+            assert by_node[int(leaf.nodes[-1])].terminal[-1] and trace.step_values[-1] == 1.0
+    assert sorted(given) == reported[1:]
+    assert sum(t.reward for t in traces) == sum(is_correct(p) for p in row.terminals) > 1
