@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m jaxreason {generate,sft,search} ...`.
+"""Command-line entry point: `python -m jaxreason {generate,sft,search,train} ...`.
 
 Errors a user can fix (a missing file, an unknown preset, a bad checkpoint) print one line naming the
 problem and exit with status 2, never a traceback.
@@ -61,6 +61,25 @@ def _search(args: argparse.Namespace) -> None:
     run_search_command(load_config(SearchCommandConfig, args.config, args.overrides))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from jaxreason import distributed
+
+    distributed.initialize()
+    from jaxreason.algorithms.rest_mcts import RestMCTSConfig, RunInterrupted, run_rest_mcts
+    from jaxreason.config import load_config
+
+    config = load_config(RestMCTSConfig, args.config, args.overrides)
+    try:
+        metrics = run_rest_mcts(config, resume=args.resume)
+    except RunInterrupted as e:
+        print(f"jaxreason train: {e}; continue with --resume", file=sys.stderr)
+        sys.exit(143)
+    last = metrics["iterations"][-1]
+    summary = ", ".join(f"{m} {row['accuracy']:.3f}" for m, row in last["rest_mcts"].items())
+    print(f"rest_mcts: iteration {last['iteration']} held-out accuracy: {summary}")
+    print(f"report: {config.run_dir}/report.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxreason", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--config", required=True, help="YAML file (configs/search/*.yaml)")
     search.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     search.set_defaults(run=_search)
+
+    train = commands.add_parser("train", help="ReST-MCTS* self-training of a policy and its PRM")
+    train.add_argument("--config", required=True, help="YAML file (configs/rest_mcts/*.yaml)")
+    train.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last stage")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides (run_dir=PATH, seed=1, ...)")
+    train.set_defaults(run=_train)
     return parser
 
 

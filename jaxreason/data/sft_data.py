@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.jsonl import iter_records
 
 
@@ -55,12 +56,4 @@ class SFTDataset:
 
     def batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Batch number `start`, `start + 1`, ... of the endless epoch-by-epoch shuffled stream."""
-        per_epoch = max(len(self) // batch_size, 1)
-        position = start
-        while True:
-            epoch, offset = divmod(position, per_epoch)
-            order = np.random.default_rng([seed, epoch]).permutation(len(self))
-            if len(order) < batch_size:  # tiny data sets: repeat within the epoch
-                order = np.resize(order, batch_size)
-            yield self.batch(order[offset * batch_size : (offset + 1) * batch_size])
-            position += 1
+        return shuffled_batches(self.batch, len(self), batch_size, seed)(start)

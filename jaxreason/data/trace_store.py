@@ -46,6 +46,7 @@ import tensorstore as ts
 FLAG_CORRECT = 1 << 0  # the final answer is correct
 FLAG_SEARCH = 1 << 1  # produced by tree search
 FLAG_BASELINE = 1 << 2  # produced by baseline sampling
+FLAG_ROLLOUT = 1 << 3  # a sampled solution whose step values come from rollouts (PRM warm-up)
 
 FORMAT = "jaxreason.trace_store"
 VERSION = 1

@@ -51,3 +51,14 @@ def decode_completions(tokenizer, output: GenerateOutput, skip_special_tokens: b
     tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
     return [tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=skip_special_tokens)
             for i in range(len(lengths))]
+
+
+def prompt_ids(tokenizer, text: str, *, chat: bool = False) -> list[int]:
+    """The ids a solution is appended to: `text` as is, or wrapped as a user turn by the chat template.
+
+    No special tokens are added, so the ids of prompt + solution are the ids of the concatenated texts.
+    """
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,59 @@
+"""ReST-EM's E-step (Singh et al., 2023): sample solutions per problem, keep the correct ones for SFT.
+
+Sampling runs in rounds of `samples_per_round` solutions per problem until a budget of generated tokens is
+spent, so ReST-EM can be given exactly what a ReST-MCTS* search spent on the same problems.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, Trace
+from jaxreason.models.llama import CausalLM
+from jaxreason.sampling.continuations import sample_continuations
+from jaxreason.sampling.generate import SamplingConfig
+from jaxreason.sampling.prompts import pad_token_id, prompt_ids
+from jaxreason.tasks.base import Problem, Task
+
+
+def sample_solutions(
+    policy: CausalLM,
+    tokenizer,
+    task: Task,
+    problems: Sequence[Problem],
+    problem_ids: Sequence[int],
+    *,
+    token_budget: int,
+    samples_per_round: int,
+    sampling: SamplingConfig,
+    key: jax.Array,
+    iteration: int,
+    chat: bool = False,
+) -> tuple[list[Trace], int]:
+    """Sampled solutions (at least one round, then rounds until `token_budget` generated tokens are spent)
+    as traces flagged FLAG_BASELINE (and FLAG_CORRECT when right); and the tokens generated."""
+    eos_ids = tuple(sorted({*policy.config.eos_token_ids, tokenizer.eos_token_id} - {None}))
+    prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
+    traces: list[Trace] = []
+    generated, round_ = 0, 0
+    while round_ == 0 or generated < token_budget:
+        rows = [b for b in range(len(problems)) for _ in range(samples_per_round)]
+        outs = sample_continuations(policy, [prompts[b] for b in rows], jax.random.fold_in(key, round_), sampling,
+                                    eos_ids=eos_ids, pad_id=pad_token_id(tokenizer),
+                                    description=f"rest-em round {round_ + 1}")
+        for b, new in zip(rows, outs):
+            generated += len(new)
+            correct = task.is_correct(problems[b], tokenizer.decode(new.tolist(), skip_special_tokens=True))
+            traces.append(Trace(
+                problem_id=int(problem_ids[b]), iteration=iteration,
+                tokens=np.concatenate([np.asarray(prompts[b], np.int32), new]).astype(np.int32),
+                prompt_len=len(prompts[b]), step_ends=np.zeros(0, np.int32), step_values=np.zeros(0, np.float32),
+                reward=float(correct), flags=FLAG_BASELINE | (FLAG_CORRECT if correct else 0),
+            ))
+        round_ += 1
+        if not any(len(new) for new in outs):  # nothing drawn: more rounds cannot spend the budget
+            break
+    return traces, generated

@@ -1,0 +1,78 @@
+"""Train a model in place on a batch stream: the sharded step, orbax checkpoints and metrics in one call.
+
+The outer loops in `jaxreason.algorithms` train several models in sequence (policy SFT, PRM regression);
+each call gets its own checkpoint folder, so a stopped run resumes inside the stage that was running, and a
+stage that already finished restores its final state instead of training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxreason.distributed import is_main_process
+from jaxreason.train.checkpoint import Checkpointer
+from jaxreason.train.loop import LoopResult, run_training
+from jaxreason.train.metrics import MetricsLogger
+from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
+from jaxreason.train.step import Objective, init_train_state, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """One training stage: steps, batch and optimizer (its schedule spans `num_steps`)."""
+
+    num_steps: int = 100
+    batch_size: int = 16
+    max_len: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    checkpoint_every: int = 0  # 0: save at the end (and on SIGTERM) only
+
+    def __post_init__(self):
+        for name in ("num_steps", "batch_size", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def optimizer(self) -> OptimizerConfig:
+        return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.num_steps),
+                               total_steps=self.num_steps, weight_decay=self.weight_decay)
+
+
+def fit(
+    model: nnx.Module,
+    objective: Objective,
+    batches: Callable[[int], Iterator[dict[str, np.ndarray]]],
+    config: FitConfig,
+    *,
+    mesh: Mesh,
+    directory: str | Path,
+    seed: int,
+    description: str,
+) -> LoopResult:
+    """Trains `model` (updated in place) for `config.num_steps` on `batches(position)`.
+
+    Checkpoints go to `directory/checkpoints`, metrics to `directory/<description>_metrics.jsonl`. When the
+    folder already holds the final checkpoint, the model gets that state and no step runs.
+    """
+    directory = Path(directory)
+    optimizer = make_optimizer(config.optimizer())
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, objective, optimizer, shardings, mesh)
+    checkpointer = Checkpointer(directory / "checkpoints", save_every=config.checkpoint_every, keep=1)
+    logger = MetricsLogger(directory, description) if is_main_process() else None
+    try:
+        result = run_training(step, state, batches, num_steps=config.num_steps, seed=seed,
+                              checkpointer=checkpointer, logger=logger, description=description)
+    finally:
+        checkpointer.close()
+        if logger is not None:
+            logger.close()
+    nnx.update(model, result.state.trainable, result.state.frozen)
+    return result

@@ -1,0 +1,109 @@
+"""A shortened ReST-MCTS* run end to end on a tiny scratch model, an interrupted run resumed, and the errors.
+
+The shapes are tiny and every run in this file uses the same ones, so the programs compile once.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxreason.algorithms import rest_mcts
+from jaxreason.algorithms.rest_mcts import RestMCTSConfig, run_rest_mcts
+from jaxreason.cli import main
+from jaxreason.config import load_config
+from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, TraceStore
+
+CONFIG = "configs/rest_mcts/arith_tiny.yaml"
+SHORT = [
+    "policy.scratch.hidden_size=32", "policy.scratch.intermediate_size=64", "policy.scratch.num_layers=2",
+    "policy.scratch.head_dim=8", "problems.gold=16", "problems.warmup=8", "problems.train=8", "problems.test=8",
+    "iterations=2", "sft.num_steps=30", "sft.batch_size=8", "sft.max_len=64", "sft.learning_rate=0.01",
+    "warmup.num_rollouts=2", "warmup.max_new_tokens=32",
+    "prm_train.num_steps=4", "prm_train.batch_size=8", "prm_train.max_len=64",
+    "policy_train.num_steps=4", "policy_train.batch_size=8", "policy_train.max_len=64",
+    "search.num_simulations=4", "search.num_candidates=2", "search.max_depth=3", "search.max_step_tokens=12",
+    "rest_em.max_new_tokens=32", "evaluation.methods=[greedy,self_consistency,mcts]",
+    "evaluation.baseline.num_samples=2", "evaluation.baseline.max_new_tokens=32",
+]
+STAGES = ["sft", "warmup_data", "prm_0", "eval_0"] + [
+    f"{s}_{t}" for t in (1, 2) for s in ("search", "prm", "policy", "rest_em_sample", "rest_em_policy", "eval")]
+
+
+def _config(run_dir, *extra) -> RestMCTSConfig:
+    return load_config(RestMCTSConfig, CONFIG, [*SHORT, f"run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One whole shortened run through the CLI: its folder and what it printed."""
+    run_dir = tmp_path_factory.mktemp("rest_mcts") / "run"
+    main(["train", "--config", CONFIG, *SHORT, f"run_dir={run_dir}"])
+    return run_dir
+
+
+def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
+    stages = json.loads((finished / "stages.json").read_text())
+    assert list(stages) == STAGES
+    metrics = json.loads((finished / "metrics.json").read_text())
+    its = metrics["iterations"]
+    assert [it["iteration"] for it in its] == [0, 1, 2]
+    for it in its:
+        assert set(it["rest_mcts"]) == {"greedy", "self_consistency", "mcts"}
+        assert set(it["rest_em"]) == {"greedy", "self_consistency"}
+        for row in it["rest_mcts"].values():
+            assert 0 <= row["accuracy"] <= 1 and row["tokens_per_problem"] > 0
+    for t in (1, 2):  # ReST-EM spends at least the search's budget, at most one more sampling round
+        search, em = stages[f"search_{t}"], stages[f"rest_em_sample_{t}"]
+        assert em["generated_tokens"] >= search["generated_tokens"]
+        assert em["samples"] % (8 * 2) == 0
+
+    report = (finished / "report.md").read_text()
+    assert "| iteration |" in report and "ReST-EM" in report and "points" in report
+    for png in ("accuracy_per_iteration.png", "accuracy_vs_tokens.png"):
+        assert (finished / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("sft", "prm_0", "policy_1", "prm_2"):
+        assert any((finished / name / "checkpoints").iterdir()), name
+
+    with TraceStore(finished / "traces") as store:
+        rollouts = store.read(store.select(iteration=0, flags_all=FLAG_ROLLOUT))
+        assert len(rollouts) == stages["warmup_data"]["traces"] > 0
+        for t in (1, 2):
+            search = store.read(store.select(iteration=t, flags_all=FLAG_SEARCH))
+            assert len(search) == stages[f"search_{t}"]["value_traces"]
+            assert sum(bool(s.flags & FLAG_CORRECT) for s in search) == stages[f"search_{t}"]["correct_traces"]
+            for s in search:  # value targets in [0, 1], NaN where an earlier trace carried the node
+                v = s.step_values[np.isfinite(s.step_values)]
+                assert ((v >= 0) & (v <= 1)).all()
+            assert len(store.select(iteration=t, flags_all=FLAG_BASELINE)) == stages[f"rest_em_sample_{t}"]["samples"]
+
+
+def test_existing_run_needs_resume(finished):
+    with pytest.raises(ValueError, match="--resume"):
+        run_rest_mcts(_config(finished))
+    with pytest.raises(ValueError, match="different config"):
+        run_rest_mcts(_config(finished, "seed=5"), resume=True)
+
+
+def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypatch):
+    """Killed after the second search committed its traces but before it was logged, then resumed: the
+    resumed run re-uses every finished stage, appends nothing twice and ends with the same metrics."""
+    run_dir = tmp_path / "run"
+    original = rest_mcts.StageLog.run
+
+    def dies_after_search_2(self, name, fn):
+        if name == "search_2":
+            fn()
+            raise KeyboardInterrupt("killed")
+        return original(self, name, fn)
+
+    monkeypatch.setattr(rest_mcts.StageLog, "run", dies_after_search_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_rest_mcts(_config(run_dir))
+    monkeypatch.setattr(rest_mcts.StageLog, "run", original)
+    assert "search_2" not in json.loads((run_dir / "stages.json").read_text())
+
+    run_rest_mcts(_config(run_dir), resume=True)
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((finished / "metrics.json").read_text())
+    with TraceStore(run_dir / "traces") as a, TraceStore(finished / "traces") as b:
+        assert len(a) == len(b)
