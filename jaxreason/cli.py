@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m jaxreason {generate,sft,search,train} ...`.
+"""Command-line entry point: `python -m jaxreason {generate,sft,search,train,report} ...`.
 
 Errors a user can fix (a missing file, an unknown preset, a bad checkpoint) print one line naming the
 problem and exit with status 2, never a traceback.
@@ -80,6 +80,12 @@ def _train(args: argparse.Namespace) -> None:
     print(f"report: {config.run_dir}/report.md")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from jaxreason.algorithms.report import seed_summary
+
+    print(seed_summary(args.run_dirs), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxreason", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last stage")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides (run_dir=PATH, seed=1, ...)")
     train.set_defaults(run=_train)
+
+    report = commands.add_parser("report", help="held-out accuracy change over seeds, from several train runs")
+    report.add_argument("run_dirs", nargs="+", help="run folders of `train` (one per seed)")
+    report.set_defaults(run=_report)
     return parser
 
 

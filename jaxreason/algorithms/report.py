@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -119,3 +120,26 @@ def _plot_compute(rows: dict, path: Path, iteration: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def seed_summary(run_dirs: list[str | Path]) -> str:
+    """Markdown: per seed and as mean +- standard deviation over seeds, the held-out accuracy of policy_0 and
+    of the last iteration for each method, from each run folder's metrics.json."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no metrics (has the run evaluated anything?)")
+        seed = json.loads((Path(d) / "config.json").read_text())["seed"]
+        runs.append((seed, json.loads(path.read_text())["iterations"]))
+    rows = ["| method | " + " | ".join(f"seed {s}" for s, _ in runs) + " | mean change +- std |",
+            "| --- |" + " --- |" * (len(runs) + 1)]
+    for key, name in (("rest_mcts", "ReST-MCTS*"), ("rest_em", "ReST-EM")):
+        for m in runs[0][1][-1][key]:
+            first = np.array([its[0][key][m]["accuracy"] for _, its in runs])
+            last = np.array([its[-1][key][m]["accuracy"] for _, its in runs])
+            cells = " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(first, last))
+            change = 100 * (last - first)
+            spread = change.std(ddof=1) if len(runs) > 1 else 0.0
+            rows.append(f"| {name} {_LABELS.get(m, m)} | {cells} | {change.mean():+.1f} +- {spread:.1f} points |")
+    return "\n".join(rows) + "\n"

@@ -107,3 +107,13 @@ def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypa
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads((finished / "metrics.json").read_text())
     with TraceStore(run_dir / "traces") as a, TraceStore(finished / "traces") as b:
         assert len(a) == len(b)
+
+
+def test_report_command_summarises_seeds(finished, capsys):
+    main(["report", str(finished), str(finished)])
+    out = capsys.readouterr().out
+    assert out.startswith("| method | seed 0 | seed 0 | mean change +- std |")
+    assert "ReST-MCTS* greedy" in out and "ReST-EM self-consistency" in out and "+- 0.0 points" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(finished / "missing")])
+    assert exit_info.value.code == 2
