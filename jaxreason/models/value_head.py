@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxreason.models.config import ModelConfig
+from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import Transformer
 
 
@@ -43,8 +44,15 @@ class ValueModel(nnx.Module):
         tokens: Int[Array, "B T"],
         attention_mask: Int[Array, "B T"] | None = None,
         positions: Int[Array, "B T"] | None = None,
-    ) -> Float[Array, "B T"]:
-        hidden, _ = self.transformer(tokens, attention_mask, positions)
+        cache: KVCache | None = None,
+    ) -> Float[Array, "B T"] | tuple[Float[Array, "B T"], KVCache]:
+        """float32 value logits; with a cache (the tokens continue its rows), also the updated cache."""
+        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache)
+        logits = self.logits_from_hidden(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def logits_from_hidden(self, hidden: Float[Array, "... E"]) -> Float[Array, "..."]:
+        """The head alone, on hidden states of the backbone (e.g. the policy's, when the PRM shares it)."""
         logits = hidden.astype(jnp.float32) @ self.head[...].astype(jnp.float32)
         return logits + self.bias[...].astype(jnp.float32)
 

@@ -176,16 +176,37 @@ def sample(
       skip: [B] prompts to generate nothing for (their rows come back empty, with length 0).
     """
     batch, prompt_len = prompt_tokens.shape
+    cache = KVCache.init(model.config, batch, prompt_len + config.max_new_tokens, dtype=model.transformer.dtype)
+    hidden, cache = model.transformer(prompt_tokens, prompt_mask, cache=cache)
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # the vocabulary projection of the last token only
+    return sample_from_cache(model, logits, cache, row_keys, config, eos_ids=eos_ids, pad_id=pad_id,
+                             stop_table=stop_table, samples_per_prompt=samples_per_prompt, skip=skip)
+
+
+def sample_from_cache(
+    model: CausalLM,
+    logits: Float[Array, "B V"],
+    cache: KVCache,
+    row_keys: PRNGKeyArray,
+    config: SamplingConfig,
+    *,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    stop_table: StopTable | None = None,
+    samples_per_prompt: int = 1,
+    skip: Bool[Array, "B"] | None = None,
+) -> GenerateOutput:
+    """`sample` after the prefill: continues from each row's next-token `logits` and its filled `cache`.
+
+    The cache must have room for `config.max_new_tokens` more slots; it is repeated `samples_per_prompt` = K
+    times (rows prompt-major, as in `sample`).
+    """
+    batch = logits.shape[0]
     k = samples_per_prompt
     n = config.max_new_tokens
-    cache = KVCache.init(model.config, batch, prompt_len + n, dtype=model.transformer.dtype)
-    logits, cache = model(prompt_tokens, attention_mask=prompt_mask, cache=cache)
-    logits = logits[:, -1]
     if k > 1:
         logits = jnp.repeat(logits, k, axis=0)
-        cache = cache.replace(
-            k=jnp.repeat(cache.k, k, axis=1), v=jnp.repeat(cache.v, k, axis=1), mask=jnp.repeat(cache.mask, k, axis=0)
-        )
+        cache = cache.repeat_rows(k)
     rows = batch * k
     eos = jnp.asarray(eos_ids if eos_ids and not config.ignore_eos else (-1,), jnp.int32)
     sample_rows = jax.vmap(lambda lg, key: sample_logits(lg, key, config))

@@ -18,11 +18,12 @@ import mctx
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxreason.sampling.generate import SamplingConfig, sample
+from jaxreason.models.kv_cache import KVCache
+from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
 from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.node import NodeState
-from jaxreason.search.scoring import prefix_values, right_align
+from jaxreason.search.scoring import candidate_values, prefix_values, right_align
 from jaxreason.search.selection import INVALID_LOGIT
 
 
@@ -39,6 +40,7 @@ class ExpansionSpec:
     rollout_alpha: float = 0.5  # V <- (1 - alpha) V + alpha * max V along the roll
     pad_id: int = 0
     eos_ids: tuple[int, ...] = ()
+    prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
 
 
 @struct.dataclass
@@ -85,27 +87,62 @@ class StepSearch:
 
     # -- candidates ---------------------------------------------------------------------------------------
 
-    def _sample_candidates(self, policy, key, tokens, length, skip):
-        """K candidate steps after each partial solution; rows in `skip` (terminal nodes) get none.
+    def _widths(self) -> tuple[int, ...]:
+        """Prefix widths the search compiles for: 32, 64, 128, ... below max_len, and max_len itself."""
+        widths, w = [], 32
+        while w < self.spec.max_len:
+            widths.append(w)
+            w *= 2
+        return (*widths, self.spec.max_len)
 
-        Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], and the
-        number of generated tokens [B].
+    def _expand_nodes(self, policy, prm, key, tokens, length, skip, live):
+        """Candidates and PRM values of a batch of partial solutions (see `_expand_at_width`).
+
+        Only the rows in `live` need results. The program holds one copy of the expansion per prefix width
+        (`_widths`) and runs the narrowest that fits the longest live row, so short prefixes do not pay for
+        the search's full width.
+        """
+        widths = self._widths()
+        longest = jnp.max(jnp.where(live, length, 1))
+        index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
+        branches = [lambda w=w: self._expand_at_width(policy, prm, key, tokens, length, skip, w) for w in widths]
+        return jax.lax.switch(index, branches)
+
+    def _expand_at_width(self, policy, prm, key, tokens, length, skip, width: int):
+        """K candidate steps after each partial solution and the solution's PRM value.
+
+        Rows in `skip` (terminal nodes) get no candidates. The prefix (its last `width` tokens, left-padded)
+        is prefilled once; each action type's template is run on top of that cache and its samples continue
+        from there. When the PRM shares the policy's backbone, its value is read from the same prefill.
+
+        Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], the number of
+        generated tokens [B] and the value [B].
         """
         spec, b = self.spec, tokens.shape[0]
+        prefix, mask = right_align(tokens, length, spec.pad_id, width)
+        cache = KVCache.init(policy.config, b, width + spec.max_step_tokens, dtype=policy.transformer.dtype)
+        hidden, cache = policy.transformer(prefix, mask, cache=cache)
+        if spec.prm_shares_backbone:
+            value = jax.nn.sigmoid(prm.logits_from_hidden(hidden[:, -1]))
+        else:
+            value = prefix_values(prm, prefix, mask)
+        last_logits = policy.logits_from_hidden(hidden[:, -1:])[:, 0]
         groups = []
         for g, action in enumerate(self.space.types):
             template = jnp.asarray(self.tables.templates[g])
             t = template.shape[0]
-            # Append the template, then left-pad for the sampler.
-            prefix = jnp.pad(tokens, ((0, 0), (0, t)), constant_values=spec.pad_id)
-            prefix = jax.vmap(lambda row, n: jax.lax.dynamic_update_slice(row, template, (n,)))(prefix, length)
-            padded, mask = right_align(prefix, length + t, spec.pad_id)
+            if t:
+                logits, group_cache = policy(jnp.broadcast_to(template, (b, t)), cache=cache)
+                logits = logits[:, -1]
+            else:
+                logits, group_cache = last_logits, cache
             config = SamplingConfig(max_new_tokens=spec.max_step_tokens - t, temperature=spec.temperature,
                                     top_p=spec.top_p)
             keys = jax.random.split(jax.random.fold_in(key, g), b * action.num_samples)
-            out = sample(policy, padded, mask, keys, config, eos_ids=spec.eos_ids, pad_id=spec.pad_id,
-                         stop_table=self.tables.step_end if action.until_step_end else None,
-                         samples_per_prompt=action.num_samples, skip=skip)
+            out = sample_from_cache(policy, logits, group_cache, keys, config, eos_ids=spec.eos_ids,
+                                    pad_id=spec.pad_id,
+                                    stop_table=self.tables.step_end if action.until_step_end else None,
+                                    samples_per_prompt=action.num_samples, skip=skip)
             n = action.num_samples
             new = out.tokens.reshape(b, n, -1)
             cand = jnp.concatenate([jnp.broadcast_to(template, (b, n, t)), new], axis=-1)
@@ -118,7 +155,7 @@ class StepSearch:
         generated = sum(g[4] for g in groups)
         ends = ended_eos | self._contains_answer(cand)
         logp = jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp)
-        return cand, lens, logp, ends, generated
+        return cand, lens, logp, ends, generated, value
 
     def _contains_answer(self, cand: Int[Array, "B K S"]) -> Bool[Array, "B K"]:
         b, k, s = cand.shape
@@ -135,11 +172,13 @@ class StepSearch:
 
     # -- nodes ------------------------------------------------------------------------------------------
 
-    def _new_node(self, policy, prm, key, tokens, length, prompt_len, step_ends, depth, node_type, terminal):
-        """A NodeState with its candidates and PRM value; priors are invalid where the node is terminal."""
-        cand, cand_len, logp, ends, generated = self._sample_candidates(policy, key, tokens, length, terminal)
-        padded, mask = right_align(tokens, length, self.spec.pad_id)
-        value = prefix_values(prm, padded, mask)
+    def _new_node(self, policy, prm, key, tokens, length, prompt_len, step_ends, depth, node_type, terminal, live):
+        """A NodeState with its candidates and PRM value; priors are invalid where the node is terminal.
+
+        Rows outside `live` (copies below a terminal node, replaced by the caller) may get any result.
+        """
+        cand, cand_len, logp, ends, generated, value = self._expand_nodes(
+            policy, prm, key, tokens, length, terminal, live)
         valid = self.validity[node_type] & ~terminal[:, None]
         prior = jnp.where(valid, logp, INVALID_LOGIT)
         node = NodeState(
@@ -156,7 +195,7 @@ class StepSearch:
         node, prior, value = self._new_node(
             policy, prm, key, prompt_tokens, prompt_len, prompt_len,
             jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
-            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool),
+            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool), jnp.ones((b,), bool),
         )
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
@@ -177,7 +216,8 @@ class StepSearch:
         # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
         terminal = parent.candidate_ends[rows, action] | (depth >= spec.max_depth) | (step_len > room) | stay
         child, prior, value = self._new_node(
-            policy, prm, key, tokens, length, parent.prompt_len, step_ends, depth, self.slot_types[action], terminal
+            policy, prm, key, tokens, length, parent.prompt_len, step_ends, depth, self.slot_types[action], terminal,
+            ~stay,
         )
         if spec.rollout_steps:
             value = jnp.where(terminal, value, self._rolled_value(policy, prm, key, child, value))
@@ -201,18 +241,19 @@ class StepSearch:
         def roll(i, carry):
             tokens, length, cand, cand_len, ends, done, best = carry
             width = tokens.shape[1]
+            fits = jnp.minimum(cand_len, (width - length)[:, None])
             ext = jax.vmap(lambda t, n, c, m: jax.vmap(lambda cc, mm: _append(t, n, cc, mm))(c, m))(
-                tokens, length, cand, jnp.minimum(cand_len, (width - length)[:, None]))
-            ext_len = jnp.minimum(length[:, None] + cand_len, width)
-            padded, mask = right_align(ext.reshape(b * k, width), ext_len.reshape(b * k), spec.pad_id)
-            values = prefix_values(prm, padded, mask).reshape(b, k)
+                tokens, length, cand, fits)
+            ext_len = length[:, None] + fits
+            padded, mask = right_align(tokens, length, spec.pad_id)
+            values = candidate_values(prm, padded, mask, cand, fits)  # one prefix pass, K candidates on top
             pick = jnp.argmax(values, axis=1)
             rows = jnp.arange(b)
             best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
             tokens, length = ext[rows, pick], ext_len[rows, pick]
             done = done | ends[rows, pick]
-            cand, cand_len, _, ends, _ = self._sample_candidates(
-                policy, jax.random.fold_in(key, 1000 + i), tokens, length, done)
+            cand, cand_len, _, ends, _, _ = self._expand_nodes(
+                policy, prm, jax.random.fold_in(key, 1000 + i), tokens, length, done, ~done)
             return tokens, length, cand, cand_len, ends, done, best
 
         init = (node.tokens, node.length, node.candidates, node.candidate_len, node.candidate_ends,

@@ -75,6 +75,7 @@ def mcts(
         temperature=config.temperature, top_p=config.top_p, rollout_steps=config.rollout_steps,
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
+        prm_shares_backbone=prm.transformer is policy.transformer,
     )
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)

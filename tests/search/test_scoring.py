@@ -1,0 +1,103 @@
+"""The fast scoring paths of search against plain full-width PRM passes: cached candidates, a shared backbone,
+bucketed prefix widths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreason.models import CausalLM, ModelConfig, ValueModel
+from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models.kv_cache import KVCache
+from jaxreason.search.actions import ActionSpace
+from jaxreason.search.expansion import ExpansionSpec, StepSearch, build_step_tables
+from jaxreason.search.scoring import candidate_values, prefix_values, right_align
+
+TOKENIZER = build_char_tokenizer()
+CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, eos_token_id=TOKENIZER.eos_token_id,
+                     pad_token_id=TOKENIZER.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def models():
+    policy = CausalLM(CONFIG, rngs=nnx.Rngs(0))
+    shared = ValueModel(CONFIG, backbone=policy.transformer, rngs=nnx.Rngs(1))
+    shared.head[...] = jax.random.normal(jax.random.key(2), shared.head[...].shape)
+    shared.bias[...] = jnp.asarray(0.3)
+    return policy, shared
+
+
+def _rows(lengths, width, seed):
+    tokens = np.array(jax.random.randint(jax.random.key(seed), (len(lengths), width), 3, CONFIG.vocab_size))
+    for row, n in enumerate(lengths):
+        tokens[row, n:] = 0
+    return jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+
+
+def test_value_model_with_cache_equals_full_pass(models):
+    _, prm = models
+    tokens, length = _rows([7, 12, 3], 16, 0)
+    padded, mask = right_align(tokens, length)
+    full = prm(padded, mask)
+    cache = KVCache.init(CONFIG, 3, 16)
+    first, cache = prm(padded[:, :10], mask[:, :10], cache=cache)
+    second, cache = prm(padded[:, 10:], mask[:, 10:], cache=cache)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1) * np.asarray(mask), full * mask, atol=1e-5)
+    assert int(cache.index) == 16
+
+
+def test_candidate_values_equal_full_width_passes(models):
+    _, prm = models
+    prefix_tokens, prefix_len = _rows([5, 11, 8], 12, 1)
+    cand, _ = _rows([6] * 6, 6, 2)
+    cand = cand.reshape(3, 2, 6)
+    cand_len = jnp.asarray([[6, 2], [0, 4], [1, 6]], jnp.int32)
+    cand = jnp.where(jnp.arange(6) < cand_len[..., None], cand, 0)
+    padded, mask = right_align(prefix_tokens, prefix_len)
+    got = candidate_values(prm, padded, mask, cand, cand_len)
+    for b in range(3):
+        for k in range(2):
+            n, m = int(prefix_len[b]), int(cand_len[b, k])
+            row = jnp.concatenate([prefix_tokens[b, :n], cand[b, k, :m]])[None]
+            want = prefix_values(prm, row, jnp.ones_like(row))[0]
+            np.testing.assert_allclose(got[b, k], want, atol=1e-5, err_msg=f"prefix {b} candidate {k}")
+
+
+def test_right_align_to_a_narrower_width():
+    tokens, length = _rows([3, 5], 8, 3)
+    full, full_mask = right_align(tokens, length)
+    narrow, narrow_mask = right_align(tokens, length, width=5)
+    np.testing.assert_array_equal(narrow, full[:, 3:])
+    np.testing.assert_array_equal(narrow_mask, full_mask[:, 3:])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_node_values_equal_a_full_width_prm_pass(models, shared):
+    """Root and child values (bucketed prefix width; read from the policy's prefill when the PRM shares its
+    backbone) equal the PRM applied to the whole partial solution at the search's full width."""
+    policy, prm = models
+    space = ActionSpace.single_step(3)
+    width = 96  # widths compiled: 32, 64, 96
+    spec = ExpansionSpec(max_len=width, max_step_tokens=16, max_depth=4, temperature=1.0, pad_id=0,
+                         eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=shared)
+    tables = build_step_tables(TOKENIZER, space, "\n", "The answer is", CONFIG.vocab_size)
+    policy_def, policy_state = nnx.split(policy)
+    prm_def, prm_state = nnx.split(prm)
+    search = StepSearch(policy_def, prm_def, space, spec, tables)
+    assert search._widths() == (32, 64, 96)
+    params = (policy_state, prm_state)
+    tokens, length = _rows([9, 60], width, 4)
+    root = jax.jit(search.root_fn)(params, jax.random.key(0), tokens, length)
+    recurrent = jax.jit(search.recurrent_fn)
+    node, values = root.embedding, [root.value]
+    nodes = [node]
+    for step in range(3):
+        out, node = recurrent(params, jax.random.key(step + 1), jnp.asarray([0, 1]), node)
+        values.append(out.value)
+        nodes.append(node)
+    assert int(nodes[-1].length[1]) > 64  # the second row outgrew the narrow widths
+    for node, value in zip(nodes, values):
+        padded, mask = right_align(node.tokens, node.length)
+        np.testing.assert_allclose(value, prefix_values(prm, padded, mask), atol=1e-5)
