@@ -14,6 +14,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+EM_METHODS = ("greedy", "self_consistency")  # what ReST-EM is evaluated with (it has no PRM)
 _LABELS = {"greedy": "greedy", "self_consistency": "self-consistency", "best_of_n": "best-of-N (PRM)",
            "weighted_best_of_n": "weighted best-of-N", "beam_search": "PRM beam search", "mcts": "MCTS* (PRM)"}
 
@@ -27,7 +28,8 @@ def collect_metrics(stages: dict[str, Any], num_problems: int) -> dict:
         iterations.append({
             "iteration": t,
             "rest_mcts": ev["rest_mcts"],
-            "rest_em": ev["rest_em"] if t else ev["rest_mcts"],  # iteration 0: the same policy_0
+            # Iteration 0: both methods start from the same policy_0.
+            "rest_em": ev["rest_em"] if t else {m: v for m, v in ev["rest_mcts"].items() if m in EM_METHODS},
             "search": stages.get(f"search_{t}"),
             "rest_em_sample": stages.get(f"rest_em_sample_{t}"),
         })

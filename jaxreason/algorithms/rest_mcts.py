@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxreason import sharding
-from jaxreason.algorithms.report import write_report
+from jaxreason.algorithms.report import EM_METHODS, write_report
 from jaxreason.algorithms.rest_em import sample_solutions
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
 from jaxreason.algorithms.stages import StageLog
@@ -180,6 +180,7 @@ class _Run:
             log.warning("stage %s: no training examples; the model stays as it is", name)
             self.stages.run(name, lambda: {"steps": 0, "examples": 0, "final_loss": None})
             return
+        config = config.for_examples(len(traces))
         batches = shuffled_batches(lambda idx: make_batch([traces[i] for i in idx]), len(traces),
                                    config.batch_size, self.config.seed)
         result = fit(model, objective, batches, config, mesh=self.mesh, directory=self.run_dir / name,
@@ -197,7 +198,16 @@ def run_rest_mcts(config: RestMCTSConfig, resume: bool = False) -> dict:
     if tokenizer is None:
         raise ValueError(f"{c.policy.pretrained}: no tokenizer beside the weights")
     r = _setup(c, tokenizer, resume)
-    eos = tokenizer.eos_token_id
+    try:
+        _loop(r, policy)
+    finally:
+        r.store.close()  # releases the writer lock, also when a stage fails
+    return json.loads((r.run_dir / "metrics.json").read_text())
+
+
+def _loop(r: _Run, policy) -> None:
+    c = r.config
+    eos = r.tokenizer.eos_token_id
     policy_data = lambda traces: sft_batch(traces, c.policy_train.max_len, r.pad_id, eos)  # noqa: E731
     value_data = lambda traces: value_batch(traces, c.prm_train.max_len, r.pad_id)  # noqa: E731
 
@@ -232,14 +242,9 @@ def run_rest_mcts(config: RestMCTSConfig, resume: bool = False) -> dict:
                           policy_data)
         r.stages.run(f"eval_{t}", lambda: {
             "rest_mcts": _evaluate(r, policy, prm, c.evaluation.methods),
-            "rest_em": _evaluate(r, em_policy, None, [m for m in c.evaluation.methods if m in _EM_METHODS])
+            "rest_em": _evaluate(r, em_policy, None, [m for m in c.evaluation.methods if m in EM_METHODS])
             if c.rest_em.enabled else None})
         write_report(r.run_dir, to_dict(c), r.stages.results)
-    r.store.close()
-    return json.loads((r.run_dir / "metrics.json").read_text())
-
-
-_EM_METHODS = ("greedy", "self_consistency")
 
 
 # ---------------------------------------------------------------- stages

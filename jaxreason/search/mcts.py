@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxreason.models.llama import CausalLM
 from jaxreason.models.value_head import ValueModel
-from jaxreason.sampling.prompts import pad_token_id
+from jaxreason.sampling.prompts import pad_token_id, prompt_ids
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.baselines import MethodResult
 from jaxreason.search.expansion import ExpansionSpec, StepSearch, build_step_tables
@@ -62,7 +62,7 @@ def mcts(
     """Searches every problem; returns the method's answers and each problem's traces (decoded)."""
     space = action_space or ActionSpace.single_step(config.num_candidates)
     started = time.perf_counter()
-    prompts = [_prompt_ids(tokenizer, task, p, config.chat) for p in problems]
+    prompts = [prompt_ids(tokenizer, task.prompt(p), chat=config.chat) for p in problems]
     longest = max(len(p) for p in prompts)
     max_len = _round_up(longest + config.max_depth * config.max_step_tokens, 64)
     tokens = np.full((len(prompts), max_len), pad_token_id(tokenizer), np.int32)
@@ -113,14 +113,6 @@ def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec
                         num_simulations=config.num_simulations, max_depth=config.max_depth + 1, c=config.c)
 
     return program
-
-
-def _prompt_ids(tokenizer, task: Task, problem: Problem, chat: bool) -> list[int]:
-    text = task.prompt(problem)
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -5,6 +5,10 @@ Grammar (ASCII only, short enough for a character-level model):
     question := "What is " NUM (" " OP " " NUM){k} "?"          k in [min_ops, max_ops], OP from `ops`
     solution := (NUM " " OP " " NUM " = " NUM "\\n"){k} "The answer is " NUM
 
+With `check_steps` a completion is correct only when, besides the final answer, every line before the
+answer line is a true equation "a OP b = c" (the final answer alone lets a solution with wrong steps
+through, which self-training would then learn from).
+
 Usual precedence: the gold solution first does every * and / from left to right, then every + and - from
 left to right, one operation per line. Numbers joined by * or / lie in [2, max_factor] (a product of two
 small numbers is one learnable fact), the others in [1, max_operand]. Every division is exact and no
@@ -22,11 +26,24 @@ Example (prompt, then solution):
 from __future__ import annotations
 
 import random
+import re
 
 from jaxreason.tasks.base import Problem, register_task
 from jaxreason.tasks.procedural import ProceduralTask, content_id
 
 _MULDIV = ("*", "/")
+_EQUATION = re.compile(r"\s*(\d+) ([-+*/]) (\d+) = (\d+)\s*")
+
+
+def equation_holds(line: str) -> bool:
+    """Whether `line` is one true step "a OP b = c" (exact integer division only)."""
+    match = _EQUATION.fullmatch(line)
+    if match is None:
+        return False
+    a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+    if op == "/":
+        return b != 0 and a % b == 0 and a // b == c
+    return {"+": a + b, "-": a - b, "*": a * b}[op] == c
 
 
 class ArithTask(ProceduralTask):
@@ -35,8 +52,10 @@ class ArithTask(ProceduralTask):
     name = "arith"
 
     def __init__(self, min_ops: int = 1, max_ops: int = 3, max_operand: int = 20, max_factor: int = 10,
-                 ops: str = "+-*", test_fraction: float = 0.1, prompt_template: str | None = None):
+                 ops: str = "+-*", test_fraction: float = 0.1, prompt_template: str | None = None,
+                 check_steps: bool = False):
         super().__init__(test_fraction, prompt_template)
+        self.check_steps = check_steps
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
         if max_operand < 1 or max_factor < 2:
@@ -45,6 +64,15 @@ class ArithTask(ProceduralTask):
             raise ValueError(f"ops must be distinct characters from '+-*/', got {ops!r}")
         self.min_ops, self.max_ops = min_ops, max_ops
         self.max_operand, self.max_factor, self.ops = max_operand, max_factor, ops
+
+    def is_correct(self, problem: Problem, completion: str) -> bool:
+        if not super().is_correct(problem, completion):
+            return False
+        if not self.check_steps:
+            return True
+        lines = [line for line in completion.split(self.step_delimiter) if line.strip()]
+        steps = [line for line in lines if not self.is_final_step(line)]
+        return all(equation_holds(line) for line in steps)
 
     def sample(self, rng: random.Random) -> Problem:
         while True:

@@ -8,6 +8,7 @@ stage that already finished restores its final state instead of training again.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from jaxreason.train.step import Objective, init_train_state, make_train_step
 class FitConfig:
     """One training stage: steps, batch and optimizer (its schedule spans `num_steps`)."""
 
-    num_steps: int = 100
+    num_steps: int = 100  # with `epochs`: at most this many
+    epochs: float | None = None  # train for this many passes over the stage's data (a small, growing set)
     batch_size: int = 16
     max_len: int = 128
     learning_rate: float = 1e-3
@@ -40,8 +42,15 @@ class FitConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def for_examples(self, n: int) -> FitConfig:
+        """This config with num_steps set for `n` training examples when `epochs` is given."""
+        if self.epochs is None:
+            return self
+        steps = math.ceil(self.epochs * n / self.batch_size)
+        return dataclasses.replace(self, num_steps=max(1, min(self.num_steps, steps)))
+
     def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.num_steps),
+        return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.num_steps - 1),
                                total_steps=self.num_steps, weight_decay=self.weight_decay)
 
 

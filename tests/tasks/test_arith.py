@@ -6,6 +6,8 @@ import pytest
 
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.tasks import ArithTask
+from jaxreason.tasks.arith import equation_holds
+from jaxreason.tasks.base import Problem
 from jaxreason.tasks.procedural import split_of
 
 UNK_ID = 3
@@ -88,3 +90,16 @@ def test_exhausted_problem_space_is_an_error():
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         ArithTask(**kwargs)
+
+
+def test_check_steps_rejects_a_right_answer_reached_through_a_wrong_step():
+    task = ArithTask(check_steps=True)
+    problem = Problem(id="x", question="What is 2 + 1 + 5?", answer="8", solution_steps=("2 + 1 = 3", "3 + 5 = 8"))
+    assert task.is_correct(problem, "2 + 1 = 3\n3 + 5 = 8\nThe answer is 8")
+    assert not task.is_correct(problem, "2 + 1 = 5\n5 + 5 = 8\nThe answer is 8")  # the answer alone is right
+    assert not task.is_correct(problem, "2 + 1 = 3\nthree plus five\nThe answer is 8")
+    assert not task.is_correct(problem, "2 + 1 = 3\n3 + 5 = 9\nThe answer is 9")
+    assert ArithTask().is_correct(problem, "2 + 1 = 5\n5 + 5 = 8\nThe answer is 8")
+    for p in task.problems("train", n=20):
+        assert task.is_correct(p, task.format_solution(p.solution_steps, p.answer))
+    assert equation_holds("12 / 4 = 3") and not equation_holds("12 / 5 = 2") and not equation_holds("3 - 5 = -2")
