@@ -1,7 +1,7 @@
 """Command-line entry point: `python -m jaxreason {generate,sft,search,train,report} ...`.
 
-Errors a user can fix (a missing file, an unknown preset, a bad checkpoint) print one line naming the
-problem and exit with status 2, never a traceback.
+Errors a user can fix (a missing or unreadable file, an unknown preset, a bad checkpoint, a package that is
+not installed) print one line naming the problem and exit with status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 import time
+
+from safetensors import SafetensorError
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -126,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # ModuleNotFoundError is a package that is not installed; other ImportErrors are bugs and keep their traceback.
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jaxreason {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, SafetensorError, ModuleNotFoundError) as e:
+        print(f"jaxreason {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).splitlines()) or type(error).__name__

@@ -1,16 +1,21 @@
-"""`python -m jaxreason generate`: a real run on a small saved model, and one-line errors for bad input."""
+"""`python -m jaxreason generate`: real runs on a small saved model and the preset, one-line errors for bad input."""
 
 import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+import jaxreason.models
+from jaxreason.cli import main
 from jaxreason.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
 from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models.pretrained import PRESETS, resolve_model_path
+from jaxreason.sampling import SamplingConfig, decode_completions, encode_prompts, generate
 
 
 def _cli(*args):
@@ -48,6 +53,71 @@ def test_unknown_preset():
 def test_missing_path(tmp_path):
     missing = tmp_path / "nowhere" / "model.gguf"
     _assert_one_line_error(_cli("--model", str(missing), "--prompt", "x"), "does not exist", str(missing))
+
+
+def _main_error(capsys, *args) -> str:
+    """Runs the CLI in this process and returns its one-line error (the exit status must be 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *args])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["smollm2-1.7b", "qwen2.5-0.5b-instruct", "smollm9"])
+def test_unknown_preset_with_a_dot_lists_presets(capsys, name):
+    line = _main_error(capsys, "--model", name, "--prompt", "x")
+    assert f"unknown model preset {name!r}" in line and all(preset in line for preset in PRESETS)
+
+
+@pytest.mark.parametrize("name", ["nowhere/model", "model.gguf", "./smollm2-1.7b", "~/nowhere-42/x", "w.safetensors"])
+def test_missing_path_like_names_say_the_path_does_not_exist(name):
+    with pytest.raises(FileNotFoundError, match="model path does not exist"):
+        resolve_model_path(name)
+
+
+def test_truncated_safetensors_is_a_one_line_error(tiny_folder, tmp_path, capsys):
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny_folder / "config.json").read_bytes())
+    weights = (tiny_folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    line = _main_error(capsys, "--model", str(folder), "--prompt", "x")
+    assert str(folder / "model.safetensors") in line and "safetensors" in line
+
+
+def test_unreadable_weights_and_missing_packages_are_one_line_errors(tiny_folder, monkeypatch, capsys):
+    def fail(error):
+        def load(*args, **kwargs):
+            raise error
+        return load
+
+    monkeypatch.setattr(jaxreason.models, "load_pretrained", fail(PermissionError(13, "Permission denied", "/m/w")))
+    assert "Permission denied" in _main_error(capsys, "--model", str(tiny_folder), "--prompt", "x")
+    monkeypatch.setattr(jaxreason.models, "load_pretrained", fail(ModuleNotFoundError("No module named 'torch'")))
+    assert "torch" in _main_error(capsys, "--model", str(tiny_folder), "--prompt", "x")
+
+
+def test_preset_greedy_matches_generate(monkeypatch, capsys):
+    """The README's command on the shipped preset prints what generate + decode_completions give."""
+    loaded = []
+
+    def recording_load(*args, **kwargs):
+        loaded.append(load_pretrained(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(jaxreason.models, "load_pretrained", recording_load)  # one load serves both sides
+    prompt = "If I have 3 apples and buy 5 more, how many apples do I have?"
+    main(["generate", "--model", "smollm2-135m-instruct", "--prompt", prompt, "--max-new-tokens", "8",
+          "--temperature", "0"])
+    model, tokenizer = loaded[0]
+    tokens, mask = encode_prompts(tokenizer, [prompt], chat=True)
+    out = generate(model, tokens, mask, jax.random.key(1), SamplingConfig(max_new_tokens=8, temperature=0),
+                   eos_ids=model.config.eos_token_ids, pad_id=tokenizer.pad_token_id)
+    expected = decode_completions(tokenizer, out)[0]
+    assert expected.strip() and int(out.lengths[0]) > 0
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_folder_without_config(tmp_path):

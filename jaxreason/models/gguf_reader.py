@@ -1,4 +1,7 @@
-"""Read llama.cpp GGUF files as Hugging Face configs and float32 tensors (plain numpy, any quantization)."""
+"""Read llama.cpp GGUF files as Hugging Face configs and float32 tensors (plain numpy, any quantization).
+
+The tokenizer a GGUF file holds is built in `jaxreason.models.gguf_tokenizer`.
+"""
 
 from __future__ import annotations
 
@@ -70,8 +73,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     `rope_scaling`. Mistral files (written by llama.cpp as `llama`) load as LlamaForCausalLM.
     """
     path = Path(path)
-    reader = _open(path)
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    reader = open_gguf(path)
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
     if arch not in _ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(_ARCHITECTURES)}"
@@ -101,28 +104,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
-    """The `transformers` tokenizer stored in a GGUF file, with its chat template and bos/eos/pad ids."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    reader = _open(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    template = _field(reader, gguf.Keys.Tokenizer.CHAT_TEMPLATE)
-    if template is not None and not tokenizer.chat_template:
-        tokenizer.chat_template = template
-    for role, key in (
-        ("bos", gguf.Keys.Tokenizer.BOS_ID),
-        ("eos", gguf.Keys.Tokenizer.EOS_ID),
-        ("pad", gguf.Keys.Tokenizer.PAD_ID),
-    ):
-        token_id = _field(reader, key)
-        if token_id is not None and getattr(tokenizer, f"{role}_token_id") != token_id:
-            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
-    return tokenizer
-
-
-def _open(path: Path) -> gguf.GGUFReader:
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """The file's metadata and memory-mapped tensors; a missing or malformed file is an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
@@ -131,7 +114,7 @@ def _open(path: Path) -> gguf.GGUFReader:
         raise ValueError(f"{path}: not a valid GGUF file ({e})") from None
 
 
-def _field(reader: gguf.GGUFReader, key: str, arch: str | None = None):
+def field_value(reader: gguf.GGUFReader, key: str, arch: str | None = None):
     """A metadata value (str, int, bool, float, list) or None; float32 values become their shortest decimal."""
     field = reader.fields.get(key.format(arch=arch) if arch else key)
     if field is None:
@@ -152,7 +135,7 @@ def _hf_config(reader: gguf.GGUFReader, arch: str, path: Path) -> dict:
         "num_hidden_layers": llm.BLOCK_COUNT,
         "num_attention_heads": attn.HEAD_COUNT,
     }
-    values = {name: _field(reader, key, arch) for name, key in required.items()}
+    values = {name: field_value(reader, key, arch) for name, key in required.items()}
     missing = [required[name].format(arch=arch) for name, value in values.items() if value is None]
     if missing or "token_embd.weight" not in shapes or "blk.0.attn_q.weight" not in shapes:
         raise ValueError(f"{path}: incomplete {arch} GGUF (missing {', '.join(missing) or 'tensors'})")
@@ -163,21 +146,21 @@ def _hf_config(reader: gguf.GGUFReader, arch: str, path: Path) -> dict:
         "model_type": model_type,
         "vocab_size": shapes["token_embd.weight"][0],
         **values,
-        "num_key_value_heads": _field(reader, attn.HEAD_COUNT_KV, arch) or num_heads,
-        "head_dim": _field(reader, attn.KEY_LENGTH, arch) or shapes["blk.0.attn_q.weight"][0] // num_heads,
-        "rms_norm_eps": _field(reader, attn.LAYERNORM_RMS_EPS, arch) or 1e-6,
-        "rope_theta": _field(reader, rope.FREQ_BASE, arch) or 10000.0,
-        "max_position_embeddings": _field(reader, llm.CONTEXT_LENGTH, arch),
-        "bos_token_id": _field(reader, tok.BOS_ID),
-        "eos_token_id": _field(reader, tok.EOS_ID),
+        "num_key_value_heads": field_value(reader, attn.HEAD_COUNT_KV, arch) or num_heads,
+        "head_dim": field_value(reader, attn.KEY_LENGTH, arch) or shapes["blk.0.attn_q.weight"][0] // num_heads,
+        "rms_norm_eps": field_value(reader, attn.LAYERNORM_RMS_EPS, arch) or 1e-6,
+        "rope_theta": field_value(reader, rope.FREQ_BASE, arch) or 10000.0,
+        "max_position_embeddings": field_value(reader, llm.CONTEXT_LENGTH, arch),
+        "bos_token_id": field_value(reader, tok.BOS_ID),
+        "eos_token_id": field_value(reader, tok.EOS_ID),
     }
-    pad_token_id = _field(reader, tok.PAD_ID)
+    pad_token_id = field_value(reader, tok.PAD_ID)
     if pad_token_id is not None:
         config["pad_token_id"] = pad_token_id
-    scaling_type = _field(reader, rope.SCALING_TYPE, arch)
+    scaling_type = field_value(reader, rope.SCALING_TYPE, arch)
     if scaling_type not in (None, "none"):
-        config["rope_scaling"] = {"rope_type": scaling_type, "factor": _field(reader, rope.SCALING_FACTOR, arch)}
-        original = _field(reader, rope.SCALING_ORIG_CTX_LEN, arch)
+        config["rope_scaling"] = {"rope_type": scaling_type, "factor": field_value(reader, rope.SCALING_FACTOR, arch)}
+        original = field_value(reader, rope.SCALING_ORIG_CTX_LEN, arch)
         if original is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
     return config

@@ -12,10 +12,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxreason.models import gguf_reader
+from jaxreason.models import gguf_reader, gguf_tokenizer
 from jaxreason.models.config import ModelConfig
 from jaxreason.models.llama import CausalLM
 from jaxreason.models.lora import merged_kernels
@@ -26,6 +26,7 @@ PRESETS: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": gguf_reader.smollm2_gguf_path,
 }
 
+_MODEL_FILE_SUFFIXES = (".gguf", ".safetensors")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -37,10 +38,19 @@ def resolve_model_path(path_or_preset: str | os.PathLike) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    looks_like_preset = os.sep not in name and not path.suffix
-    if looks_like_preset:
-        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)} (or pass a folder or .gguf file)")
-    raise FileNotFoundError(f"model path does not exist: {name}")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model path does not exist: {name}")
+    raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)} (or pass a folder or .gguf file)")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A folder separator, a leading . or ~, or a weights-file suffix; a dot alone does not (`smollm2-1.7b`)."""
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return (
+        any(s in name for s in separators)
+        or name.startswith((".", "~"))
+        or Path(name).suffix.lower() in _MODEL_FILE_SUFFIXES
+    )
 
 
 def load_pretrained(
@@ -58,7 +68,7 @@ def load_pretrained(
     elif path.suffix == ".gguf":
         hf_config, tensors = gguf_reader.read_gguf(path)
         source = str(path)
-        tokenizer = gguf_reader.load_gguf_tokenizer(path)
+        tokenizer = gguf_tokenizer.load_gguf_tokenizer(path)
     else:
         raise ValueError(f"not a model folder or .gguf file: {path}")
     config = ModelConfig.from_hf(hf_config, source=source)
@@ -117,9 +127,12 @@ def _read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray], str]:
         file = folder / name
         if not file.exists():
             raise FileNotFoundError(f"{file}: listed in the index but missing")
-        with safe_open(str(file), framework="flax") as f:  # flax: bf16 arrays load without a numpy dtype gap
-            for key in f.keys():
-                tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        try:
+            with safe_open(str(file), framework="flax") as f:  # flax: bf16 arrays load without a numpy dtype gap
+                for key in f.keys():
+                    tensors[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        except SafetensorError as e:  # its messages ("incomplete metadata") do not name the file
+            raise ValueError(f"{file}: not a valid safetensors file ({e})") from None
     source = str(folder / files[0]) if len(files) == 1 else str(folder)
     return hf_config, tensors, source
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from jaxreason.models.gguf_reader import load_gguf_tokenizer, read_gguf, smollm2_gguf_path
+from jaxreason.models.gguf_reader import read_gguf, smollm2_gguf_path
 
 Q = gguf.GGMLQuantizationType
 
@@ -29,11 +29,6 @@ def reference_model(smollm2_path):
     return AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
     )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    return load_gguf_tokenizer(smollm2_path)
 
 
 def test_smollm2_path_is_the_shipped_file(smollm2_path):
@@ -79,25 +74,10 @@ def test_smollm2_config_matches_transformers(smollm2, reference_model):
     assert config["attention_bias"] is False and "rope_scaling" not in config
 
 
-def test_tokenizer_round_trips_and_has_ids(tokenizer):
-    for text in ("What is 12 + 7?", "  Leading spaces, ünïcödé and\nnew lines.\t"):
-        assert tokenizer.decode(tokenizer.encode(text)) == text
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
-
-
-def test_tokenizer_has_the_gguf_chat_template(tokenizer):
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 12 + 7?"}], tokenize=False, add_generation_prompt=True
-    )
-    assert "You are a helpful AI assistant named SmolLM" in prompt  # the template's own default system turn
-    assert prompt.endswith("<|im_start|>assistant\n")
-
-
 def test_missing_path(tmp_path):
     path = tmp_path / "absent.gguf"
-    for read in (read_gguf, load_gguf_tokenizer):
-        with pytest.raises(FileNotFoundError, match=str(path)):
-            read(path)
+    with pytest.raises(FileNotFoundError, match=str(path)):
+        read_gguf(path)
 
 
 def test_not_a_gguf_file(tmp_path):

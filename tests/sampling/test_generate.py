@@ -104,6 +104,38 @@ def test_top_k_and_top_p_filters():
     assert int(sample_logits(logits, keys[0], SamplingConfig(temperature=0))) == 0
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_scales_the_sampling_distribution(temperature):
+    logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
+    keys = jax.random.split(jax.random.key(1), 4000)
+    draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, SamplingConfig(temperature=temperature)))(keys))
+    expected = np.asarray(jax.nn.softmax(logits / temperature))
+    counts = np.bincount(draws, minlength=4) / len(keys)
+    np.testing.assert_allclose(counts, expected, atol=0.03)
+    assert np.abs(expected - np.asarray(jax.nn.softmax(logits))).max() > 0.1  # far from temperature 1
+
+
+def test_sampled_tokens_follow_tempered_logits(model):
+    """Each step draws categorical(fold_in(row_key, step), logits / T); the log-probs stay at temperature 1."""
+    config = SamplingConfig(max_new_tokens=8, temperature=0.6)
+    row_keys = jax.random.split(jax.random.key(7), len(PROMPTS))
+    tokens, mask = encode_prompts(TOKENIZER, PROMPTS)
+    out = generate(model, tokens, mask, row_keys, config, pad_id=TOKENIZER.pad_token_id)
+    differs_at_temperature_1 = False
+    for i, text in enumerate(PROMPTS):
+        ids = TOKENIZER.encode(text)
+        for t in range(config.max_new_tokens):
+            logits = model(jnp.asarray([ids]))[0, -1]
+            key = jax.random.fold_in(row_keys[i], t)
+            token = int(out.tokens[i, t])
+            assert token == int(jax.random.categorical(key, logits / config.temperature)), (text, t)
+            differs_at_temperature_1 |= token != int(jax.random.categorical(key, logits))
+            np.testing.assert_allclose(float(out.logprobs[i, t]), float(jax.nn.log_softmax(logits)[token]),
+                                       rtol=1e-4, atol=1e-4)
+            ids.append(token)
+    assert differs_at_temperature_1  # the check above could tell a temperature-1 sampler apart
+
+
 def test_bad_sampling_config_is_rejected():
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
