@@ -68,28 +68,36 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
 
     A mesh axis is used at most once per array; a dimension it does not divide evenly is replicated.
     """
+    return _layout(names, shape, mesh)[0]
+
+
+def _layout(names, shape, mesh: Mesh) -> tuple[PartitionSpec, list[str]]:
+    """The spec, and one note per dimension replicated because its mesh axis does not divide it."""
     if len(names) != len(shape):
         raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
     used: set[str] = set()
-    spec = []
+    spec, fallbacks = [], []
     for name, size in zip(names, shape):
         if name is not None and name not in LOGICAL_AXIS_RULES:
             raise ValueError(f"no sharding rule for logical axis {name!r}")
         axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-        if axis is None or axis in used or size % mesh.shape[axis]:
+        if axis is None or axis in used:
+            spec.append(None)
+        elif size % mesh.shape[axis]:
+            fallbacks.append(f"{name} ({size}) not divisible by {axis}={mesh.shape[axis]}, replicated")
             spec.append(None)
         else:
             spec.append(axis)
             used.add(axis)
-    return PartitionSpec(*spec)
+    return PartitionSpec(*spec), fallbacks
 
 
-def _variable_spec(variable: nnx.Variable, mesh: Mesh) -> PartitionSpec:
+def _variable_layout(variable: nnx.Variable, mesh: Mesh) -> tuple[PartitionSpec, list[str]]:
     names = variable.get_metadata().get("out_sharding")
     shape = np.shape(variable.get_value())
     if names is None:
-        return PartitionSpec()
-    return logical_to_spec(names, shape, mesh)
+        return PartitionSpec(), []
+    return _layout(names, shape, mesh)
 
 
 def state_shardings(state, mesh: Mesh):
@@ -101,7 +109,7 @@ def state_shardings(state, mesh: Mesh):
 
     def one(x):
         if isinstance(x, nnx.Variable):
-            return x.replace(NamedSharding(mesh, _variable_spec(x, mesh)))
+            return x.replace(NamedSharding(mesh, _variable_layout(x, mesh)[0]))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -117,10 +125,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def describe(state, mesh: Mesh) -> list[str]:
-    """One line per variable: path, shape, logical names and the resulting spec (for logs and tests)."""
+    """One line per variable: path, shape, logical names, the resulting spec and any dimension replicated
+    because its mesh axis does not divide it (for logs and tests)."""
     lines = []
     for path, var in nnx.to_flat_state(state):
         names = var.get_metadata().get("out_sharding")
-        spec = _variable_spec(var, mesh)
-        lines.append(f"{'/'.join(map(str, path))} {tuple(np.shape(var.get_value()))} {names} -> {spec}")
+        spec, fallbacks = _variable_layout(var, mesh)
+        line = f"{'/'.join(map(str, path))} {tuple(np.shape(var.get_value()))} {names} -> {spec}"
+        lines.append(line + "".join(f"; {note}" for note in fallbacks))
     return lines

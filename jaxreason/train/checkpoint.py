@@ -1,9 +1,10 @@
 """Orbax checkpoints of a training run: asynchronous saves every N steps, keep the last K, exact resume.
 
-A checkpoint holds the whole `TrainState` (parameters, optimizer state, step) as a flat mapping of
-path -> array, plus JSON metadata (the data position and the seed). Orbax writes each step to a
-temporary folder and renames it when complete, so a crash mid-save leaves no step folder; a step folder that
-is still unreadable (a truncated file, say) is skipped with a warning naming it, and the one before is used.
+A checkpoint holds the whole `TrainState` (parameters, optimizer state, step, RNG key) as a flat mapping
+of path -> array, plus JSON metadata (the data position and the seed). Orbax writes each step to a
+temporary folder and renames it when complete, so a crash mid-save leaves that temporary folder and no step
+folder. Both it and a step folder that is unreadable (a truncated file, say) are skipped with a warning
+naming them, and the checkpoint before is used.
 """
 
 from __future__ import annotations
@@ -67,11 +68,13 @@ class Checkpointer:
     def restore_latest(self, like) -> tuple[int, Any, dict[str, Any]] | None:
         """Restores the newest readable checkpoint into the structure, shapes and shardings of `like`.
 
-        Returns (step, state, metadata), or None when there is no checkpoint. Unreadable checkpoints are
-        skipped with a warning that names them; a readable one that does not fit `like` (another model
-        config in the same run folder) is a ValueError, not a silent restart from step 0.
+        Returns (step, state, metadata), or None when there is no checkpoint. Partial and unreadable
+        checkpoints are skipped with a warning that names them; a readable one that does not fit `like`
+        (another model config in the same run folder) is a ValueError, not a silent restart from step 0.
         """
         self.wait()
+        for partial in self._partial_saves():
+            log.warning("skipping partial checkpoint %s: its save did not finish", partial)
         flat_like, treedef = _flatten(like)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat_like.items()}
         for step in reversed(self.steps()):
@@ -105,6 +108,10 @@ class Checkpointer:
             state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_like])
             return step, state, dict(restored["metadata"])
         return None
+
+    def _partial_saves(self) -> list[Path]:
+        """Orbax's temporary step folders (`<step>.orbax-checkpoint-tmp`) left by saves cut short."""
+        return sorted(self.directory.glob(f"*{ocp.path.step.TMP_DIR_SUFFIX}*"))
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -72,7 +72,7 @@ def fit(
     """
     directory = Path(directory)
     optimizer = make_optimizer(config.optimizer())
-    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh, seed=seed)
     step = make_train_step(graphdef, objective, optimizer, shardings, mesh)
     checkpointer = Checkpointer(directory / "checkpoints", save_every=config.checkpoint_every, keep=1)
     logger = MetricsLogger(directory, description) if is_main_process() else None

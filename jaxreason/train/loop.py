@@ -37,7 +37,8 @@ def run_training(
     """Runs `step_fn(state, batch)` up to `num_steps`, resuming from the latest checkpoint if there is one.
 
     `batches(position)` yields the data stream from batch number `position`, so a resumed run sees the
-    batches it would have seen. The RNG key and the data position are stored with every checkpoint.
+    batches it would have seen. Every checkpoint stores the state (with its RNG key, see `TrainState`) and
+    the data position, so a resumed run also draws the keys it would have drawn.
     """
     start = 0
     if checkpointer is not None:

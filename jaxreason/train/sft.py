@@ -13,6 +13,7 @@ from jaxreason import sharding
 from jaxreason.config import to_dict
 from jaxreason.distributed import is_main_process
 from jaxreason.data.sft_data import SFTDataset, read_jsonl
+from jaxreason.models.lora import DEFAULT_TARGETS, LoRAParam, add_lora
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.train.checkpoint import Checkpointer
@@ -31,6 +32,22 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on the decoder's kernels (`jaxreason.models.lora`); only they are trained."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        unknown = sorted(set(self.targets) - set(DEFAULT_TARGETS))
+        if unknown:
+            raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(DEFAULT_TARGETS)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTConfig:
     model: ModelSpec
     data: str  # JSONL with {"prompt": ..., "completion": ...} per line
@@ -44,6 +61,7 @@ class SFTConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: sharding.MeshConfig = sharding.MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoRAConfig | None = None  # null: train every parameter
 
 
 def run_sft(config: SFTConfig) -> LoopResult:
@@ -64,8 +82,14 @@ def run_sft(config: SFTConfig) -> LoopResult:
     if tokenizer is None:
         raise ValueError(f"{config.model.pretrained}: no tokenizer beside the weights")
     dataset = SFTDataset(tokenizer, records, config.max_len)
+    trainable = nnx.Param
+    if config.lora is not None:
+        # a key apart from the model's own initialisation, so A does not repeat the first weights drawn
+        rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 1))
+        add_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets, rngs=rngs)
+        trainable = LoRAParam
     optimizer = make_optimizer(config.optimizer)
-    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh, trainable, seed=config.seed)
     step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh, config.grad_accum_steps)
     checkpointer = Checkpointer(
         run_dir / "checkpoints", save_every=config.checkpoint.every, keep=config.checkpoint.keep,

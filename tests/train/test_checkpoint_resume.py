@@ -1,5 +1,6 @@
-"""Checkpoints: exact resume of an SFT run, damaged and temporary checkpoints, keep-K, SIGTERM handling."""
+"""Checkpoints: exact resume of an SFT run and of its RNG keys, damaged and partial checkpoints, keep-K, SIGTERM."""
 
+import itertools
 import json
 import logging
 import os
@@ -10,11 +11,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+from jaxreason import sharding
 from jaxreason.config import load_config
 from jaxreason.train.checkpoint import Checkpointer, StopSignal
+from jaxreason.train.loop import run_training
 from jaxreason.train.sft import SFTConfig, run_sft
+from jaxreason.train.step import init_train_state, make_train_step
 
 ROOT = Path(__file__).parents[2]
 # One tiny shape for every run in tests/train, so each compiles once (with the persistent compile cache set in tests/conftest.py).
@@ -63,7 +69,7 @@ def test_resume_is_exact(tmp_path):
     checkpointer.close()
     assert step == 7 and meta == {"data_position": 7, "seed": 0}
     assert int(restored.step) == 7
-    _assert_trees_equal(restored, first.state)  # params, optimizer state (moments, counts) and step
+    _assert_trees_equal(restored, first.state)  # params, optimizer state (moments, counts), step and RNG key
     assert restored.trainable != {}
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(first.state)):
         assert got.sharding == want.sharding
@@ -84,6 +90,46 @@ def test_resume_is_exact(tmp_path):
     assert again.step == 12 and again.history == []
     with pytest.raises(ValueError, match="seed 0, run has 1"):
         run_sft(tiny_config(stopped_dir, "num_steps=12", "seed=1"))
+
+
+# ---------------------------------------------------------------- the RNG key through a resume
+
+
+def _noisy_objective(model, batch, key):
+    """Squared error to targets moved by key-dependent noise: the loss depends on the step's key."""
+    noise = jax.random.normal(key, batch["y"].shape)
+    loss = jnp.mean(jnp.square(model(batch["x"]) - batch["y"] - noise))
+    return loss, {"noise": noise[0, 0]}
+
+
+def _noisy_run(run_dir, num_steps):
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    optimizer = optax.adam(1e-2)
+    graphdef, state, shardings = init_train_state(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), optimizer, mesh, seed=7)
+    step = make_train_step(graphdef, _noisy_objective, optimizer, shardings, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(4, 3)).astype(np.float32), "y": rng.normal(size=(4, 2)).astype(np.float32)}
+    checkpointer = Checkpointer(run_dir, save_every=0)
+    try:
+        return run_training(step, state, lambda position: itertools.repeat(batch), num_steps=num_steps, seed=7,
+                            checkpointer=checkpointer)
+    finally:
+        checkpointer.close()
+
+
+def test_resume_continues_the_key_sequence(tmp_path):
+    straight = _noisy_run(tmp_path / "straight", 6)
+    noise = [h["noise"] for h in straight.history]
+    assert len(set(noise)) == 6  # a new key every step
+
+    assert _noisy_run(tmp_path / "stopped", 3).step == 3
+    resumed = _noisy_run(tmp_path / "stopped", 6)
+    assert len(resumed.history) == 3
+    # a restart from the seed's key would repeat noise[:3]; the restored key continues the sequence
+    assert [h["noise"] for h in resumed.history] == noise[3:]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
+    _assert_trees_equal(resumed.state, straight.state)  # parameters, Adam state, step and the key itself
+    assert resumed.state.rng.dtype == jnp.uint32
 
 
 # ---------------------------------------------------------------- the checkpointer on a small pytree
@@ -148,7 +194,7 @@ def test_every_checkpoint_unreadable_means_a_fresh_start(tmp_path, caplog):
     checkpointer.close()
 
 
-def test_uncommitted_orbax_folder_is_ignored(tmp_path, caplog):
+def test_partial_orbax_folder_is_skipped_with_a_warning(tmp_path, caplog):
     checkpointer = Checkpointer(tmp_path)
     checkpointer.save(1, _state(1), {"data_position": 1, "seed": 0}, wait=True)
     checkpointer.close()
@@ -161,8 +207,10 @@ def test_uncommitted_orbax_folder_is_ignored(tmp_path, caplog):
     assert checkpointer.steps() == [1]
     with caplog.at_level(logging.WARNING, logger="jaxreason.train.checkpoint"):
         step, state, _ = checkpointer.restore_latest(_state(0))
-    assert step == 1 and "skipping" not in caplog.text
+    assert step == 1
     _assert_trees_equal(state, _state(1))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "jaxreason.train.checkpoint"]
+    assert warnings == [f"skipping partial checkpoint {tmp_path / '2.orbax-checkpoint-tmp'}: its save did not finish"]
     checkpointer.save(2, _state(2), {"data_position": 2, "seed": 0}, wait=True)  # the step is free to save
     assert checkpointer.restore_latest(_state(0))[0] == 2
     checkpointer.close()

@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import jax
+from flax import nnx
+
 from jaxreason.cli import main
 from jaxreason.config import load_config
+from jaxreason.models.lora import LoRAParam
+from jaxreason.models.spec import build_model
 from jaxreason.train.checkpoint import Checkpointer
-from jaxreason.train.sft import SFTConfig, run_sft
+from jaxreason.train.sft import LoRAConfig, SFTConfig, run_sft
 
 ROOT = Path(__file__).parents[2]
 CONFIG = ROOT / "configs/sft/tiny_arith.yaml"
@@ -116,6 +121,33 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, env):
     assert [m["step"] for m in _logged(run_dir)] == list(range(1, last + 3))
 
 
+# ---------------------------------------------------------------- LoRA from the config
+
+
+def test_lora_trains_only_adapters_and_resumes(tmp_path):
+    def config(run_dir, steps):
+        return load_config(SFTConfig, CONFIG, [*TINY, "lora.rank=4", "lora.targets=[q, v, down]", "checkpoint.every=3",
+                                               "save_model=false", f"run_dir={run_dir}", f"num_steps={steps}"])
+
+    assert config(tmp_path, 6).lora == LoRAConfig(rank=4, alpha=16.0, targets=("q", "v", "down"))
+    straight = run_sft(config(tmp_path / "straight", 6))
+    trainable = nnx.to_flat_state(straight.state.trainable)
+    assert all(isinstance(v, LoRAParam) for _, v in trainable)
+    assert {path[-1] for path, _ in trainable} == {f"{k}_lora_{m}" for k in ("q", "v", "down") for m in "ab"}
+    assert all(np.any(np.asarray(v.get_value()) != 0) for path, v in trainable if path[-1].endswith("_b"))
+    base, _ = build_model(config(tmp_path, 6).model, seed=0)  # the frozen weights are still the initial ones
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(straight.state.frozen),
+                 nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+
+    stopped = tmp_path / "stopped"
+    assert run_sft(config(stopped, 3)).step == 3
+    assert Checkpointer(stopped / "checkpoints").steps() == [3]
+    resumed = run_sft(config(stopped, 6))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history[3:]]
+    for (path, a), (_, b) in zip(trainable, nnx.to_flat_state(resumed.state.trainable)):
+        np.testing.assert_array_equal(np.asarray(b.get_value()), np.asarray(a.get_value()), err_msg=str(path))
+
+
 # ---------------------------------------------------------------- errors: one line, exit status 2
 
 
@@ -178,6 +210,8 @@ def test_bad_override_syntax(capsys, override):
     ("batch_size=abc", "batch_size must be int, got 'abc'"),
     ("optimizer.learning_rate=fast", "optimizer.learning_rate must be float, got 'fast'"),
     ("save_model=maybe", "save_model must be true or false, got 'maybe'"),
+    ("lora.targets=[q, w]", "lora: unknown target(s) ['w']; choose from q, k, v, o, gate, up, down"),
+    ("lora.rank=0", "lora: rank must be >= 1, got 0"),
 ])
 def test_wrong_typed_override(capsys, override, fragment):
     assert fragment in _cli_error(capsys, override)

@@ -30,15 +30,25 @@ def _batch(rows=8, length=16):
     return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
 
 
-def _train(mesh, steps=2, grad_accum=1):
+def _uneven_batch():
+    """Rows 0-3 (the first micro-batch of two) hold 10 completion tokens each, rows 4-7 hold 2."""
+    batch = _batch()
+    batch["attention_mask"][:] = 1
+    batch["loss_mask"][:] = 0
+    batch["loss_mask"][:4, 6:] = 1
+    batch["loss_mask"][4:, -2:] = 1
+    return batch
+
+
+def _train(mesh, steps=2, grad_accum=1, batch=None):
     model = CausalLM(CONFIG, rngs=nnx.Rngs(0))
     graphdef, state, shardings = init_train_state(model, OPTIMIZER, mesh)
     step = make_train_step(graphdef, sft_objective, OPTIMIZER, shardings, mesh, grad_accum_steps=grad_accum)
     losses = []
     for _ in range(steps):
-        state, metrics = step(state, _batch())
+        state, metrics = step(state, _batch() if batch is None else batch)
         losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    return state, losses
+    return state, losses, metrics
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,8 @@ def reference():
 def test_sharded_step_matches_one_device(shape, reference):
     assert len(jax.devices()) == 8
     mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
-    state, losses = _train(mesh)
-    ref_state, ref_losses = reference
+    state, losses, _ = _train(mesh)
+    ref_state, ref_losses, _ = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for (path, ours), (_, ref) in zip(nnx.to_flat_state(state.trainable), nnx.to_flat_state(ref_state.trainable)):
         np.testing.assert_allclose(np.asarray(ours.get_value()), np.asarray(ref.get_value()), rtol=1e-5, atol=1e-6,
@@ -65,27 +75,35 @@ def test_sharded_step_matches_one_device(shape, reference):
         want = sharding.logical_to_spec(var.get_metadata()["out_sharding"], var.get_value().shape, mesh)
         assert _spec(var) == _normalise(want), path
         assert var.get_value().sharding.mesh.shape == mesh.shape
-    mu = state.opt_state[1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
-    for (path, m), (_, p) in zip(nnx.to_flat_state(mu), nnx.to_flat_state(state.trainable)):
-        assert _spec(m) == _spec(p), path
+    adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+    for moments in (adam.mu, adam.nu):
+        for (path, m), (_, p) in zip(nnx.to_flat_state(moments), nnx.to_flat_state(state.trainable)):
+            assert _spec(m) == _spec(p), path
+    assert adam.count.sharding.spec == P() and adam.count.sharding.mesh.shape == mesh.shape
 
 
 def test_fsdp_really_splits_parameters():
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 4, 1))
-    state, _ = _train(mesh, steps=1)
+    state, _, _ = _train(mesh, steps=1)
     embed = state.trainable["transformer"]["embed"].get_value()  # [vocab, embed], embed over fsdp=4
     shard_shapes = {s.data.shape for s in embed.addressable_shards}
     assert shard_shapes == {(CONFIG.vocab_size, CONFIG.hidden_size // 4)}
 
 
-def test_gradient_accumulation_equals_full_batch():
+@pytest.mark.parametrize("batch", [None, _uneven_batch()], ids=["equal_tokens", "uneven_tokens"])
+def test_gradient_accumulation_equals_full_batch(batch):
+    """Micro-batches are weighted by token count: 10 vs 2 tokens a row must not count as 1:1."""
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 1, 1), devices=jax.devices()[:2])
-    full, full_losses = _train(mesh, steps=1)
-    accum, accum_losses = _train(mesh, steps=1, grad_accum=2)
-    # Token counts per micro-batch are equal in this batch, so the per-token means agree exactly.
+    full, full_losses, full_metrics = _train(mesh, steps=2, batch=batch)
+    accum, accum_losses, accum_metrics = _train(mesh, steps=2, grad_accum=2, batch=batch)
     np.testing.assert_allclose(accum_losses, full_losses, rtol=1e-5)
+    for key in ("num_tokens", "accuracy"):
+        np.testing.assert_allclose(float(accum_metrics[key]), float(full_metrics[key]), rtol=1e-6, err_msg=key)
+    want_tokens = np.sum((_batch() if batch is None else batch)["loss_mask"][:, 1:])
+    assert float(accum_metrics["num_tokens"]) == want_tokens  # the batch's total, not a per-micro-batch mean
     for (path, a), (_, b) in zip(nnx.to_flat_state(accum.trainable), nnx.to_flat_state(full.trainable)):
-        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-4, atol=1e-6,
+                                   err_msg="/".join(map(str, path)))
 
 
 def _spec(var):
