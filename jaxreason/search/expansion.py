@@ -220,7 +220,9 @@ class StepSearch:
             ~stay,
         )
         if spec.rollout_steps:
-            value = jnp.where(terminal, value, self._rolled_value(policy, prm, key, child, value))
+            rolled, roll_tokens = self._rolled_value(policy, prm, key, child, value)
+            value = jnp.where(terminal, value, rolled)
+            child = child.replace(generated_tokens=child.generated_tokens + jnp.where(terminal, 0, roll_tokens))
         child = child.replace(terminal_value=jnp.where(terminal, value, 0.0))
         # Below a terminal node nothing changes: the same node and score are backed up again. The copy keeps
         # generated_tokens = 0 (nothing was sampled for it), so summing over nodes counts each token once.
@@ -233,33 +235,43 @@ class StepSearch:
                                      prior_logits=prior, value=score)
         return out, child
 
-    def _rolled_value(self, policy, prm, key, node: NodeState, value: Float[Array, "B"]) -> Float[Array, "B"]:
-        """ReST-MCTS*'s greedy roll-forward: r steps, each keeping the best-valued candidate."""
-        spec = self.spec
-        b, k = node.candidate_len.shape
+    def _rolled_value(self, policy, prm, key, node: NodeState, value: Float[Array, "B"]):
+        """ReST-MCTS*'s greedy roll-forward from a new node: r steps, each taking the PRM's best valid candidate
+        (the node's own K first, then freshly sampled ones), and V <- (1 - alpha) V + alpha * max V along the roll.
 
-        def roll(i, carry):
-            tokens, length, cand, cand_len, ends, done, best = carry
-            width = tokens.shape[1]
+        Returns the rolled value [B] and the tokens sampled for the roll [B] (part of the search's budget).
+        """
+        spec = self.spec
+        rows = jnp.arange(node.length.shape[0])
+        width = node.tokens.shape[1]
+
+        def take_best(tokens, length, depth, node_type, cand, cand_len, ends, done, best):
             fits = jnp.minimum(cand_len, (width - length)[:, None])
-            ext = jax.vmap(lambda t, n, c, m: jax.vmap(lambda cc, mm: _append(t, n, cc, mm))(c, m))(
-                tokens, length, cand, fits)
-            ext_len = length[:, None] + fits
             padded, mask = right_align(tokens, length, spec.pad_id)
             values = candidate_values(prm, padded, mask, cand, fits)  # one prefix pass, K candidates on top
+            values = jnp.where(self.validity[node_type], values, -1.0)
             pick = jnp.argmax(values, axis=1)
-            rows = jnp.arange(b)
             best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
-            tokens, length = ext[rows, pick], ext_len[rows, pick]
-            done = done | ends[rows, pick]
-            cand, cand_len, _, ends, _, _ = self._expand_nodes(
-                policy, prm, jax.random.fold_in(key, 1000 + i), tokens, length, done, ~done)
-            return tokens, length, cand, cand_len, ends, done, best
+            taken = jax.vmap(_append)(tokens, length, cand[rows, pick], fits[rows, pick])
+            tokens = jnp.where(done[:, None], tokens, taken)
+            length = jnp.where(done, length, length + fits[rows, pick])
+            depth = depth + 1
+            ran_out = fits[rows, pick] < cand_len[rows, pick]
+            done = done | ends[rows, pick] | ran_out | (depth >= spec.max_depth)
+            node_type = jnp.where(done, node_type, self.slot_types[pick])
+            return tokens, length, depth, node_type, done, best
 
-        init = (node.tokens, node.length, node.candidates, node.candidate_len, node.candidate_ends,
-                jnp.zeros((b,), bool), jnp.zeros((b,)))
-        best = jax.lax.fori_loop(0, spec.rollout_steps, roll, init)[-1]
-        return (1 - spec.rollout_alpha) * value + spec.rollout_alpha * best
+        def roll(i, carry):
+            (tokens, length, depth, node_type, done, best), generated = carry
+            cand, cand_len, _, ends, sampled, _ = self._expand_nodes(
+                policy, prm, jax.random.fold_in(key, 1000 + i), tokens, length, done, ~done)
+            generated = generated + jnp.where(done, 0, sampled)
+            return take_best(tokens, length, depth, node_type, cand, cand_len, ends, done, best), generated
+
+        first = take_best(node.tokens, node.length, node.depth, node.node_type, node.candidates, node.candidate_len,
+                          node.candidate_ends, jnp.zeros_like(node.terminal), jnp.zeros_like(value))
+        (*_, best), generated = jax.lax.fori_loop(1, spec.rollout_steps, roll, (first, jnp.zeros_like(node.length)))
+        return (1 - spec.rollout_alpha) * value + spec.rollout_alpha * best, generated
 
     def _models(self, params):
         policy_state, prm_state = params

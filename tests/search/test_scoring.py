@@ -101,3 +101,46 @@ def test_node_values_equal_a_full_width_prm_pass(models, shared):
     for node, value in zip(nodes, values):
         padded, mask = right_align(node.tokens, node.length)
         np.testing.assert_allclose(value, prefix_values(prm, padded, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_roll_forward_value_and_budget(models, shared):
+    """r = 1: a new non-terminal node's value is (1 - alpha) V + alpha * (the best PRM value among its own K
+    candidates), and nothing more is sampled; r = 2 samples the next candidates too and counts their tokens in
+    the budget. A terminal node keeps its PRM value."""
+    policy, prm = models
+    if not shared:
+        prm = ValueModel(CONFIG, rngs=nnx.Rngs(3))
+        prm.head[...] = jax.random.normal(jax.random.key(4), prm.head[...].shape)
+    space = ActionSpace.single_step(3)
+    tables = build_step_tables(TOKENIZER, space, "\n", "The answer is", CONFIG.vocab_size)
+    policy_def, policy_state = nnx.split(policy)
+    prm_def, prm_state = nnx.split(prm)
+    params = (policy_state, prm_state)
+    tokens, length = _rows([9, 20, 14, 30], 96, 5)
+
+    def child(rollout_steps):
+        spec = ExpansionSpec(max_len=96, max_step_tokens=16, max_depth=6, temperature=1.0, pad_id=0,
+                             eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=shared,
+                             rollout_steps=rollout_steps, rollout_alpha=0.25)
+        search = StepSearch(policy_def, prm_def, space, spec, tables)
+        root = search.root_fn(params, jax.random.key(0), tokens, length)
+        return search.recurrent_fn(params, jax.random.key(1), jnp.asarray([0, 2, 1, 0]), root.embedding)
+
+    plain_out, plain = child(0)
+    rolled_out, rolled = child(1)
+    open_ = ~np.asarray(plain.terminal)
+    assert open_.any() and not open_.all(), open_  # both cases are checked
+    padded, mask = right_align(plain.tokens, plain.length)
+    values = candidate_values(prm, padded, mask, plain.candidates, plain.candidate_len)
+    best = values.max(axis=1)
+    want = np.where(open_, 0.75 * plain_out.value + 0.25 * best, plain_out.value)
+    np.testing.assert_allclose(rolled_out.value, want, atol=1e-5)
+    np.testing.assert_array_equal(rolled.generated_tokens, plain.generated_tokens)
+
+    _, two = child(2)
+    extra = np.asarray(two.generated_tokens - plain.generated_tokens)
+    # The second step samples after the best candidate unless that candidate ended the solution.
+    goes_on = open_ & ~np.asarray(plain.candidate_ends)[np.arange(4), np.asarray(values.argmax(axis=1))]
+    assert goes_on.any()
+    assert np.all(extra[goes_on] > 0) and np.all(extra[goes_on] <= 3 * 16) and np.all(extra[~goes_on] == 0)
