@@ -56,10 +56,12 @@ def run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time: bool)
     return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens}
 
 
-def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int):
+def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int, threads: int):
     """UCT over text nodes; every expansion is a `generate` call with K return sequences."""
     import torch
     import transformers
+
+    torch.set_num_threads(threads)
 
     folder = tempfile.mkdtemp()
     save_pretrained(policy, tokenizer, folder)
@@ -122,6 +124,9 @@ def main():
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--step-tokens", type=int, default=24)
     parser.add_argument("--torch-problems", type=int, default=4, help="(c) is timed on this many problems")
+    # On a shared, loaded CPU torch's multi-threaded matmuls stall (one descheduled thread holds up the rest):
+    # with 2 threads a tiny-model generate call took 0.1-10 s, with 1 thread a steady 0.1 s.
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for (c)")
     args = parser.parse_args()
 
     policy, prm, tokenizer = _models(args.model)
@@ -132,13 +137,15 @@ def main():
     results = {
         "a_batched": run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=False),
         "b_one_at_a_time": run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=True),
-        "c_python_torch": run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems),
+        "c_python_torch": run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
+                                    args.torch_threads),
     }
     for r in results.values():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
-          f"steps <= {args.step_tokens} tokens; (c) timed on {args.torch_problems} problems")
+          f"steps <= {args.step_tokens} tokens; (c) timed on {args.torch_problems} problems, "
+          f"{args.torch_threads} torch thread(s)")
     for name, r in results.items():
         print(f"  {name:<16} {r['nodes_per_s']:9.2f} nodes/s  {r['tokens_per_s']:9.1f} gen. tokens/s  "
               f"({r['nodes']} nodes, {r['tokens']} tokens, {r['seconds']:.1f} s)")
