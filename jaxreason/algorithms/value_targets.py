@@ -81,16 +81,21 @@ def tree_value_traces(
 ) -> list[Trace]:
     """One `Trace` per leaf path of a search tree, in node order, with the tree's value targets per step.
 
-    traces: one problem's search tree; its reported nodes (one per `traces.paths` entry) form the tree, and a
-      leaf is a reported node with no reported child.
-    is_correct: whether a path ending at a terminal node has the gold answer (called on those paths only).
+    traces: one problem's search tree. Its reported nodes (one per `traces.paths` entry) and its sampled
+      solutions (finished candidates never expanded: children of their last node, as in the paper's tree,
+      where every sampled step is a child) form the tree; a leaf is a node with no child in it.
+    is_correct: whether a finished path has the gold answer (called on terminal paths only).
     Each node's target is given once, in the first trace that passes through it; later traces carry NaN
     for that step (no target), so a shared prefix is not trained once per leaf below it. reward and
-    FLAG_CORRECT say whether the leaf is a correct terminal. Returns [] when no leaf is correct.
+    FLAG_CORRECT say whether the leaf is a correct finished solution. Returns [] when none is correct.
     """
-    paths = traces.paths
-    row = {int(p.nodes[-1]): i for i, p in enumerate(paths)}  # mctx node index -> position in `paths`
-    parent = np.array([row[int(p.nodes[-2])] if p.depth else -1 for p in paths])
+    paths = list(traces.paths) + list(traces.sampled_solutions)
+    row = {int(p.nodes[-1]): i for i, p in enumerate(traces.paths)}  # mctx node index -> position in `paths`
+    # A sampled solution's own node is its position in `paths` (its mctx index is -1).
+    steps_of = [[row[int(n)] for n in p.nodes[1:]] for p in traces.paths]
+    steps_of += [[row[int(n)] for n in p.nodes[1:-1]] + [len(traces.paths) + i]
+                 for i, p in enumerate(traces.sampled_solutions)]
+    parent = np.array([steps[-2] if len(steps) > 1 else (0 if steps else -1) for steps in steps_of])
     correct = np.array([bool(p.terminal[-1]) and bool(is_correct(p)) for p in paths])
     values = value_targets(parent, correct)
     if values is None:
@@ -100,8 +105,7 @@ def tree_value_traces(
     given = np.zeros(len(paths), bool)
     out = []
     for leaf in np.flatnonzero(~has_child):
-        path = paths[leaf]
-        steps = np.array([row[int(n)] for n in path.nodes[1:]], int)
+        path, steps = paths[leaf], np.array(steps_of[leaf], int)
         out.append(Trace(
             problem_id=problem_id, iteration=iteration, tokens=path.tokens, prompt_len=path.prompt_len,
             step_ends=path.step_ends, step_values=np.where(given[steps], np.nan, values[steps]).astype(np.float32),

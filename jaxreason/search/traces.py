@@ -6,6 +6,10 @@ simulation that ends at a terminal node adds a copy of it below (same embedding,
 again). Copies count in their terminal ancestor's visits but are not partial solutions of their own.
 Where `max_depth` cut a simulation mctx re-expanded an existing leaf and overwrote it; each node keeps its own
 embedding, so its tokens always name its own path.
+
+A node's K candidate steps are sampled (and paid for) when it is created, but only the ones a simulation takes
+become nodes. A candidate that finishes the solution (`candidate_ends`) is a finished solution all the same:
+those of reported nodes are returned as `sampled_solutions`, so self-training sees every solution it paid for.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import mctx
 import numpy as np
 
 from jaxreason.search.node import NodeState
+from jaxreason.search.selection import is_valid_action
 
 
 class Decoder(Protocol):
@@ -82,12 +87,16 @@ class TreeTraces:
     best_by_value: from the root, the child of highest Q each time, down to a leaf (ties: lowest slot).
     terminals: the paths that end at terminal nodes (the finished solutions), in node-index order; each
       one's `terminal_value` is its score.
+    sampled_solutions: finished solutions that are a reported non-terminal node's valid candidate never taken
+      (no node, so no PRM score): the node's path plus that step, with `nodes` ending in -1, NaN value and Q,
+      0 visits and `terminal_value` None. In node-index order, then slot order.
     """
 
     paths: tuple[SearchPath, ...]
     best_by_visits: SearchPath
     best_by_value: SearchPath
     terminals: tuple[SearchPath, ...]
+    sampled_solutions: tuple[SearchPath, ...] = ()
 
     def decode(self, tokenizer: Decoder) -> TreeTraces:
         return TreeTraces(
@@ -95,6 +104,7 @@ class TreeTraces:
             best_by_visits=self.best_by_visits.decode(tokenizer),
             best_by_value=self.best_by_value.decode(tokenizer),
             terminals=tuple(p.decode(tokenizer) for p in self.terminals),
+            sampled_solutions=tuple(p.decode(tokenizer) for p in self.sampled_solutions),
         )
 
 
@@ -136,6 +146,25 @@ def _path(t: mctx.Tree, b: int, nodes: np.ndarray, edge_q: np.ndarray) -> Search
     )
 
 
+def _sampled_solution(t: mctx.Tree, b: int, node: SearchPath, slot: int) -> SearchPath:
+    """`node`'s path extended by its candidate `slot`, a finished solution that was never expanded."""
+    emb: NodeState = t.embeddings
+    n = node.nodes[-1]
+    tokens = np.concatenate([node.tokens, emb.candidates[b, n, slot, : emb.candidate_len[b, n, slot]]])
+    return SearchPath(
+        nodes=np.append(node.nodes, -1),
+        actions=np.append(node.actions, slot),
+        values=np.append(node.values, np.nan),
+        visits=np.append(node.visits, 0),
+        qvalues=np.append(node.qvalues, np.nan),
+        terminal=np.append(node.terminal, True),
+        tokens=tokens,
+        prompt_len=node.prompt_len,
+        step_ends=np.append(node.step_ends, len(tokens)),
+        terminal_value=None,
+    )
+
+
 def extract_traces(tree: mctx.Tree, tokenizer: Decoder | None = None) -> list[TreeTraces]:
     """Every reported root-to-node path, the two best paths and the finished solutions, one `TreeTraces` per
     batch row.
@@ -162,11 +191,18 @@ def extract_traces(tree: mctx.Tree, tokenizer: Decoder | None = None) -> list[Tr
         # Below a terminal node there are only copies, so the best paths stop there.
         best_by_visits = _best_leaf(t.children_index[b], t.children_visits[b], terminal[b])
         best_by_value = _best_leaf(t.children_index[b], q[b], terminal[b])
+        emb = t.embeddings
+        room = emb.tokens.shape[-1] - emb.length[b]  # [N]
+        untaken = (t.children_index[b] < 0) & is_valid_action(t.children_prior_logits[b]) & emb.candidate_ends[b]
+        untaken &= emb.candidate_len[b] <= room[:, None]  # a step cut off by the width is no finished solution
+        sampled = [_sampled_solution(t, b, p, k) for n, p in paths.items() if not terminal[b, n]
+                   for k in np.flatnonzero(untaken[n])]
         row = TreeTraces(
             paths=tuple(paths.values()),
             best_by_visits=paths[best_by_visits],
             best_by_value=paths[best_by_value],
             terminals=tuple(p for n, p in paths.items() if terminal[b, n]),
+            sampled_solutions=tuple(sampled),
         )
         traces.append(row if tokenizer is None else row.decode(tokenizer))
     return traces

@@ -64,7 +64,8 @@ def test_no_correct_leaf_and_bad_parents():
 def hand_tree():
     """The hand-checked tree of tests/search/test_traces.py. Reported nodes (table node in brackets):
     0 root -> 1 [t1] (a leaf, not terminal), 2 [t2]; 2 -> 3 [t8] (terminal), 4 [t7], 5 [t9];
-    4 -> 6 [t23], 7 [t24] (terminal); 5 -> 8 [t28] (terminal). Node 9 is a copy below 8, not reported."""
+    4 -> 6 [t23], 7 [t24] (terminal); 5 -> 8 [t28] (terminal). Node 9 is a copy below 8, not reported.
+    Sampled solutions (finished candidates never taken): t4 below node 1, t22 below node 4."""
     (row,) = extract_traces(S.searcher("rest_mcts", 9)(S.stack([S.fixed_table()]), KEY, 0.0))
     return row
 
@@ -74,9 +75,10 @@ def ends_at(*table_nodes):
 
 
 def test_tree_value_traces_hand_checked(hand_tree):
-    """Correct: t8 (node 3) and t28 (node 8). d: 3, 8: 1; 5: 2; 2: min(1, 2) + 1 = 2; 0: 3; 1 inherits 3,
-    4, 6, 7 inherit 2. On a path: v2 = 1/2, v3 = 1/2 + 1/2 = 1, v5 = 1/2 + (1/2)/2 = 3/4, v8 = 1.
-    Off: v1 = max(-1/3, 0) = 0; v4 = 1/2 - (1/2)/2 = 1/4; v6 = v7 = max(1/4 - (3/4)/2, 0) = 0."""
+    """Correct: t8 (node 3) and t28 (node 8). Nodes 9 and 10 are the sampled solutions t4 (below node 1) and
+    t22 (below node 4). d: 3, 8: 1; 5: 2; 2: min(1, 2) + 1 = 2; 0: 3; 1 and 9 inherit 3; 4, 6, 7, 10 inherit 2.
+    On a path: v2 = 1/2, v3 = 1/2 + 1/2 = 1, v5 = 1/2 + (1/2)/2 = 3/4, v8 = 1. Off: v1 = max(-1/3, 0) = 0,
+    v9 = 0; v4 = 1/2 - (1/2)/2 = 1/4; v6 = v7 = v10 = max(1/4 - (3/4)/2, 0) = 0."""
     asked = []
 
     def is_correct(path):
@@ -84,13 +86,14 @@ def test_tree_value_traces_hand_checked(hand_tree):
         return ends_at(8, 28)(path)
 
     traces = tree_value_traces(hand_tree, is_correct, problem_id=5, iteration=2)
-    assert asked == [3, 6, 7, 8]  # terminal paths only
-    leaves = [1, 3, 6, 7, 8]
+    assert asked == [3, 6, 7, 8, -1, -1]  # terminal paths only, then the sampled solutions
+    paths = hand_tree.paths + hand_tree.sampled_solutions
+    leaves = [3, 6, 7, 8, 9, 10]
     assert len(traces) == len(leaves)
     nan = np.nan
-    want = [[0], [1 / 2, 1], [nan, 1 / 4, 0], [nan, nan, 0], [nan, 3 / 4, 1]]
+    want = [[1 / 2, 1], [nan, 1 / 4, 0], [nan, nan, 0], [nan, 3 / 4, 1], [0, 0], [nan, nan, 0]]
     for trace, leaf, values in zip(traces, leaves, want, strict=True):
-        path = hand_tree.paths[leaf]
+        path = paths[leaf]
         np.testing.assert_array_equal(trace.tokens, path.tokens)
         np.testing.assert_array_equal(trace.step_ends, path.step_ends)
         assert trace.prompt_len == path.prompt_len and (trace.problem_id, trace.iteration) == (5, 2)
@@ -102,24 +105,43 @@ def test_tree_value_traces_hand_checked(hand_tree):
     assert tree_value_traces(hand_tree, ends_at(16, 17), 5, 2) == []  # t16, t17 were never reached
 
 
+def test_a_sampled_solution_alone_gives_targets(hand_tree):
+    """Only t22 correct, a candidate of node 4 never expanded (node 10). d: 10: 1, 4: 2, 2: 3, 0: 4; 1, 9
+    inherit 4; 3, 5, 8 inherit 3; 6, 7 inherit 2. On the path: v2 = 1/3, v4 = 1/3 + (2/3)/2 = 2/3, v10 = 1.
+    Off: v1 = v9 = 0; v3 = v5 = 1/3 - (2/3)/3 = 1/9; v8 = max(1/9 - (8/9)/3, 0) = 0; v6 = v7 = 2/3 - (1/3)/2."""
+    traces = tree_value_traces(hand_tree, ends_at(22), problem_id=0, iteration=1)
+    nan = np.nan
+    want = [[1 / 3, 1 / 9], [nan, 2 / 3, 1 / 2], [nan, nan, 1 / 2], [nan, 1 / 9, 0], [0, 0], [nan, nan, 1]]
+    assert len(traces) == len(want)
+    for trace, values in zip(traces, want, strict=True):
+        np.testing.assert_allclose(trace.step_values, values, atol=1e-6)
+    assert [t.reward for t in traces] == [0, 0, 0, 0, 0, 1]
+    np.testing.assert_array_equal(traces[-1].tokens, [*S.PROMPT, 102, 107, 122])
+
+
 def test_tree_value_traces_each_target_once():
     """A larger search, where copies below terminal nodes leave gaps in the reported node indices: every
-    reported node but the root gets its target in exactly one trace, and each correct leaf's is 1."""
+    reported node but the root, and every sampled solution, gets its target in exactly one trace, and each
+    correct leaf's is 1."""
     (row,) = extract_traces(S.searcher("rest_mcts", 40)(S.stack([S.random_table(1)]), KEY, 1.0))
     reported = [int(p.nodes[-1]) for p in row.paths]
     assert reported != list(range(len(reported)))  # sparse indices were exercised
+    assert row.sampled_solutions  # and finished candidates never taken
     threshold = np.median([p.terminal_value for p in row.terminals])
-    is_correct = lambda p: p.terminal_value >= threshold  # noqa: E731
+    is_correct = lambda p: p.terminal_value is not None and p.terminal_value >= threshold  # noqa: E731
     traces = tree_value_traces(row, is_correct, 0, 0)
     by_node = {int(p.nodes[-1]): p for p in row.paths}
-    given = {}
+    given, sampled_given = {}, 0
     for trace in traces:
-        leaf = next(p for p in row.paths if np.array_equal(p.tokens, trace.tokens))
+        leaf = next(p for p in row.paths + row.sampled_solutions if np.array_equal(p.tokens, trace.tokens))
         for node, value in zip(leaf.nodes[1:], trace.step_values, strict=True):
-            if not np.isnan(value):
+            if node < 0:  # a sampled solution: its own target, always given
+                assert not np.isnan(value)
+                sampled_given += 1
+            elif not np.isnan(value):
                 assert int(node) not in given
                 given[int(node)] = value
         if trace.flags & FLAG_CORRECT:
             assert by_node[int(leaf.nodes[-1])].terminal[-1] and trace.step_values[-1] == 1.0
-    assert sorted(given) == reported[1:]
+    assert sorted(given) == reported[1:] and sampled_given == len(row.sampled_solutions)
     assert sum(t.reward for t in traces) == sum(is_correct(p) for p in row.terminals) > 1

@@ -70,6 +70,16 @@ def test_hand_checked_tree(hand_tree):
     assert row.best_by_value.nodes.tolist() == [0, 2, 5, 8]
     assert row.best_by_value.text == "s2 s9 s28"
 
+    # Finished candidates never taken: t1's slot 0 (t4) and t7's slot 0 (t22, the table's best answer).
+    t4, t22 = row.sampled_solutions
+    assert t4.nodes.tolist() == [0, 1, -1] and t4.actions.tolist() == [0, 0] and t4.text == "s1 s4"
+    assert t22.nodes.tolist() == [0, 2, 4, -1] and t22.actions.tolist() == [1, 0, 0] and t22.text == "s2 s7 s22"
+    np.testing.assert_array_equal(t22.tokens, [*S.PROMPT, 102, 107, 122])
+    np.testing.assert_array_equal(t22.step_ends, [3, 4, 5])
+    np.testing.assert_array_equal(t22.terminal, [False, False, False, True])
+    np.testing.assert_array_equal(t22.visits, [10, 8, 3, 0])
+    assert np.isnan(t22.values[-1]) and np.isnan(t22.qvalues[-1]) and t22.terminal_value is None
+
 
 def test_decode_fills_text_without_changing_paths(hand_tree):
     (plain,) = extract_traces(hand_tree)
@@ -107,6 +117,16 @@ def check_consistent(tables: S.Table, tree, traces, max_depth: int = S.DEPTH):
         assert [p.nodes[-1] for p in row.terminals] == [p.nodes[-1] for p in row.paths if p.terminal[-1]]
         for p in row.terminals:
             assert p.terminal_value == pytest.approx(table.value[table_path(p.actions)[-1]])
+        # Sampled solutions: exactly the terminal table children of reported non-terminal nodes never taken.
+        by_node = {int(p.nodes[-1]): p for p in row.paths}
+        want = [(int(p.nodes[-1]), k) for p, end in zip(row.paths, ends) if not p.terminal[-1] for k in range(S.K)
+                if table.logits[end, k] > S.INVALID_LOGIT / 2 and table.terminal[S.child_id(end, k)]
+                and tree.children_index[b, p.nodes[-1], k] < 0]
+        assert [(int(p.nodes[-2]), int(p.actions[-1])) for p in row.sampled_solutions] == want
+        for p in row.sampled_solutions:
+            parent = by_node[int(p.nodes[-2])]
+            np.testing.assert_array_equal(p.tokens, [*parent.tokens, S.STEP_TOKEN + table_path(p.actions)[-1]])
+            assert p.terminal[-1] and p.terminal_value is None
 
 
 @pytest.fixture(scope="module")
