@@ -27,6 +27,7 @@ from jaxreason.search.expansion import ExpansionSpec, StepSearch, build_step_tab
 from jaxreason.search.selection import run_mcts
 from jaxreason.search.traces import TreeTraces, extract_traces
 from jaxreason.tasks.base import Problem, Task
+from jaxreason.train.metrics import progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,10 @@ class MCTSConfig:
     rollout_steps: int = 0  # ReST-MCTS*'s greedy roll-forward r; 0 disables
     rollout_alpha: float = 0.5
     chat: bool = False  # wrap prompts in the tokenizer's chat template
+    batch_size: int = 64  # problems per jitted search call (one compiled shape; a progress bar over calls)
 
     def __post_init__(self):
-        for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens"):
+        for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mcts.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -59,7 +61,11 @@ def mcts(
     key: jax.Array,
     action_space: ActionSpace | None = None,
 ) -> tuple[MethodResult, list[TreeTraces]]:
-    """Searches every problem; returns the method's answers and each problem's traces (decoded)."""
+    """Searches every problem; returns the method's answers and each problem's traces (decoded).
+
+    Problems go through the jitted search `config.batch_size` at a time (the last batch padded with copies of
+    its last problem, so every call has the same shape), batch i with `fold_in(key, i)`.
+    """
     space = action_space or ActionSpace.single_step(config.num_candidates)
     started = time.perf_counter()
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=config.chat) for p in problems]
@@ -69,6 +75,7 @@ def mcts(
     for row, ids in enumerate(prompts):
         tokens[row, : len(ids)] = ids
     prompt_len = np.asarray([len(p) for p in prompts], np.int32)
+    batch = min(config.batch_size, len(prompts))
 
     spec = ExpansionSpec(
         max_len=max_len, max_step_tokens=config.max_step_tokens, max_depth=config.max_depth,
@@ -81,10 +88,19 @@ def mcts(
     policy_def, policy_state = nnx.split(policy)
     prm_def, prm_state = nnx.split(prm)
     program = _search_program(policy_def, prm_def, space, spec, config)
-    tree = program((policy_state, prm_state), tables, key, jnp.asarray(tokens), jnp.asarray(prompt_len))
-    traces = [t.decode(tokenizer) for t in extract_traces(tree, tokenizer=None)]
-    visited = np.asarray(tree.node_visits) > 0
-    generated = (np.asarray(tree.embeddings.generated_tokens) * visited).sum(axis=1)
+    traces, generated = [], []
+    starts = range(0, len(prompts), batch)
+    with progress(len(prompts), description="mcts") as bar:
+        for i, start in enumerate(starts):
+            rows = np.minimum(np.arange(start, start + batch), len(prompts) - 1)  # pad with the last problem
+            real = min(batch, len(prompts) - start)
+            tree = program((policy_state, prm_state), tables, jax.random.fold_in(key, i), jnp.asarray(tokens[rows]),
+                           jnp.asarray(prompt_len[rows]))
+            traces += [t.decode(tokenizer) for t in extract_traces(tree, tokenizer=None)[:real]]
+            visited = np.asarray(tree.node_visits) > 0
+            generated.append((np.asarray(tree.embeddings.generated_tokens) * visited).sum(axis=1)[:real])
+            bar.update(real)
+    generated = np.concatenate(generated)
 
     completions = [_answer_text(t) for t in traces]
     answers = [task.extract_answer(c) for c in completions]

@@ -1,5 +1,7 @@
 """MCTS driven by a real (tiny, random) policy and PRM: multi-action expansion, terminals, token budget."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -116,3 +118,15 @@ def test_priors_mark_invalid_slots(models):
     out3, below = search.recurrent_fn((policy_state, prm_state), jax.random.key(3), np.asarray([0]), grandchild)
     np.testing.assert_array_equal(np.asarray(below.tokens), np.asarray(grandchild.tokens))
     assert float(out3.reward[0]) == float(grandchild.terminal_value[0]) and float(out3.discount[0]) == 0
+
+
+def test_problems_go_through_in_batches(models):
+    """batch_size 2 over 3 problems: two calls of one shape (the second padded), one result per problem."""
+    policy, prm = models
+    config = dataclasses.replace(SEARCH, batch_size=2)
+    result, traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, config, jax.random.key(4))
+    assert len(result.completions) == len(traces) == len(result.generated_tokens) == 3
+    for problem, t in zip(PROBLEMS, traces):
+        root = t.paths[0]
+        assert TOKENIZER.decode(root.tokens[: root.prompt_len].tolist()) == TASK.prompt(problem)
+    assert np.all(result.generated_tokens > 0)
