@@ -1,6 +1,6 @@
 """`python -m jaxreason sft` on a tiny scratch model: a whole run, SIGTERM, and one-line errors (exit status 2).
 
-SFT of the real SmolLM2-135M is too slow for every CI run and is not tested here.
+SFT of the real SmolLM2-135M: tests/train/test_sft_smollm2.py.
 """
 
 import json
