@@ -11,8 +11,6 @@ import logging
 import sys
 import time
 
-from safetensors import SafetensorError
-
 
 def _generate(args: argparse.Namespace) -> None:
     import jax
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     # ModuleNotFoundError is a package that is not installed; other ImportErrors are bugs and keep their traceback.
     try:
         args.run(args)
-    except (ValueError, OSError, SafetensorError, ModuleNotFoundError) as e:
+    except (ValueError, OSError, ModuleNotFoundError) as e:
         print(f"jaxreason {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 

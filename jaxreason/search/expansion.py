@@ -204,17 +204,13 @@ class StepSearch:
         policy, prm = self._models(params)
         spec = self.spec
         rows = jnp.arange(action.shape[0])
-        step = parent.candidates[rows, action]  # [B, S]
-        step_len = parent.candidate_len[rows, action]
-        width = parent.tokens.shape[1]
-        room = width - parent.length
-        tokens = jax.vmap(_append)(parent.tokens, parent.length, step, jnp.minimum(step_len, room))
-        length = jnp.minimum(parent.length + step_len, width)
-        depth = parent.depth + 1
+        tokens, length, depth, ends = self._take_step(
+            parent.tokens, parent.length, parent.depth, parent.candidates[rows, action],
+            parent.candidate_len[rows, action], parent.candidate_ends[rows, action])
         step_ends = jax.vmap(lambda ends, d, n: ends.at[d - 1].set(n, mode="drop"))(parent.step_ends, depth, length)
         stay = parent.terminal
         # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
-        terminal = parent.candidate_ends[rows, action] | (depth >= spec.max_depth) | (step_len > room) | stay
+        terminal = ends | stay
         child, prior, value = self._new_node(
             policy, prm, key, tokens, length, parent.prompt_len, step_ends, depth, self.slot_types[action], terminal,
             ~stay,
@@ -235,6 +231,19 @@ class StepSearch:
                                      prior_logits=prior, value=score)
         return out, child
 
+    def _take_step(self, tokens: Int[Array, "B L"], length: Int[Array, "B"], depth: Int[Array, "B"],
+                   step: Int[Array, "B S"], step_len: Int[Array, "B"], finishes: Bool[Array, "B"]):
+        """Appends one candidate step to each partial solution, cut where the row is full.
+
+        Returns tokens [B, L], length [B], depth [B] and whether the solution ends there [B]: the step finishes
+        it, reaches max_depth or does not fit.
+        """
+        room = tokens.shape[1] - length
+        kept = jnp.minimum(step_len, room)
+        depth = depth + 1
+        ends = finishes | (depth >= self.spec.max_depth) | (step_len > room)
+        return jax.vmap(_append)(tokens, length, step, kept), length + kept, depth, ends
+
     def _rolled_value(self, policy, prm, key, node: NodeState, value: Float[Array, "B"]):
         """ReST-MCTS*'s greedy roll-forward from a new node: r steps, each taking the PRM's best valid candidate
         (the node's own K first, then freshly sampled ones), and V <- (1 - alpha) V + alpha * max V along the roll.
@@ -252,12 +261,11 @@ class StepSearch:
             values = jnp.where(self.validity[node_type], values, -1.0)
             pick = jnp.argmax(values, axis=1)
             best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
-            taken = jax.vmap(_append)(tokens, length, cand[rows, pick], fits[rows, pick])
+            taken, taken_len, depth, ends = self._take_step(
+                tokens, length, depth, cand[rows, pick], cand_len[rows, pick], ends[rows, pick])
             tokens = jnp.where(done[:, None], tokens, taken)
-            length = jnp.where(done, length, length + fits[rows, pick])
-            depth = depth + 1
-            ran_out = fits[rows, pick] < cand_len[rows, pick]
-            done = done | ends[rows, pick] | ran_out | (depth >= spec.max_depth)
+            length = jnp.where(done, length, taken_len)
+            done = done | ends
             node_type = jnp.where(done, node_type, self.slot_types[pick])
             return tokens, length, depth, node_type, done, best
 

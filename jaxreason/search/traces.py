@@ -182,6 +182,11 @@ def extract_traces(tree: mctx.Tree, tokenizer: Decoder | None = None) -> list[Tr
     edge_q = q[rows, parent, np.maximum(t.action_from_parent, 0)]  # [B, N] Q of the edge into each node
     ancestry = _ancestry(t.parents)
     depth = (ancestry >= 0).sum(-1) - 1
+    emb: NodeState = t.embeddings
+    room = emb.tokens.shape[-1] - emb.length  # [B, N]
+    # [B, N, K] valid finished candidates never taken; a step cut off by the width is no finished solution
+    untaken = (t.children_index < 0) & is_valid_action(t.children_prior_logits) & emb.candidate_ends
+    untaken &= emb.candidate_len <= room[..., None]
 
     traces = []
     for b in range(terminal.shape[0]):
@@ -191,12 +196,8 @@ def extract_traces(tree: mctx.Tree, tokenizer: Decoder | None = None) -> list[Tr
         # Below a terminal node there are only copies, so the best paths stop there.
         best_by_visits = _best_leaf(t.children_index[b], t.children_visits[b], terminal[b])
         best_by_value = _best_leaf(t.children_index[b], q[b], terminal[b])
-        emb = t.embeddings
-        room = emb.tokens.shape[-1] - emb.length[b]  # [N]
-        untaken = (t.children_index[b] < 0) & is_valid_action(t.children_prior_logits[b]) & emb.candidate_ends[b]
-        untaken &= emb.candidate_len[b] <= room[:, None]  # a step cut off by the width is no finished solution
         sampled = [_sampled_solution(t, b, p, k) for n, p in paths.items() if not terminal[b, n]
-                   for k in np.flatnonzero(untaken[n])]
+                   for k in np.flatnonzero(untaken[b, n])]
         row = TreeTraces(
             paths=tuple(paths.values()),
             best_by_visits=paths[best_by_visits],

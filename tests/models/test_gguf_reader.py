@@ -15,11 +15,6 @@ Q = gguf.GGMLQuantizationType
 
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    return smollm2_gguf_path()
-
-
-@pytest.fixture(scope="module")
 def smollm2(smollm2_path):
     return read_gguf(smollm2_path)
 

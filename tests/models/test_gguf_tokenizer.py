@@ -10,7 +10,6 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from jaxreason.models.gguf_reader import smollm2_gguf_path
 from jaxreason.models.gguf_tokenizer import load_gguf_tokenizer
 
 TEXTS = [
@@ -33,11 +32,6 @@ MESSAGES = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Count to 3."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    return smollm2_gguf_path()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch
 import transformers
 
 from jaxreason.models import load_pretrained
-from jaxreason.models.gguf_reader import smollm2_gguf_path
 from jaxreason.sampling import SamplingConfig, encode_prompts, generate
 
 PROMPTS = [
@@ -19,11 +18,10 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def models():
-    path = smollm2_gguf_path()
+def models(smollm2_path):
     ours, tokenizer = load_pretrained("smollm2-135m-instruct")
     ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32
     ).eval()
     return ours, ref, tokenizer
 
