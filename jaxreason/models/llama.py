@@ -9,6 +9,10 @@ to mesh axes.
 Positions and padding: callers pass `attention_mask` ([B, T], 1 for real tokens); positions default to the
 number of real tokens before each one, so left- and right-padded batches give the same logits as unpadded
 rows. With a `KVCache`, new tokens are written at `cache.index` and attend to every earlier real slot.
+
+Shared prefixes: with `prefix` (a filled, read-only `KVCache` of P rows) and a batch of P x R rows, row r also
+attends to prefix row r // R, before its own cache. Decoding R samples of one prompt this way reads the
+prompt's keys and values once per step instead of once per sample (no repeated copy of the prompt's cache).
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class Attention(nnx.Module):
         key_mask: Bool[Array, "B S"],
         cache_kv: tuple[Float[Array, "L B S K D"], Float[Array, "L B S K D"], Int[Array, ""]] | None,
         cache_index: Int[Array, ""] | None,
+        prefix_kv: tuple[Float[Array, "P W K D"], Float[Array, "P W K D"], Bool[Array, "P W"]] | None = None,
     ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "L B S K D"], Float[Array, "L B S K D"]] | None]:
         cfg, dt = self.config, self.dtype
         q = jnp.einsum("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
@@ -143,8 +148,28 @@ class Attention(nnx.Module):
             allowed &= query_slots[:, None] - key_slots[None, :] < cfg.sliding_window
         allowed = allowed[None, :, :] & key_mask[:, None, :]  # [B, T, S]
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt)).reshape(b, t, h, d)
+        if prefix_kv is None:
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt))
+        else:
+            # One softmax over [prefix keys, own keys]; the prefix rows are read once per group of R rows.
+            k_pre, v_pre, pre_mask = prefix_kv
+            p, w = pre_mask.shape
+            q_groups = q.reshape(p, b // p, t, cfg.num_kv_heads, groups, d)
+            pre_scores = jnp.einsum("prtkgd,pwkd->prkgtw", q_groups, k_pre.astype(dt)).astype(jnp.float32)
+            pre_allowed = jnp.broadcast_to(pre_mask[:, None, None, :], (p, b // p, t, w))  # [P, R, T, W]
+            if cfg.sliding_window is not None:  # distance in tokens: the prefix may hold padding gaps
+                pre_positions = jnp.cumsum(pre_mask, axis=1) - 1
+                distance = positions.reshape(p, b // p, t)[..., None] - pre_positions[:, None, None, :]
+                pre_allowed &= distance < cfg.sliding_window
+            pre_scores = jnp.where(pre_allowed[:, :, None, None], pre_scores / math.sqrt(d), _MASKED)
+            pre_scores = pre_scores.reshape(b, cfg.num_kv_heads, groups, t, w)
+            probs = jax.nn.softmax(jnp.concatenate([pre_scores, scores], axis=-1), axis=-1).astype(dt)
+            pre_probs = probs[..., :w].reshape(p, b // p, cfg.num_kv_heads, groups, t, w)
+            out = (jnp.einsum("prkgtw,pwkd->prtkgd", pre_probs, v_pre.astype(dt)).reshape(b, t, cfg.num_kv_heads,
+                                                                                           groups, d)
+                   + jnp.einsum("bkgts,bskd->btkgd", probs[..., w:], v_all.astype(dt)))
+        out = out.reshape(b, t, h, d)
         return jnp.einsum("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
 
 
@@ -172,9 +197,9 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache_kv, cache_index):
+    def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache_kv, cache_index, prefix_kv=None):
         attn, new_cache = self.attention(
-            self.attention_norm(x), positions, inv_freq, query_slots, key_mask, cache_kv, cache_index
+            self.attention_norm(x), positions, inv_freq, query_slots, key_mask, cache_kv, cache_index, prefix_kv
         )
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), new_cache
@@ -214,13 +239,22 @@ class Transformer(nnx.Module):
         attention_mask: Int[Array, "B T"] | None = None,
         positions: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
+        prefix: KVCache | None = None,
     ) -> tuple[Float[Array, "B T E"], KVCache | None]:
-        """Hidden states after the final norm, and the cache with these tokens written (None without one)."""
+        """Hidden states after the final norm, and the cache with these tokens written (None without one).
+
+        `prefix` (read-only, P rows; B a multiple of P; needs `cache`): row r continues prefix row r // (B / P).
+        """
         b, t = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
+        if prefix is not None and (cache is None or b % prefix.mask.shape[0]):
+            raise ValueError(f"a shared prefix of {prefix.mask.shape[0]} rows needs a cache and a batch that is a "
+                             f"multiple of it, got batch {b}{'' if cache is not None else ' and no cache'}")
         if positions is None:
             offset = 0 if cache is None else cache.num_real_tokens()[:, None]
+            if prefix is not None:
+                offset = offset + jnp.repeat(prefix.num_real_tokens(), b // prefix.mask.shape[0])[:, None]
             positions = offset + default_positions(attention_mask)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         inv_freq = rope_frequencies(self.config)
@@ -237,16 +271,18 @@ class Transformer(nnx.Module):
 
         def body(carry, inputs):
             h, kv = carry
-            state, layer_index = inputs
+            state, layer_index, prefix_kv = inputs
             layer = nnx.merge(graphdef, state)
             layer_cache = None if kv is None else (*kv, layer_index)
-            h, kv = layer(h, positions, inv_freq, query_slots, key_mask, layer_cache, cache_index)
+            prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask)
+            h, kv = layer(h, positions, inv_freq, query_slots, key_mask, layer_cache, cache_index, prefix_kv)
             return (h, kv), None
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         kv = None if cache is None else (cache.k, cache.v)
-        (x, new_kv), _ = jax.lax.scan(body, (x, kv), (layer_state, jnp.arange(self.config.num_layers)))
+        prefix_kv = None if prefix is None else (prefix.k, prefix.v)  # the scan hands each layer its slice
+        (x, new_kv), _ = jax.lax.scan(body, (x, kv), (layer_state, jnp.arange(self.config.num_layers), prefix_kv))
         x = self.norm(x)
         if cache is None:
             return x, None
@@ -282,8 +318,9 @@ class CausalLM(nnx.Module):
         attention_mask: Int[Array, "B T"] | None = None,
         positions: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
+        prefix: KVCache | None = None,
     ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], KVCache]:
-        """float32 logits; with a cache, also the updated cache."""
-        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache)
+        """float32 logits; with a cache, also the updated cache. `prefix`: see `Transformer.__call__`."""
+        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)

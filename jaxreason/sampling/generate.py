@@ -168,15 +168,15 @@ def sample(
 ) -> GenerateOutput:
     """The pure sampling program (call it inside your own jit; `generate` is its jitted wrapper).
 
-    Each prompt is prefilled once and its cache repeated `samples_per_prompt` = K times, so K continuations
-    of one prefix cost one prefill. Output rows are prompt-major: row b * K + k is sample k of prompt b.
+    Each prompt is prefilled once and its cache shared by its `samples_per_prompt` = K samples, so K
+    continuations of one prefix cost one prefill and read its keys once per step. Output rows are prompt-major: row b * K + k is sample k of prompt b.
 
     Args:
       row_keys: [B * K] keys, one per output row.
       skip: [B] prompts to generate nothing for (their rows come back empty, with length 0).
     """
     batch, prompt_len = prompt_tokens.shape
-    cache = KVCache.init(model.config, batch, prompt_len + config.max_new_tokens, dtype=model.transformer.dtype)
+    cache = KVCache.init(model.config, batch, prompt_len, dtype=model.transformer.dtype)
     hidden, cache = model.transformer(prompt_tokens, prompt_mask, cache=cache)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # the vocabulary projection of the last token only
     return sample_from_cache(model, logits, cache, row_keys, config, eos_ids=eos_ids, pad_id=pad_id,
@@ -198,16 +198,16 @@ def sample_from_cache(
 ) -> GenerateOutput:
     """`sample` after the prefill: continues from each row's next-token `logits` and its filled `cache`.
 
-    The cache must have room for `config.max_new_tokens` more slots; it is repeated `samples_per_prompt` = K
-    times (rows prompt-major, as in `sample`).
+    The prompt's cache is read-only here, a prefix shared by its `samples_per_prompt` = K samples (rows
+    prompt-major, as in `sample`); the sampled tokens go to a cache of their own, `config.max_new_tokens` slots.
     """
     batch = logits.shape[0]
     k = samples_per_prompt
     n = config.max_new_tokens
-    if k > 1:
-        logits = jnp.repeat(logits, k, axis=0)
-        cache = cache.repeat_rows(k)
+    logits = jnp.repeat(logits, k, axis=0)
     rows = batch * k
+    prefix = cache
+    cache = KVCache.init(model.config, rows, n, dtype=prefix.k.dtype)
     eos = jnp.asarray(eos_ids if eos_ids and not config.ignore_eos else (-1,), jnp.int32)
     sample_rows = jax.vmap(lambda lg, key: sample_logits(lg, key, config))
 
@@ -226,7 +226,8 @@ def sample_from_cache(
             stop_buffer, hit = update_stop_buffer(stop_table, stop_buffer, token)
             ended |= hit
         ended &= live
-        next_logits, cache = model(token[:, None], attention_mask=live[:, None].astype(jnp.int32), cache=s.cache)
+        next_logits, cache = model(token[:, None], attention_mask=live[:, None].astype(jnp.int32), cache=s.cache,
+                                   prefix=prefix)
         return _LoopState(
             step=s.step + 1,
             logits=next_logits[:, -1],

@@ -120,7 +120,8 @@ class StepSearch:
         """
         spec, b = self.spec, tokens.shape[0]
         prefix, mask = right_align(tokens, length, spec.pad_id, width)
-        cache = KVCache.init(policy.config, b, width + spec.max_step_tokens, dtype=policy.transformer.dtype)
+        room = max(t.shape[0] for t in self.tables.templates)  # the templates run on top of the prefix
+        cache = KVCache.init(policy.config, b, width + room, dtype=policy.transformer.dtype)
         hidden, cache = policy.transformer(prefix, mask, cache=cache)
         if spec.prm_shares_backbone:
             value = jax.nn.sigmoid(prm.logits_from_hidden(hidden[:, -1]))

@@ -102,3 +102,42 @@ def test_left_padding_does_not_change_logits(tmp_path):
     alone = np.asarray(model(row))
     padded = np.asarray(model(ids[1:2], attention_mask=mask[1:2]))[:, 4:]
     np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa_tied", "mistral_window"])
+def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
+    """Two samples continue each left-padded prompt from one read-only prefix cache; their logits equal
+    transformers' on the concatenated rows (the sliding window counts tokens across the prefix's padding)."""
+    import jax.numpy as jnp
+
+    from jaxreason.models.kv_cache import KVCache
+
+    hf, folder = _hf_model(name, tmp_path)
+    model, _ = load_pretrained(folder)
+    ids, mask = _padded_batch()
+    prompts, prompt_mask = ids[1:, :8], mask[1:, :8]  # left-padded rows of 4 and 8 real tokens
+    rng = np.random.default_rng(1)
+    tails = rng.integers(4, VOCAB, size=(4, 3)).astype(np.int32)  # row 2p + i: sample i of prompt p
+    prefix = KVCache.init(model.config, 2, 8)
+    _, prefix = model(jnp.asarray(prompts), jnp.asarray(prompt_mask), cache=prefix)
+    own = KVCache.init(model.config, 4, 3)
+    ours = []
+    for step in range(3):
+        logits, own = model(jnp.asarray(tails[:, step:step + 1]), cache=own, prefix=prefix)
+        ours.append(np.asarray(logits[:, 0]))
+    full_ids = np.concatenate([np.repeat(prompts, 2, axis=0), tails], axis=1)
+    full_mask = np.concatenate([np.repeat(prompt_mask, 2, axis=0), np.ones_like(tails)], axis=1)
+    ref = _hf_logits(hf, full_ids, full_mask)[:, 8:]
+    np.testing.assert_allclose(np.stack(ours, axis=1), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_shared_prefix_needs_a_batch_that_is_a_multiple_of_it(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxreason.models.kv_cache import KVCache
+
+    _, folder = _hf_model("llama3_gqa_tied", tmp_path)
+    model, _ = load_pretrained(folder)
+    prefix = KVCache.init(model.config, 2, 8)
+    with pytest.raises(ValueError, match="shared prefix of 2 rows"):
+        model(jnp.ones((3, 1), jnp.int32), cache=KVCache.init(model.config, 3, 2), prefix=prefix)
