@@ -1,8 +1,9 @@
 """The mctx adapter for step-level reasoning search: `root_fn` and `recurrent_fn` driven by a policy and a PRM.
 
-Creating a node samples its K candidate next steps in one batched call (one prefill per node, K
-continuations), so the node's prior logits (the candidates' length-normalised log-probabilities) are known
-when `recurrent_fn` returns. Taking action k appends candidate k to the partial solution; the PRM scores the
+Creating a node samples its K candidate next steps in one batched call, so the node's prior logits (the
+candidates' length-normalised log-probabilities) are known when `recurrent_fn` returns. The prompts' keys and
+values are computed once per search (`encode_prompts`); a node's prefill covers only its steps, on top of a copy
+of its prompt's cache, and its K samples decode from that one prefix (no K-fold copy). Taking action k appends candidate k to the partial solution; the PRM scores the
 result. A step that ends the solution (final-answer marker, EOS, depth or length limit) makes a terminal
 node: its score goes into `reward` with discount 0, and an expansion below it changes nothing and backs up
 the same score again.
@@ -34,6 +35,7 @@ class ExpansionSpec:
     max_len: int  # L: prompt + all steps
     max_step_tokens: int  # S: one step (template included)
     max_depth: int  # D: steps from the root; a node at this depth is terminal
+    prompt_width: int = 0  # P: room for the longest prompt (0: max_len); a longer prompt keeps its last P tokens
     temperature: float = 0.7
     top_p: float = 1.0
     rollout_steps: int = 0  # ReST-MCTS*'s greedy roll-forward length r (0: off)
@@ -41,6 +43,23 @@ class ExpansionSpec:
     pad_id: int = 0
     eos_ids: tuple[int, ...] = ()
     prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
+
+
+@struct.dataclass
+class Prompts:
+    """The search's prompts, prefilled once: every node's prefill continues its row of `cache`.
+
+    Attributes:
+      tokens: [B, L] left-aligned prompts (the root's partial solutions).
+      length: [B] prompt lengths.
+      cache: the prompts' keys and values, right-aligned in P slots (`ExpansionSpec.prompt_width`).
+      last_hidden: [B, E] the policy's hidden state at each prompt's last token.
+    """
+
+    tokens: Int[Array, "B L"]
+    length: Int[Array, "B"]
+    cache: KVCache
+    last_hidden: Float[Array, "B E"]
 
 
 @struct.dataclass
@@ -87,47 +106,67 @@ class StepSearch:
 
     # -- candidates ---------------------------------------------------------------------------------------
 
+    @property
+    def _prompt_width(self) -> int:
+        return self.spec.prompt_width or self.spec.max_len
+
     def _widths(self) -> tuple[int, ...]:
-        """Prefix widths the search compiles for: 32, 64, 128, ... below max_len, and max_len itself."""
+        """Widths of the steps part the search compiles for: 32, 64, 128, ... and the most steps can take."""
+        most = min(self.spec.max_depth * self.spec.max_step_tokens, self.spec.max_len)
         widths, w = [], 32
-        while w < self.spec.max_len:
+        while w < most:
             widths.append(w)
             w *= 2
-        return (*widths, self.spec.max_len)
+        return (*widths, most)
 
-    def _expand_nodes(self, policy, prm, key, tokens, length, skip, live):
+    def encode_prompts(self, params, tokens: Int[Array, "B L"], prompt_len: Int[Array, "B"]) -> Prompts:
+        """Prefills the left-aligned prompts once, for the whole search."""
+        policy, _ = self._models(params)
+        width = self._prompt_width
+        prompt, mask = right_align(tokens, prompt_len, self.spec.pad_id, width)
+        cache = KVCache.init(policy.config, tokens.shape[0], width, dtype=policy.transformer.dtype)
+        hidden, cache = policy.transformer(prompt, mask, cache=cache)
+        return Prompts(tokens=tokens, length=prompt_len, cache=cache, last_hidden=hidden[:, -1])
+
+    def _expand_nodes(self, policy, prm, key, prompts: Prompts, tokens, length, skip, live):
         """Candidates and PRM values of a batch of partial solutions (see `_expand_at_width`).
 
-        Only the rows in `live` need results. The program holds one copy of the expansion per prefix width
-        (`_widths`) and runs the narrowest that fits the longest live row, so short prefixes do not pay for
-        the search's full width.
+        Only the rows in `live` need results. The program holds one copy of the expansion per width of the
+        steps part (`_widths`) and runs the narrowest that fits the longest live row, so short solutions do
+        not pay for the search's full width.
         """
         widths = self._widths()
-        longest = jnp.max(jnp.where(live, length, 1))
+        longest = jnp.max(jnp.where(live, length - prompts.length, 1))
         index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
-        branches = [lambda w=w: self._expand_at_width(policy, prm, key, tokens, length, skip, w) for w in widths]
+        branches = [lambda w=w: self._expand_at_width(policy, prm, key, prompts, tokens, length, skip, w)
+                    for w in widths]
         return jax.lax.switch(index, branches)
 
-    def _expand_at_width(self, policy, prm, key, tokens, length, skip, width: int):
+    def _expand_at_width(self, policy, prm, key, prompts: Prompts, tokens, length, skip, width: int):
         """K candidate steps after each partial solution and the solution's PRM value.
 
-        Rows in `skip` (terminal nodes) get no candidates. The prefix (its last `width` tokens, left-padded)
-        is prefilled once; each action type's template is run on top of that cache and its samples continue
-        from there. When the PRM shares the policy's backbone, its value is read from the same prefill.
+        Rows in `skip` (terminal nodes) get no candidates. The steps after the prompt (their last `width`
+        tokens, left-padded) are prefilled once on top of the prompt's cached keys and values; each action
+        type's template runs on top of that, and its samples continue from there, sharing it. When the PRM
+        shares the policy's backbone, its value is read from the same prefill.
 
         Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], the number of
         generated tokens [B] and the value [B].
         """
         spec, b = self.spec, tokens.shape[0]
-        prefix, mask = right_align(tokens, length, spec.pad_id, width)
+        p = self._prompt_width
+        steps, mask = right_align(tokens, length, spec.pad_id, width, start=prompts.length)
         room = max(t.shape[0] for t in self.tables.templates)  # the templates run on top of the prefix
-        cache = KVCache.init(policy.config, b, width + room, dtype=policy.transformer.dtype)
-        hidden, cache = policy.transformer(prefix, mask, cache=cache)
+        cache = KVCache.init(policy.config, b, p + width + room, dtype=policy.transformer.dtype)
+        cache = cache.replace(k=cache.k.at[:, :, :p].set(prompts.cache.k), v=cache.v.at[:, :, :p].set(prompts.cache.v),
+                              mask=cache.mask.at[:, :p].set(prompts.cache.mask), index=jnp.asarray(p, jnp.int32))
+        hidden, cache = policy.transformer(steps, mask, cache=cache)
+        last = jnp.where((length > prompts.length)[:, None], hidden[:, -1], prompts.last_hidden)  # no steps yet
         if spec.prm_shares_backbone:
-            value = jax.nn.sigmoid(prm.logits_from_hidden(hidden[:, -1]))
+            value = jax.nn.sigmoid(prm.logits_from_hidden(last))
         else:
-            value = prefix_values(prm, prefix, mask)
-        last_logits = policy.logits_from_hidden(hidden[:, -1:])[:, 0]
+            value = prefix_values(prm, *right_align(tokens, length, spec.pad_id, p + width))
+        last_logits = policy.logits_from_hidden(last[:, None])[:, 0]
         groups = []
         for g, action in enumerate(self.space.types):
             template = jnp.asarray(self.tables.templates[g])
@@ -173,35 +212,38 @@ class StepSearch:
 
     # -- nodes ------------------------------------------------------------------------------------------
 
-    def _new_node(self, policy, prm, key, tokens, length, prompt_len, step_ends, depth, node_type, terminal, live):
+    def _new_node(self, policy, prm, key, prompts, tokens, length, step_ends, depth, node_type, terminal, live):
         """A NodeState with its candidates and PRM value; priors are invalid where the node is terminal.
 
         Rows outside `live` (copies below a terminal node, replaced by the caller) may get any result.
         """
         cand, cand_len, logp, ends, generated, value = self._expand_nodes(
-            policy, prm, key, tokens, length, terminal, live)
+            policy, prm, key, prompts, tokens, length, terminal, live)
         valid = self.validity[node_type] & ~terminal[:, None]
         prior = jnp.where(valid, logp, INVALID_LOGIT)
         node = NodeState(
-            tokens=tokens, length=length, prompt_len=prompt_len, step_ends=step_ends, depth=depth,
+            tokens=tokens, length=length, prompt_len=prompts.length, step_ends=step_ends, depth=depth,
             node_type=node_type, terminal=terminal, terminal_value=jnp.where(terminal, value, 0.0),
             candidates=cand, candidate_len=cand_len, candidate_ends=ends, generated_tokens=generated,
         )
         return node, prior, value
 
-    def root_fn(self, params, key, prompt_tokens: Int[Array, "B L"], prompt_len: Int[Array, "B"]) -> mctx.RootFnOutput:
-        """Root nodes for left-aligned prompts [B, L] (L = spec.max_len)."""
+    def root_fn(self, params, key, prompts: Prompts) -> mctx.RootFnOutput:
+        """Root nodes: the prompts (`encode_prompts`; tokens [B, L], L = spec.max_len)."""
         policy, prm = self._models(params)
-        b = prompt_tokens.shape[0]
+        b = prompts.length.shape[0]
         node, prior, value = self._new_node(
-            policy, prm, key, prompt_tokens, prompt_len, prompt_len,
+            policy, prm, key, prompts, prompts.tokens, prompts.length,
             jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
             jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool), jnp.ones((b,), bool),
         )
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
-    def recurrent_fn(self, params, key, action: Int[Array, "B"], parent: NodeState):
-        """Takes candidate `action` at each parent: the child node, its reward/discount/value and priors."""
+    def recurrent_fn(self, params, key, action: Int[Array, "B"], parent: NodeState, prompts: Prompts):
+        """Takes candidate `action` at each parent: the child node, its reward/discount/value and priors.
+
+        mctx calls it with four arguments: bind `prompts` first (`functools.partial(..., prompts=prompts)`).
+        """
         policy, prm = self._models(params)
         spec = self.spec
         rows = jnp.arange(action.shape[0])
@@ -213,11 +255,10 @@ class StepSearch:
         # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
         terminal = ends | stay
         child, prior, value = self._new_node(
-            policy, prm, key, tokens, length, parent.prompt_len, step_ends, depth, self.slot_types[action], terminal,
-            ~stay,
+            policy, prm, key, prompts, tokens, length, step_ends, depth, self.slot_types[action], terminal, ~stay,
         )
         if spec.rollout_steps:
-            rolled, roll_tokens = self._rolled_value(policy, prm, key, child, value)
+            rolled, roll_tokens = self._rolled_value(policy, prm, key, prompts, child, value)
             value = jnp.where(terminal, value, rolled)
             child = child.replace(generated_tokens=child.generated_tokens + jnp.where(terminal, 0, roll_tokens))
         child = child.replace(terminal_value=jnp.where(terminal, value, 0.0))
@@ -245,7 +286,7 @@ class StepSearch:
         ends = finishes | (depth >= self.spec.max_depth) | (step_len > room)
         return jax.vmap(_append)(tokens, length, step, kept), length + kept, depth, ends
 
-    def _rolled_value(self, policy, prm, key, node: NodeState, value: Float[Array, "B"]):
+    def _rolled_value(self, policy, prm, key, prompts: Prompts, node: NodeState, value: Float[Array, "B"]):
         """ReST-MCTS*'s greedy roll-forward from a new node: r steps, each taking the PRM's best valid candidate
         (the node's own K first, then freshly sampled ones), and V <- (1 - alpha) V + alpha * max V along the roll.
 
@@ -273,7 +314,7 @@ class StepSearch:
         def roll(i, carry):
             (tokens, length, depth, node_type, done, best), generated = carry
             cand, cand_len, _, ends, sampled, _ = self._expand_nodes(
-                policy, prm, jax.random.fold_in(key, 1000 + i), tokens, length, done, ~done)
+                policy, prm, jax.random.fold_in(key, 1000 + i), prompts, tokens, length, done, ~done)
             generated = generated + jnp.where(done, 0, sampled)
             return take_best(tokens, length, depth, node_type, cand, cand_len, ends, done, best), generated
 

@@ -78,7 +78,7 @@ def mcts(
     batch = min(config.batch_size, len(prompts))
 
     spec = ExpansionSpec(
-        max_len=max_len, max_step_tokens=config.max_step_tokens, max_depth=config.max_depth,
+        max_len=max_len, prompt_width=_round_up(longest, 16), max_step_tokens=config.max_step_tokens, max_depth=config.max_depth,
         temperature=config.temperature, top_p=config.top_p, rollout_steps=config.rollout_steps,
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
@@ -124,8 +124,10 @@ def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec
     def program(params, tables, key, tokens, prompt_len):
         search = StepSearch(policy_def, prm_def, space, spec, tables)
         root_key, search_key = jax.random.split(key)
-        root = search.root_fn(params, root_key, tokens, prompt_len)
-        return run_mcts(params, search_key, root, search.recurrent_fn, rule=config.rule,
+        prompts = search.encode_prompts(params, tokens, prompt_len)
+        root = search.root_fn(params, root_key, prompts)
+        recurrent_fn = functools.partial(search.recurrent_fn, prompts=prompts)
+        return run_mcts(params, search_key, root, recurrent_fn, rule=config.rule,
                         num_simulations=config.num_simulations, max_depth=config.max_depth + 1, c=config.c)
 
     return program

@@ -104,18 +104,20 @@ def test_priors_mark_invalid_slots(models):
     ids = TOKENIZER.encode("Q: 1 + 2?\n", add_special_tokens=False)
     tokens = np.zeros((1, 96), np.int32)
     tokens[0, : len(ids)] = ids
-    root = search.root_fn((policy_state, prm_state), jax.random.key(0), tokens, np.asarray([len(ids)], np.int32))
+    params = (policy_state, prm_state)
+    prompts = search.encode_prompts(params, tokens, np.asarray([len(ids)], np.int32))
+    root = search.root_fn(params, jax.random.key(0), prompts)
     priors = np.asarray(root.prior_logits[0])
     assert priors[2] == INVALID_LOGIT and np.all(priors[:2] > INVALID_LOGIT / 2)
-    out, child = search.recurrent_fn((policy_state, prm_state), jax.random.key(1), np.asarray([0]), root.embedding)
+    out, child = search.recurrent_fn(params, jax.random.key(1), np.asarray([0]), root.embedding, prompts)
     assert int(child.depth[0]) == 1
-    out2, grandchild = search.recurrent_fn((policy_state, prm_state), jax.random.key(2), np.asarray([0]), child)
+    out2, grandchild = search.recurrent_fn(params, jax.random.key(2), np.asarray([0]), child, prompts)
     assert bool(grandchild.terminal[0])  # max_depth 2 reached
     assert float(out2.discount[0]) == 0 and float(out2.reward[0]) == float(grandchild.terminal_value[0])
     assert np.all(np.asarray(out2.prior_logits) == INVALID_LOGIT)
     assert int(grandchild.generated_tokens[0]) == 0  # nothing is sampled for a terminal node
     # Below a terminal node: the same node, the same score, nothing sampled.
-    out3, below = search.recurrent_fn((policy_state, prm_state), jax.random.key(3), np.asarray([0]), grandchild)
+    out3, below = search.recurrent_fn(params, jax.random.key(3), np.asarray([0]), grandchild, prompts)
     np.testing.assert_array_equal(np.asarray(below.tokens), np.asarray(grandchild.tokens))
     assert float(out3.reward[0]) == float(grandchild.terminal_value[0]) and float(out3.discount[0]) == 0
 

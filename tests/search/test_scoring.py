@@ -79,25 +79,27 @@ def test_node_values_equal_a_full_width_prm_pass(models, shared):
     backbone) equal the PRM applied to the whole partial solution at the search's full width."""
     policy, prm = models
     space = ActionSpace.single_step(3)
-    width = 96  # widths compiled: 32, 64, 96
-    spec = ExpansionSpec(max_len=width, max_step_tokens=16, max_depth=4, temperature=1.0, pad_id=0,
+    width = 128
+    spec = ExpansionSpec(max_len=width, prompt_width=64, max_step_tokens=24, max_depth=4, temperature=1.0, pad_id=0,
                          eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=shared)
     tables = build_step_tables(TOKENIZER, space, "\n", "The answer is", CONFIG.vocab_size)
     policy_def, policy_state = nnx.split(policy)
     prm_def, prm_state = nnx.split(prm)
     search = StepSearch(policy_def, prm_def, space, spec, tables)
-    assert search._widths() == (32, 64, 96)
+    assert search._widths() == (32, 64, 96)  # of the steps after the prompt (4 steps x 24 tokens at most)
     params = (policy_state, prm_state)
     tokens, length = _rows([9, 60], width, 4)
-    root = jax.jit(search.root_fn)(params, jax.random.key(0), tokens, length)
+    prompts = jax.jit(search.encode_prompts)(params, tokens, length)
+    root = jax.jit(search.root_fn)(params, jax.random.key(0), prompts)
     recurrent = jax.jit(search.recurrent_fn)
     node, values = root.embedding, [root.value]
     nodes = [node]
     for step in range(3):
-        out, node = recurrent(params, jax.random.key(step + 1), jnp.asarray([0, 1]), node)
+        longest = jnp.argmax(node.candidate_len, axis=1)  # grow the rows as fast as the candidates allow
+        out, node = recurrent(params, jax.random.key(step + 1), longest, node, prompts)
         values.append(out.value)
         nodes.append(node)
-    assert int(nodes[-1].length[1]) > 64  # the second row outgrew the narrow widths
+    assert int(nodes[-1].length[1]) - 60 > 32  # the second row's steps outgrew the narrow width
     for node, value in zip(nodes, values):
         padded, mask = right_align(node.tokens, node.length)
         np.testing.assert_allclose(value, prefix_values(prm, padded, mask), atol=1e-5)
@@ -124,8 +126,9 @@ def test_roll_forward_value_and_budget(models, shared):
                              eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=shared,
                              rollout_steps=rollout_steps, rollout_alpha=0.25)
         search = StepSearch(policy_def, prm_def, space, spec, tables)
-        root = search.root_fn(params, jax.random.key(0), tokens, length)
-        return search.recurrent_fn(params, jax.random.key(1), jnp.asarray([0, 2, 1, 0]), root.embedding)
+        prompts = search.encode_prompts(params, tokens, length)
+        root = search.root_fn(params, jax.random.key(0), prompts)
+        return search.recurrent_fn(params, jax.random.key(1), jnp.asarray([0, 2, 1, 0]), root.embedding, prompts)
 
     plain_out, plain = child(0)
     rolled_out, rolled = child(1)
