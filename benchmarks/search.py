@@ -5,9 +5,11 @@ per expansion (each up to `--step-tokens` tokens, stopping at the step delimiter
 node. Engines:
   (a) jaxreason, all B problems in one jitted `mcts` call;
   (b) jaxreason, one problem at a time (the same compiled program with B = 1);
-  (c) a straightforward Python MCTS (UCT) that calls transformers' `generate` (torch) for each expansion and a
-      torch value head for each node, the way the original ReST-MCTS* and rStar code work.
-Reported: nodes/s (expansions per second) and generated tokens/s, and the ratios a/c and a/b.
+  (c) a straightforward Python MCTS (UCT) that calls transformers' `generate` (torch) once per expansion, K
+      return sequences, and a torch value head for each node;
+  (d) the same with one `generate` call per candidate, as ReST-MCTS*'s own MCTS code expands a node
+      (`get_next_steps_expand` proposes each of the K next steps with its own model call).
+Reported: nodes/s (expansions per second) and generated tokens/s, and the ratios a/c, a/d and a/b.
 
     python benchmarks/search.py --model tiny      # a small random Llama (char tokenizer), weights shared by both
     python benchmarks/search.py --model smollm2   # SmolLM2-135M-Instruct from the shipped GGUF
@@ -56,8 +58,8 @@ def run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time: bool)
     return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens}
 
 
-def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int, threads: int):
-    """UCT over text nodes; every expansion is a `generate` call with K return sequences."""
+def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int, threads: int, per_candidate: bool):
+    """UCT over text nodes; every expansion is one `generate` call with K return sequences, or K calls of one."""
     import torch
     import transformers
 
@@ -74,13 +76,18 @@ def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int,
             hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
         return torch.sigmoid(hidden @ head).item()
 
-    def expand(ids):
+    def generate(ids, n):
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), do_sample=True, temperature=config.temperature,
-                                 max_new_tokens=config.max_step_tokens, num_return_sequences=config.num_candidates,
+                                 max_new_tokens=config.max_step_tokens, num_return_sequences=n,
                                  stop_strings=[delimiter], tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        return out[:, len(ids):].tolist()
+
+    def expand(ids):
+        k = config.num_candidates
+        rows = [generate(ids, 1)[0] for _ in range(k)] if per_candidate else generate(ids, k)
         children = []
-        for row in out[:, len(ids):].tolist():
+        for row in rows:
             step = [t for t in row if t != tokenizer.pad_token_id]
             text = tokenizer.decode(step)
             children.append((ids + step, len(step), task.answer_prefix.strip() in text or tokenizer.eos_token_id in step))
@@ -123,7 +130,7 @@ def main():
     parser.add_argument("--simulations", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--step-tokens", type=int, default=24)
-    parser.add_argument("--torch-problems", type=int, default=4, help="(c) is timed on this many problems")
+    parser.add_argument("--torch-problems", type=int, default=4, help="(c) and (d) are timed on this many problems")
     # On a shared, loaded CPU torch's multi-threaded matmuls stall (one descheduled thread holds up the rest):
     # with 2 threads a tiny-model generate call took 0.1-10 s, with 1 thread a steady 0.1 s.
     parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for (c)")
@@ -138,19 +145,23 @@ def main():
         "a_batched": run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=False),
         "b_one_at_a_time": run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=True),
         "c_python_torch": run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
-                                    args.torch_threads),
+                                    args.torch_threads, per_candidate=False),
+        "d_per_candidate": run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
+                                     args.torch_threads, per_candidate=True),
     }
     for r in results.values():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
-          f"steps <= {args.step_tokens} tokens; (c) timed on {args.torch_problems} problems, "
+          f"steps <= {args.step_tokens} tokens; (c), (d) timed on {args.torch_problems} problems, "
           f"{args.torch_threads} torch thread(s)")
     for name, r in results.items():
         print(f"  {name:<16} {r['nodes_per_s']:9.2f} nodes/s  {r['tokens_per_s']:9.1f} gen. tokens/s  "
               f"({r['nodes']} nodes, {r['tokens']} tokens, {r['seconds']:.1f} s)")
-    a, b, c = (results[k]["nodes_per_s"] for k in ("a_batched", "b_one_at_a_time", "c_python_torch"))
-    print(f"  ratio a/c (batched jaxreason / per-node Python+torch): {a / c:.1f}x   ratio a/b: {a / b:.1f}x")
+    a, b, c, d = (results[k]["nodes_per_s"] for k in ("a_batched", "b_one_at_a_time", "c_python_torch",
+                                                       "d_per_candidate"))
+    print(f"  ratio a/c (batched jaxreason / per-node Python+torch): {a / c:.1f}x   "
+          f"ratio a/d (/ one generate per candidate): {a / d:.1f}x   ratio a/b: {a / b:.1f}x")
     print(json.dumps({"model": args.model, **results}))
 
 

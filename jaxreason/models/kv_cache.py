@@ -17,20 +17,21 @@ class KVCache:
     lengths are handled by `mask` (left-padded prompts leave unmasked gaps at the start).
 
     Attributes:
-      k: keys, [L, B, S, num_kv_heads, head_dim].
-      v: values, [L, B, S, num_kv_heads, head_dim].
+      k: keys, [L, B, num_kv_heads, S, head_dim] (heads before slots: each head's keys are one contiguous
+        [S, head_dim] matrix, which the decode step's small per-row matmuls read fastest).
+      v: values, [L, B, num_kv_heads, S, head_dim].
       mask: [B, S], True where a slot holds a real token.
       index: [], the next slot to write.
     """
 
-    k: Float[Array, "L B S K D"]
-    v: Float[Array, "L B S K D"]
+    k: Float[Array, "L B K S D"]
+    v: Float[Array, "L B K S D"]
     mask: Bool[Array, "B S"]
     index: Int[Array, ""]
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),

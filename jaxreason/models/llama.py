@@ -113,10 +113,10 @@ class Attention(nnx.Module):
         inv_freq: Float[Array, "D/2"],
         query_slots: Int[Array, "T"],
         key_mask: Bool[Array, "B S"],
-        cache_kv: tuple[Float[Array, "L B S K D"], Float[Array, "L B S K D"], Int[Array, ""]] | None,
+        cache_kv: tuple[Float[Array, "L B K S D"], Float[Array, "L B K S D"], Int[Array, ""]] | None,
         cache_index: Int[Array, ""] | None,
-        prefix_kv: tuple[Float[Array, "P W K D"], Float[Array, "P W K D"], Bool[Array, "P W"]] | None = None,
-    ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "L B S K D"], Float[Array, "L B S K D"]] | None]:
+        prefix_kv: tuple[Float[Array, "P K W D"], Float[Array, "P K W D"], Bool[Array, "P W"]] | None = None,
+    ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "L B K S D"], Float[Array, "L B K S D"]] | None]:
         cfg, dt = self.config, self.dtype
         q = jnp.einsum("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x, effective_kernel(self, "k").astype(dt))
@@ -131,18 +131,20 @@ class Attention(nnx.Module):
             # Write only the new tokens into the all-layer buffers, which the layer scan carries (and XLA
             # updates in place); then read this layer's keys and values back.
             k_cache, v_cache, layer = cache_kv
-            start = (layer, 0, cache_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], start)
+            start = (layer, 0, 0, cache_index, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype).transpose(0, 2, 1, 3)[None], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype).transpose(0, 2, 1, 3)[None], start)
             k_all, v_all = k_cache[layer], v_cache[layer]
             new_cache = (k_cache, v_cache)
+            keys = "bksd"  # the cache's layout
         else:
             k_all, v_all, new_cache = k, v, None
+            keys = "bskd"
         b, t, h, d = q.shape
         groups = h // cfg.num_kv_heads
         q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_all.astype(dt)).astype(jnp.float32) / math.sqrt(d)
-        key_slots = jnp.arange(k_all.shape[1])
+        scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k_all.astype(dt)).astype(jnp.float32) / math.sqrt(d)
+        key_slots = jnp.arange(key_mask.shape[1])
         allowed = key_slots[None, :] <= query_slots[:, None]  # [T, S] causal in slot order
         if cfg.sliding_window is not None:
             allowed &= query_slots[:, None] - key_slots[None, :] < cfg.sliding_window
@@ -150,13 +152,13 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         if prefix_kv is None:
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt))
+            out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v_all.astype(dt))
         else:
             # One softmax over [prefix keys, own keys]; the prefix rows are read once per group of R rows.
             k_pre, v_pre, pre_mask = prefix_kv
             p, w = pre_mask.shape
             q_groups = q.reshape(p, b // p, t, cfg.num_kv_heads, groups, d)
-            pre_scores = jnp.einsum("prtkgd,pwkd->prkgtw", q_groups, k_pre.astype(dt)).astype(jnp.float32)
+            pre_scores = jnp.einsum("prtkgd,pkwd->prkgtw", q_groups, k_pre.astype(dt)).astype(jnp.float32)
             pre_allowed = jnp.broadcast_to(pre_mask[:, None, None, :], (p, b // p, t, w))  # [P, R, T, W]
             if cfg.sliding_window is not None:  # distance in tokens: the prefix may hold padding gaps
                 pre_positions = jnp.cumsum(pre_mask, axis=1) - 1
@@ -166,9 +168,9 @@ class Attention(nnx.Module):
             pre_scores = pre_scores.reshape(b, cfg.num_kv_heads, groups, t, w)
             probs = jax.nn.softmax(jnp.concatenate([pre_scores, scores], axis=-1), axis=-1).astype(dt)
             pre_probs = probs[..., :w].reshape(p, b // p, cfg.num_kv_heads, groups, t, w)
-            out = (jnp.einsum("prkgtw,pwkd->prtkgd", pre_probs, v_pre.astype(dt)).reshape(b, t, cfg.num_kv_heads,
+            out = (jnp.einsum("prkgtw,pkwd->prtkgd", pre_probs, v_pre.astype(dt)).reshape(b, t, cfg.num_kv_heads,
                                                                                            groups, d)
-                   + jnp.einsum("bkgts,bskd->btkgd", probs[..., w:], v_all.astype(dt)))
+                   + jnp.einsum(f"bkgts,{keys}->btkgd", probs[..., w:], v_all.astype(dt)))
         out = out.reshape(b, t, h, d)
         return jnp.einsum("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
 

@@ -158,7 +158,8 @@ class StepSearch:
         steps, mask = right_align(tokens, length, spec.pad_id, width, start=prompts.length)
         room = max(t.shape[0] for t in self.tables.templates)  # the templates run on top of the prefix
         cache = KVCache.init(policy.config, b, p + width + room, dtype=policy.transformer.dtype)
-        cache = cache.replace(k=cache.k.at[:, :, :p].set(prompts.cache.k), v=cache.v.at[:, :, :p].set(prompts.cache.v),
+        cache = cache.replace(k=cache.k.at[:, :, :, :p].set(prompts.cache.k),
+                              v=cache.v.at[:, :, :, :p].set(prompts.cache.v),
                               mask=cache.mask.at[:, :p].set(prompts.cache.mask), index=jnp.asarray(p, jnp.int32))
         hidden, cache = policy.transformer(steps, mask, cache=cache)
         last = jnp.where((length > prompts.length)[:, None], hidden[:, -1], prompts.last_hidden)  # no steps yet
