@@ -2,11 +2,11 @@
 
 Creating a node samples its K candidate next steps in one batched call, so the node's prior logits (the
 candidates' length-normalised log-probabilities) are known when `recurrent_fn` returns. The prompts' keys and
-values are computed once per search (`encode_prompts`); a node's prefill covers only its steps, on top of a copy
-of its prompt's cache, and its K samples decode from that one prefix (no K-fold copy). Taking action k appends candidate k to the partial solution; the PRM scores the
-result. A step that ends the solution (final-answer marker, EOS, depth or length limit) makes a terminal
-node: its score goes into `reward` with discount 0, and an expansion below it changes nothing and backs up
-the same score again.
+values are computed once per search (`encode_prompts`); a node's prefill covers only its steps, on top of a
+copy of its prompt's cache, and its K samples decode from that one shared prefix. Taking action k appends
+candidate k to the partial solution; the PRM scores the result. A step that ends the solution (final-answer
+marker, EOS, depth or length limit) makes a terminal node: its score goes into `reward` with discount 0, and
+an expansion below it changes nothing and backs up the same score again.
 """
 
 from __future__ import annotations
