@@ -55,9 +55,12 @@ def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> d
 
     methods = list(its[0]["rest_mcts"])
     em_methods = [m for m in methods if m in its[-1]["rest_em"]]
+    sizes = {m: row.get("problems", n) for m, row in its[0]["rest_mcts"].items()}  # older runs: all n
+    subsets = ", ".join(f"{_LABELS.get(m, m)} on the first {k}" for m, k in sizes.items() if k != n)
     lines = [
         "# ReST-MCTS* run report", "",
-        f"Task `{config['problems']['task']}`, {n} held-out problems, {config['problems']['train']} self-training "
+        f"Task `{config['problems']['task']}`, {n} held-out problems" + (f" ({subsets})" if subsets else "")
+        + f", {config['problems']['train']} self-training "
         f"problems, {len(its) - 1} of {config['iterations']} iterations finished, seed {config['seed']}.", "",
         "## Held-out accuracy per iteration", "",
         "| iteration | " + " | ".join(f"ReST-MCTS* {_LABELS.get(m, m)}" for m in methods) + " | "
@@ -78,8 +81,10 @@ def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> d
     for name, key in (("ReST-MCTS*", "rest_mcts"), ("ReST-EM", "rest_em")):
         for m in (em_methods if key == "rest_em" else methods):
             a0, a1 = first[key][m]["accuracy"], last[key][m]["accuracy"]
+            k = sizes[m]
             lines.append(f"- {name} {_LABELS.get(m, m)}: {a0:.3f} -> {a1:.3f} ({100 * (a1 - a0):+.1f} points; "
-                         f"binomial standard error of each figure about {100 * standard_error(a1, n):.1f} points)")
+                         f"binomial standard error of each figure about {100 * standard_error(a1, k):.1f} points"
+                         + (f", {k} problems" if k != n else "") + ")")
     lines += ["", "ReST-EM samples whole solutions with the same number of generated tokens as that iteration's "
               "MCTS* search spent on the same training problems, and trains its policy by the same rule.", "",
               f"## Accuracy against generated tokens (iteration {last['iteration']})", "",

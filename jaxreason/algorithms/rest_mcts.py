@@ -90,11 +90,17 @@ class EvalConfig:
     methods: tuple[str, ...] = ("greedy", "self_consistency", "best_of_n", "mcts")
     baseline: BaselineConfig = BaselineConfig()
     mcts: MCTSConfig | None = None  # None: the search settings
+    # {method: n}: that method is evaluated on the first n held-out problems only (an expensive method on a
+    # subset, the cheap ones on all `problems.test`); every method not named gets all of them.
+    num_problems: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in (*self.methods, *self.num_problems) if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
+        bad = {m: n for m, n in self.num_problems.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
+        if bad:
+            raise ValueError(f"num_problems must be positive integers, got {bad}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +129,9 @@ class RestMCTSConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.prm_loss not in ("mse", "bce"):
             raise ValueError(f"prm_loss must be 'mse' or 'bce', got {self.prm_loss!r}")
+        too_many = {m: n for m, n in self.evaluation.num_problems.items() if n > self.problems.test}
+        if too_many:
+            raise ValueError(f"evaluation.num_problems {too_many} exceeds problems.test = {self.problems.test}")
 
 
 class RunInterrupted(RuntimeError):
@@ -306,17 +315,19 @@ def _rest_em_sample(r: _Run, policy, t: int, token_budget: int) -> dict:
 
 
 def _evaluate(r: _Run, policy, prm, methods: Sequence[str]) -> dict:
-    """{method: {accuracy, tokens_per_problem, seconds}} on the held-out problems, same keys every iteration."""
+    """{method: {accuracy, problems, tokens_per_problem, seconds}} on the held-out problems (the first
+    `evaluation.num_problems[method]` of them where set), the same keys and problems every iteration."""
     ev = r.config.evaluation
     chat = r.config.chat  # one switch for every prompt of the run
     budget = Budget(baseline=dataclasses.replace(ev.baseline, chat=chat),
                     mcts=dataclasses.replace(ev.mcts or r.config.search, chat=chat))
     out = {}
     for method in methods:
-        result = run(r.test, policy, prm, method=method, budget=budget, tokenizer=r.tokenizer, task=r.task,
+        problems = r.test[:ev.num_problems.get(method, len(r.test))]
+        result = run(problems, policy, prm, method=method, budget=budget, tokenizer=r.tokenizer, task=r.task,
                      key=r.key_for(f"eval_{method}"))
-        out[method] = {"accuracy": result.accuracy, "tokens_per_problem": result.total_tokens / len(r.test),
-                       "seconds": round(result.seconds, 1)}
+        out[method] = {"accuracy": result.accuracy, "problems": len(problems),
+                       "tokens_per_problem": result.total_tokens / len(problems), "seconds": round(result.seconds, 1)}
         log.info("eval %s: accuracy %.3f", method, result.accuracy)
     return out
 

@@ -28,6 +28,7 @@ SHORT = [
     "search.num_simulations=8", "search.num_candidates=3", "search.max_depth=3", "search.max_step_tokens=16",
     "rest_em.max_new_tokens=32", "evaluation.methods=[greedy,self_consistency,mcts]",
     "evaluation.baseline.num_samples=2", "evaluation.baseline.max_new_tokens=32",
+    "evaluation.num_problems={mcts: 2}",  # the expensive method on a subset of the held-out problems
 ]
 STAGES = ["sft", "warmup_data", "prm_0", "eval_0"] + [
     f"{s}_{t}" for t in (1, 2) for s in ("search", "prm", "policy", "rest_em_sample", "rest_em_policy", "eval")]
@@ -67,6 +68,9 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
         assert set(it["rest_em"]) == {"greedy", "self_consistency"}
         for row in it["rest_mcts"].values():
             assert 0 <= row["accuracy"] <= 1 and row["tokens_per_problem"] > 0
+        assert {m: row["problems"] for m, row in it["rest_mcts"].items()} == {
+            "greedy": 4, "self_consistency": 4, "mcts": 2}
+        assert {row["problems"] for row in it["rest_em"].values()} == {4}
     for t in (1, 2):  # ReST-EM spends at least the search's budget, at most one more sampling round
         search, em = stages[f"search_{t}"], stages[f"rest_em_sample_{t}"]
         assert em["generated_tokens"] >= search["generated_tokens"]
@@ -74,6 +78,7 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
 
     report = (finished / "report.md").read_text()
     assert "| iteration |" in report and "ReST-EM" in report and "points" in report
+    assert "4 held-out problems (MCTS* (PRM) on the first 2)" in report
     for png in ("accuracy_per_iteration.png", "accuracy_vs_tokens.png"):
         assert (finished / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A stage with no examples (a search that found no correct leaf) trains nothing and saves nothing.
@@ -94,6 +99,15 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
                 v = s.step_values[np.isfinite(s.step_values)]
                 assert ((v >= 0) & (v <= 1)).all()
             assert len(store.select(iteration=t, flags_all=FLAG_BASELINE)) == stages[f"rest_em_sample_{t}"]["samples"]
+
+
+def test_eval_subset_sizes_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="exceeds problems.test"):
+        _config(tmp_path, "evaluation.num_problems={mcts: 5}")
+    with pytest.raises(ValueError, match="unknown method 'mcst'"):
+        _config(tmp_path, "evaluation.num_problems={mcst: 2}")
+    with pytest.raises(ValueError, match="positive integers"):
+        _config(tmp_path, "evaluation.num_problems={mcts: 0}")
 
 
 def test_existing_run_needs_resume(finished):
