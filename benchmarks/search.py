@@ -133,7 +133,7 @@ def main():
     parser.add_argument("--torch-problems", type=int, default=4, help="(c) and (d) are timed on this many problems")
     # On a shared, loaded CPU torch's multi-threaded matmuls stall (one descheduled thread holds up the rest):
     # with 2 threads a tiny-model generate call took 0.1-10 s, with 1 thread a steady 0.1 s.
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for (c)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for (c) and (d)")
     args = parser.parse_args()
 
     policy, prm, tokenizer = _models(args.model)

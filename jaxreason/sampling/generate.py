@@ -169,7 +169,8 @@ def sample(
     """The pure sampling program (call it inside your own jit; `generate` is its jitted wrapper).
 
     Each prompt is prefilled once and its cache shared by its `samples_per_prompt` = K samples, so K
-    continuations of one prefix cost one prefill and read its keys once per step. Output rows are prompt-major: row b * K + k is sample k of prompt b.
+    continuations of one prefix cost one prefill and read its keys once per step. Output rows are
+    prompt-major: row b * K + k is sample k of prompt b.
 
     Args:
       row_keys: [B * K] keys, one per output row.

@@ -78,7 +78,8 @@ def mcts(
     batch = min(config.batch_size, len(prompts))
 
     spec = ExpansionSpec(
-        max_len=max_len, prompt_width=_round_up(longest, 16), max_step_tokens=config.max_step_tokens, max_depth=config.max_depth,
+        max_len=max_len, prompt_width=_round_up(longest, 16), max_step_tokens=config.max_step_tokens,
+        max_depth=config.max_depth,
         temperature=config.temperature, top_p=config.top_p, rollout_steps=config.rollout_steps,
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),

@@ -1,11 +1,12 @@
 """Parity of the NNX decoder with transformers' PyTorch implementations on tiny random models."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from jaxreason.models import load_pretrained, save_pretrained
+from jaxreason.models import KVCache, load_pretrained, save_pretrained
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 
 VOCAB = 100  # the char tokenizer's size
@@ -108,10 +109,6 @@ def test_left_padding_does_not_change_logits(tmp_path):
 def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
     """Two samples continue each left-padded prompt from one read-only prefix cache; their logits equal
     transformers' on the concatenated rows (the sliding window counts tokens across the prefix's padding)."""
-    import jax.numpy as jnp
-
-    from jaxreason.models.kv_cache import KVCache
-
     hf, folder = _hf_model(name, tmp_path)
     model, _ = load_pretrained(folder)
     ids, mask = _padded_batch()
@@ -132,10 +129,6 @@ def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
 
 
 def test_shared_prefix_needs_a_batch_that_is_a_multiple_of_it(tmp_path):
-    import jax.numpy as jnp
-
-    from jaxreason.models.kv_cache import KVCache
-
     _, folder = _hf_model("llama3_gqa_tied", tmp_path)
     model, _ = load_pretrained(folder)
     prefix = KVCache.init(model.config, 2, 8)

@@ -80,8 +80,8 @@ def test_node_values_equal_a_full_width_prm_pass(models, shared):
     policy, prm = models
     space = ActionSpace.single_step(3)
     width = 128
-    spec = ExpansionSpec(max_len=width, prompt_width=64, max_step_tokens=24, max_depth=4, temperature=1.0, pad_id=0,
-                         eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=shared)
+    spec = ExpansionSpec(max_len=width, prompt_width=64, max_step_tokens=24, max_depth=4, temperature=1.0,
+                         pad_id=0, eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=shared)
     tables = build_step_tables(TOKENIZER, space, "\n", "The answer is", CONFIG.vocab_size)
     policy_def, policy_state = nnx.split(policy)
     prm_def, prm_state = nnx.split(prm)
