@@ -152,7 +152,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         if prefix_kv is None:
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v_all.astype(dt))
+            out = _weighted_values(probs, v_all.astype(dt), keys)
         else:
             # One softmax over [prefix keys, own keys]; the prefix rows are read once per group of R rows.
             k_pre, v_pre, pre_mask = prefix_kv
@@ -168,11 +168,25 @@ class Attention(nnx.Module):
             pre_scores = pre_scores.reshape(b, cfg.num_kv_heads, groups, t, w)
             probs = jax.nn.softmax(jnp.concatenate([pre_scores, scores], axis=-1), axis=-1).astype(dt)
             pre_probs = probs[..., :w].reshape(p, b // p, cfg.num_kv_heads, groups, t, w)
-            out = (jnp.einsum("prkgtw,pkwd->prtkgd", pre_probs, v_pre.astype(dt)).reshape(b, t, cfg.num_kv_heads,
-                                                                                           groups, d)
-                   + jnp.einsum(f"bkgts,{keys}->btkgd", probs[..., w:], v_all.astype(dt)))
+            if t == 1:  # decoding: see `_weighted_values`
+                pre_out = jnp.sum(pre_probs[:, :, :, :, 0, :, None] * v_pre.astype(dt)[:, None, :, None], axis=-2)
+            else:
+                pre_out = jnp.einsum("prkgtw,pkwd->prtkgd", pre_probs, v_pre.astype(dt))
+            out = pre_out.reshape(b, t, cfg.num_kv_heads, groups, d) + _weighted_values(probs[..., w:],
+                                                                                        v_all.astype(dt), keys)
         out = out.reshape(b, t, h, d)
         return jnp.einsum("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
+
+
+def _weighted_values(probs: Float[Array, "B K G T S"], values: Array, keys: str) -> Float[Array, "B T K G D"]:
+    """The attention output: `probs`-weighted sums of `values` ([B, K, S, D] for "bksd", else [B, S, K, D]).
+
+    For one query token (decoding) a broadcast multiply and sum: XLA's CPU batched matmul spends more on its
+    B x K tiny [G, S] x [S, D] products than on the arithmetic (one decode step of 128 rows: 13.4 -> 12.2 ms).
+    """
+    if probs.shape[3] == 1 and keys == "bksd":
+        return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+    return jnp.einsum(f"bkgts,{keys}->btkgd", probs, values)
 
 
 class MLP(nnx.Module):

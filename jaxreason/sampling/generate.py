@@ -51,12 +51,15 @@ class GenerateOutput:
         0 past `lengths`.
       lengths: [B] number of new tokens, the EOS or stop-completing token included.
       stopped: [B] True where the row ended on EOS or a stop string rather than on max_new_tokens.
+      last_hidden: [B, E] the model's final hidden state at the row's last new token (0 for an empty row): a
+        value head on the same backbone scores prompt + completion from it without another pass.
     """
 
     tokens: Int[Array, "B N"]
     logprobs: Float[Array, "B N"]
     lengths: Int[Array, "B"]
     stopped: Bool[Array, "B"]
+    last_hidden: Float[Array, "B E"]
 
 
 def sample_logits(logits: Float[Array, "V"], key: PRNGKeyArray, config: SamplingConfig) -> Int[Array, ""]:
@@ -143,6 +146,7 @@ class _LoopState:
     lengths: Int[Array, "B"]
     done: Bool[Array, "B"]
     stopped: Bool[Array, "B"]
+    last_hidden: Float[Array, "B E"]
     stop_buffer: object
 
 
@@ -196,11 +200,13 @@ def sample_from_cache(
     stop_table: StopTable | None = None,
     samples_per_prompt: int = 1,
     skip: Bool[Array, "B"] | None = None,
+    max_tokens: Int[Array, "B"] | None = None,
 ) -> GenerateOutput:
     """`sample` after the prefill: continues from each row's next-token `logits` and its filled `cache`.
 
     The prompt's cache is read-only here, a prefix shared by its `samples_per_prompt` = K samples (rows
     prompt-major, as in `sample`); the sampled tokens go to a cache of their own, `config.max_new_tokens` slots.
+    `max_tokens` [B] caps each prompt's samples below that (a row that reaches its cap ends, not `stopped`).
     """
     batch = logits.shape[0]
     k = samples_per_prompt
@@ -211,6 +217,8 @@ def sample_from_cache(
     cache = KVCache.init(model.config, rows, n, dtype=prefix.k.dtype)
     eos = jnp.asarray(eos_ids if eos_ids and not config.ignore_eos else (-1,), jnp.int32)
     sample_rows = jax.vmap(lambda lg, key: sample_logits(lg, key, config))
+    limit = n if max_tokens is None else jnp.repeat(jnp.minimum(max_tokens, n), k)
+    done = (jnp.zeros((rows,), bool) if skip is None else jnp.repeat(skip, k)) | (limit <= 0)
 
     def cond(s: _LoopState):
         return (s.step < n) & ~jnp.all(s.done)
@@ -227,8 +235,10 @@ def sample_from_cache(
             stop_buffer, hit = update_stop_buffer(stop_table, stop_buffer, token)
             ended |= hit
         ended &= live
-        next_logits, cache = model(token[:, None], attention_mask=live[:, None].astype(jnp.int32), cache=s.cache,
-                                   prefix=prefix)
+        full = live & (s.lengths + 1 >= limit)
+        hidden, cache = model.transformer(token[:, None], live[:, None].astype(jnp.int32), cache=s.cache,
+                                          prefix=prefix)
+        next_logits = model.logits_from_hidden(hidden)
         return _LoopState(
             step=s.step + 1,
             logits=next_logits[:, -1],
@@ -236,8 +246,9 @@ def sample_from_cache(
             tokens=s.tokens.at[:, s.step].set(token),
             logprobs=s.logprobs.at[:, s.step].set(jnp.where(live, logprob, 0.0)),
             lengths=s.lengths + live,
-            done=s.done | ended,
+            done=s.done | ended | full,
             stopped=s.stopped | ended,
+            last_hidden=jnp.where(live[:, None], hidden[:, -1], s.last_hidden),
             stop_buffer=stop_buffer,
         )
 
@@ -248,9 +259,11 @@ def sample_from_cache(
         tokens=jnp.full((rows, n), pad_id, jnp.int32),
         logprobs=jnp.zeros((rows, n), jnp.float32),
         lengths=jnp.zeros((rows,), jnp.int32),
-        done=jnp.zeros((rows,), bool) if skip is None else jnp.repeat(skip, k),
+        done=done,
         stopped=jnp.zeros((rows,), bool),
+        last_hidden=jnp.zeros((rows, model.config.hidden_size), model.transformer.dtype),
         stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, rows),
     )
     final = jax.lax.while_loop(cond, body, init)
-    return GenerateOutput(tokens=final.tokens, logprobs=final.logprobs, lengths=final.lengths, stopped=final.stopped)
+    return GenerateOutput(tokens=final.tokens, logprobs=final.logprobs, lengths=final.lengths, stopped=final.stopped,
+                          last_hidden=final.last_hidden)

@@ -128,30 +128,60 @@ class StepSearch:
         hidden, cache = policy.transformer(prompt, mask, cache=cache)
         return Prompts(tokens=tokens, length=prompt_len, cache=cache, last_hidden=hidden[:, -1])
 
-    def _expand_nodes(self, policy, prm, key, prompts: Prompts, tokens, length, skip, live):
-        """Candidates and PRM values of a batch of partial solutions (see `_expand_at_width`).
+    def _expand_nodes(self, policy, prm, key, prompts: Prompts, tokens, length, expand):
+        """The K candidate steps after each partial solution in `expand` [B], with their PRM values.
 
-        Only the rows in `live` need results. The program holds one copy of the expansion per width of the
-        steps part (`_widths`) and runs the narrowest that fits the longest live row, so short solutions do
-        not pay for the search's full width.
-        """
-        widths = self._widths()
-        longest = jnp.max(jnp.where(live, length - prompts.length, 1))
-        index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
-        branches = [lambda w=w: self._expand_at_width(policy, prm, key, prompts, tokens, length, skip, w)
-                    for w in widths]
-        return jax.lax.switch(index, branches)
-
-    def _expand_at_width(self, policy, prm, key, prompts: Prompts, tokens, length, skip, width: int):
-        """K candidate steps after each partial solution and the solution's PRM value.
-
-        Rows in `skip` (terminal nodes) get no candidates. The steps after the prompt (their last `width`
-        tokens, left-padded) are prefilled once on top of the prompt's cached keys and values; each action
-        type's template runs on top of that, and its samples continue from there, sharing it. When the PRM
-        shares the policy's backbone, its value is read from the same prefill.
+        Rows outside `expand` (terminal nodes, copies below them) get no candidates: length 0, an invalid prior,
+        value 0. In a search many simulations end on a terminal node, so the rows to expand are gathered into
+        the smallest of a few batch sizes that holds them (`_row_buckets`) instead of paying for a full prefill
+        and decode. Within that, the program holds one copy of the expansion per width of the steps part
+        (`_widths`) and runs the narrowest that fits the longest row. A row's samples depend on its own index
+        only, so the gathering changes no result.
 
         Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], the number of
-        generated tokens [B] and the value [B].
+        generated tokens [B] and the candidates' values [B, K].
+        """
+        b = tokens.shape[0]
+        sizes = _row_buckets(b)
+        order = jnp.argsort(~expand, stable=True)  # the rows to expand first, in their order
+        widths = self._widths()
+        longest = jnp.max(jnp.where(expand, length - prompts.length, 1))
+        width_index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
+
+        def at_size(size):
+            if size == b:
+                rows, sub = jnp.arange(b), (prompts, tokens, length)
+            else:
+                rows = order[:size]
+                sub = (_take_prompts(prompts, rows), tokens[rows], length[rows])
+            branches = [lambda w=w: self._expand_at_width(policy, prm, key, *sub, ~expand[rows], rows, b, w)
+                        for w in widths]
+            out = jax.lax.switch(width_index, branches)
+            if size == b:
+                return out
+            # Scatter back; the padding rows past the expanded ones must not overwrite anything.
+            target = jnp.where(expand[rows], rows, b)
+            empty = (jnp.full_like(out[0], self.spec.pad_id, shape=(b, *out[0].shape[1:])),
+                     *(jnp.zeros((b, *x.shape[1:]), x.dtype) for x in out[1:]))
+            return tuple(e.at[target].set(x, mode="drop") for e, x in zip(empty, out))
+
+        size_index = jnp.sum(jnp.asarray(sizes[1:]) >= jnp.sum(expand))  # sizes are descending
+        cand, lens, logp, ends, generated, values = jax.lax.switch(
+            size_index, [lambda s=s: at_size(s) for s in sizes])
+        logp = jnp.where(expand[:, None], logp, INVALID_LOGIT)
+        return cand, lens, logp, ends, generated, values
+
+    def _expand_at_width(self, policy, prm, key, prompts: Prompts, tokens, length, skip, rows, batch: int,
+                         width: int):
+        """`_expand_nodes` for a batch of b partial solutions whose steps fit in `width` tokens.
+
+        The partial solutions are rows `rows` [b] of the search's `batch`; a row's random draws depend on its
+        index there, not on which rows are expanded with it. Rows in `skip` get no candidates. The steps after
+        the prompt (their last `width` tokens, left-padded) are prefilled once on top of the prompt's cached
+        keys and values; each action type's template runs on top of that, and its samples continue from
+        there, sharing it. A candidate's value is the PRM's score of the partial solution followed by it: read
+        from the sampler's last hidden state when the PRM shares the policy's backbone, else one PRM pass over
+        the prefix with the K candidates on top (`candidate_values`).
         """
         spec, b = self.spec, tokens.shape[0]
         p = self._prompt_width
@@ -163,10 +193,6 @@ class StepSearch:
                               mask=cache.mask.at[:, :p].set(prompts.cache.mask), index=jnp.asarray(p, jnp.int32))
         hidden, cache = policy.transformer(steps, mask, cache=cache)
         last = jnp.where((length > prompts.length)[:, None], hidden[:, -1], prompts.last_hidden)  # no steps yet
-        if spec.prm_shares_backbone:
-            value = jax.nn.sigmoid(prm.logits_from_hidden(last))
-        else:
-            value = prefix_values(prm, *right_align(tokens, length, spec.pad_id, p + width))
         last_logits = policy.logits_from_hidden(last[:, None])[:, 0]
         groups = []
         for g, action in enumerate(self.space.types):
@@ -179,24 +205,30 @@ class StepSearch:
                 logits, group_cache = last_logits, cache
             config = SamplingConfig(max_new_tokens=spec.max_step_tokens - t, temperature=spec.temperature,
                                     top_p=spec.top_p)
-            keys = jax.random.split(jax.random.fold_in(key, g), b * action.num_samples)
+            n = action.num_samples
+            keys = jax.random.split(jax.random.fold_in(key, g), batch * n).reshape(batch, n)[rows].reshape(b * n)
+            room = tokens.shape[1] - length - t  # a candidate never overflows its row: it is cut to fit
             out = sample_from_cache(policy, logits, group_cache, keys, config, eos_ids=spec.eos_ids,
                                     pad_id=spec.pad_id,
                                     stop_table=self.tables.step_end if action.until_step_end else None,
-                                    samples_per_prompt=action.num_samples, skip=skip)
-            n = action.num_samples
+                                    samples_per_prompt=n, skip=skip | (room < 1), max_tokens=room)
             new = out.tokens.reshape(b, n, -1)
             cand = jnp.concatenate([jnp.broadcast_to(template, (b, n, t)), new], axis=-1)
             lens = out.lengths.reshape(b, n)
             logp = out.logprobs.reshape(b, n, -1).sum(-1) / jnp.maximum(lens, 1)  # length-normalised
+            logp = jnp.where((room < 1)[:, None], INVALID_LOGIT, logp)  # not even the template fits
             ended_eos = jnp.isin(jnp.take_along_axis(new, jnp.maximum(lens - 1, 0)[..., None], -1)[..., 0],
                                  jnp.asarray(spec.eos_ids or (-1,)))
-            groups.append((cand, t + lens, logp, ended_eos, jnp.sum(lens, axis=1)))
-        cand, lens, logp, ended_eos = (jnp.concatenate([g[i] for g in groups], axis=1) for i in range(4))
-        generated = sum(g[4] for g in groups)
+            values = (jax.nn.sigmoid(prm.logits_from_hidden(out.last_hidden)).reshape(b, n)
+                      if spec.prm_shares_backbone else jnp.zeros((b, n)))
+            groups.append((cand, t + lens, logp, ended_eos, values, jnp.sum(lens, axis=1)))
+        cand, lens, logp, ended_eos, values = (jnp.concatenate([g[i] for g in groups], axis=1) for i in range(5))
+        generated = sum(g[5] for g in groups)
+        if not spec.prm_shares_backbone:
+            values = candidate_values(prm, *right_align(tokens, length, spec.pad_id, p + width), cand, lens)
         ends = ended_eos | self._contains_answer(cand)
         logp = jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp)
-        return cand, lens, logp, ends, generated, value
+        return cand, lens, logp, ends, generated, values
 
     def _contains_answer(self, cand: Int[Array, "B K S"]) -> Bool[Array, "B K"]:
         b, k, s = cand.shape
@@ -213,37 +245,44 @@ class StepSearch:
 
     # -- nodes ------------------------------------------------------------------------------------------
 
-    def _new_node(self, policy, prm, key, prompts, tokens, length, step_ends, depth, node_type, terminal, live):
-        """A NodeState with its candidates and PRM value; priors are invalid where the node is terminal.
+    def _new_node(self, policy, prm, key, prompts, tokens, length, step_ends, depth, node_type, terminal, value,
+                  live):
+        """A NodeState with its candidates; priors are invalid where the node is terminal.
 
-        Rows outside `live` (copies below a terminal node, replaced by the caller) may get any result.
+        Rows outside `live` (copies below a terminal node, replaced by the caller) are not expanded.
         """
-        cand, cand_len, logp, ends, generated, value = self._expand_nodes(
-            policy, prm, key, prompts, tokens, length, terminal, live)
-        valid = self.validity[node_type] & ~terminal[:, None]
-        prior = jnp.where(valid, logp, INVALID_LOGIT)
+        cand, cand_len, logp, ends, generated, cand_values = self._expand_nodes(
+            policy, prm, key, prompts, tokens, length, live & ~terminal)
+        prior = jnp.where(self.validity[node_type], logp, INVALID_LOGIT)
         node = NodeState(
             tokens=tokens, length=length, prompt_len=prompts.length, step_ends=step_ends, depth=depth,
             node_type=node_type, terminal=terminal, terminal_value=jnp.where(terminal, value, 0.0),
-            candidates=cand, candidate_len=cand_len, candidate_ends=ends, generated_tokens=generated,
+            candidates=cand, candidate_len=cand_len, candidate_ends=ends, candidate_values=cand_values,
+            generated_tokens=generated,
         )
-        return node, prior, value
+        return node, prior
 
     def root_fn(self, params, key, prompts: Prompts) -> mctx.RootFnOutput:
         """Root nodes: the prompts (`encode_prompts`; tokens [B, L], L = spec.max_len)."""
         policy, prm = self._models(params)
         b = prompts.length.shape[0]
-        node, prior, value = self._new_node(
+        if self.spec.prm_shares_backbone:
+            value = jax.nn.sigmoid(prm.logits_from_hidden(prompts.last_hidden))
+        else:
+            value = prefix_values(prm, *right_align(prompts.tokens, prompts.length, self.spec.pad_id,
+                                                    self._prompt_width))
+        node, prior = self._new_node(
             policy, prm, key, prompts, prompts.tokens, prompts.length,
             jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
-            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool), jnp.ones((b,), bool),
+            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool), value, jnp.ones((b,), bool),
         )
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
     def recurrent_fn(self, params, key, action: Int[Array, "B"], parent: NodeState, prompts: Prompts):
         """Takes candidate `action` at each parent: the child node, its reward/discount/value and priors.
 
-        mctx calls it with four arguments: bind `prompts` first (`functools.partial(..., prompts=prompts)`).
+        The child's value is its candidate's, scored when the parent was expanded. mctx calls this with four
+        arguments: bind `prompts` first (`functools.partial(..., prompts=prompts)`).
         """
         policy, prm = self._models(params)
         spec = self.spec
@@ -255,14 +294,15 @@ class StepSearch:
         stay = parent.terminal
         # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
         terminal = ends | stay
-        child, prior, value = self._new_node(
-            policy, prm, key, prompts, tokens, length, step_ends, depth, self.slot_types[action], terminal, ~stay,
+        value = parent.candidate_values[rows, action]
+        child, prior = self._new_node(
+            policy, prm, key, prompts, tokens, length, step_ends, depth, self.slot_types[action], terminal, value,
+            ~stay,
         )
         if spec.rollout_steps:
             rolled, roll_tokens = self._rolled_value(policy, prm, key, prompts, child, value)
             value = jnp.where(terminal, value, rolled)
             child = child.replace(generated_tokens=child.generated_tokens + jnp.where(terminal, 0, roll_tokens))
-        child = child.replace(terminal_value=jnp.where(terminal, value, 0.0))
         # Below a terminal node nothing changes: the same node and score are backed up again. The copy keeps
         # generated_tokens = 0 (nothing was sampled for it), so summing over nodes counts each token once.
         child = jax.tree.map(lambda p, c: jnp.where(_expand(stay, c), p, c), parent, child)
@@ -276,15 +316,15 @@ class StepSearch:
 
     def _take_step(self, tokens: Int[Array, "B L"], length: Int[Array, "B"], depth: Int[Array, "B"],
                    step: Int[Array, "B S"], step_len: Int[Array, "B"], finishes: Bool[Array, "B"]):
-        """Appends one candidate step to each partial solution, cut where the row is full.
+        """Appends one candidate step to each partial solution (candidates are sampled to fit their row).
 
         Returns tokens [B, L], length [B], depth [B] and whether the solution ends there [B]: the step finishes
-        it, reaches max_depth or does not fit.
+        it, reaches max_depth or fills the row.
         """
         room = tokens.shape[1] - length
         kept = jnp.minimum(step_len, room)
         depth = depth + 1
-        ends = finishes | (depth >= self.spec.max_depth) | (step_len > room)
+        ends = finishes | (depth >= self.spec.max_depth) | (step_len >= room)
         return jax.vmap(_append)(tokens, length, step, kept), length + kept, depth, ends
 
     def _rolled_value(self, policy, prm, key, prompts: Prompts, node: NodeState, value: Float[Array, "B"]):
@@ -295,12 +335,8 @@ class StepSearch:
         """
         spec = self.spec
         rows = jnp.arange(node.length.shape[0])
-        width = node.tokens.shape[1]
 
-        def take_best(tokens, length, depth, node_type, cand, cand_len, ends, done, best):
-            fits = jnp.minimum(cand_len, (width - length)[:, None])
-            padded, mask = right_align(tokens, length, spec.pad_id)
-            values = candidate_values(prm, padded, mask, cand, fits)  # one prefix pass, K candidates on top
+        def take_best(tokens, length, depth, node_type, cand, cand_len, ends, values, done, best):
             values = jnp.where(self.validity[node_type], values, -1.0)
             pick = jnp.argmax(values, axis=1)
             best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
@@ -314,13 +350,13 @@ class StepSearch:
 
         def roll(i, carry):
             (tokens, length, depth, node_type, done, best), generated = carry
-            cand, cand_len, _, ends, sampled, _ = self._expand_nodes(
-                policy, prm, jax.random.fold_in(key, 1000 + i), prompts, tokens, length, done, ~done)
+            cand, cand_len, _, ends, sampled, values = self._expand_nodes(
+                policy, prm, jax.random.fold_in(key, 1000 + i), prompts, tokens, length, ~done)
             generated = generated + jnp.where(done, 0, sampled)
-            return take_best(tokens, length, depth, node_type, cand, cand_len, ends, done, best), generated
+            return take_best(tokens, length, depth, node_type, cand, cand_len, ends, values, done, best), generated
 
         first = take_best(node.tokens, node.length, node.depth, node.node_type, node.candidates, node.candidate_len,
-                          node.candidate_ends, jnp.zeros_like(node.terminal), jnp.zeros_like(value))
+                          node.candidate_ends, node.candidate_values, node.terminal, jnp.zeros_like(value))
         (*_, best), generated = jax.lax.fori_loop(1, spec.rollout_steps, roll, (first, jnp.zeros_like(node.length)))
         return (1 - spec.rollout_alpha) * value + spec.rollout_alpha * best, generated
 
@@ -335,6 +371,22 @@ def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[
     source = jnp.clip(positions - length, 0, piece.shape[0] - 1)
     inside = (positions >= length) & (positions < length + count)
     return jnp.where(inside, piece[source], row)
+
+
+def _row_buckets(batch: int) -> tuple[int, ...]:
+    """The batch sizes an expansion compiles for, descending: all rows, 3/4 and 1/2 of them.
+
+    Each size is another copy of the expansion in the program (compile time); below 8 rows it is not worth it.
+    """
+    if batch < 8:
+        return (batch,)
+    return tuple(sorted({batch, -(-3 * batch // 4), -(-batch // 2)}, reverse=True))
+
+
+def _take_prompts(prompts: Prompts, rows: Int[Array, "R"]) -> Prompts:
+    cache = prompts.cache
+    return Prompts(tokens=prompts.tokens[rows], length=prompts.length[rows], last_hidden=prompts.last_hidden[rows],
+                   cache=cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], mask=cache.mask[rows]))
 
 
 def _duplicates(cand: Int[Array, "B K S"], lens: Int[Array, "B K"]) -> Bool[Array, "B K"]:

@@ -26,6 +26,8 @@ class NodeState:
       candidates: [B, K, S] the K candidate next steps (slot k = action k), each left-aligned.
       candidate_len: [B, K] real tokens of each candidate.
       candidate_ends: [B, K] taking the candidate ends the solution.
+      candidate_values: [B, K] the PRM's score of the partial solution followed by each candidate: the value
+        of the child that taking it creates.
       generated_tokens: [B] tokens sampled to create this node's candidates (and its roll-forward).
     """
 
@@ -40,4 +42,5 @@ class NodeState:
     candidates: Int[Array, "B K S"]
     candidate_len: Int[Array, "B K"]
     candidate_ends: Bool[Array, "B K"]
+    candidate_values: Float[Array, "B K"]
     generated_tokens: Int[Array, "B"]

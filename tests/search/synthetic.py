@@ -153,6 +153,7 @@ def _node_state(tables: Table, node, tokens, length, depth, step_ends) -> NodeSt
         candidates=jnp.where(valid, STEP_TOKEN + safe_children, PAD)[:, :, None],
         candidate_len=valid.astype(jnp.int32),
         candidate_ends=valid & tables.terminal[rows[:, None], safe_children],
+        candidate_values=jnp.where(valid, tables.value[rows[:, None], safe_children], 0.0),
         generated_tokens=valid.sum(-1).astype(jnp.int32),
     )
 
