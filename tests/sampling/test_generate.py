@@ -8,7 +8,8 @@ from flax import nnx
 
 from jaxreason.models import CausalLM, ModelConfig
 from jaxreason.models.char_tokenizer import build_char_tokenizer
-from jaxreason.sampling.generate import nucleus_threshold
+from jaxreason.models.kv_cache import KVCache
+from jaxreason.sampling.generate import nucleus_threshold, sample_from_cache
 from jaxreason.sampling import SamplingConfig, build_stop_table, encode_prompts, generate, pad_left, sample_logits
 
 TOKENIZER = build_char_tokenizer()
@@ -167,3 +168,24 @@ def test_samples_per_prompt_share_one_prefill(model):
     repeated = generate(model, np.repeat(tokens, 3, axis=0), np.repeat(mask, 3, axis=0), keys, SAMPLED)
     np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(repeated.tokens))
     np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(repeated.logprobs), rtol=1e-5, atol=1e-5)
+
+
+def test_max_tokens_caps_rows_and_last_hidden_is_the_final_tokens_state(model):
+    """Per-prompt caps end rows early (not `stopped`), a cap of 0 samples nothing, and `last_hidden` is the
+    backbone's state at each row's last new token, as a full pass over prompt + completion computes it."""
+    tokens, mask = encode_prompts(TOKENIZER, PROMPTS)
+    cache = KVCache.init(CONFIG, len(PROMPTS), tokens.shape[1])
+    hidden, cache = model.transformer(tokens, mask, cache=cache)
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    keys = jax.random.split(jax.random.key(6), 2 * len(PROMPTS))
+    caps = jnp.asarray([3, 0, 12])
+    out = sample_from_cache(model, logits, cache, keys, SAMPLED, samples_per_prompt=2, max_tokens=caps)
+    free = sample_from_cache(model, logits, cache, keys, SAMPLED, samples_per_prompt=2)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [3, 3, 0, 0, 12, 12])
+    assert not np.any(np.asarray(out.stopped))
+    np.testing.assert_array_equal(np.asarray(out.tokens[:2, :3]), np.asarray(free.tokens[:2, :3]))  # a cap cuts
+    np.testing.assert_array_equal(np.asarray(out.last_hidden[2:4]), 0)
+    for row in (0, 1, 4, 5):
+        ids = TOKENIZER.encode(PROMPTS[row // 2]) + np.asarray(out.tokens[row, : int(out.lengths[row])]).tolist()
+        full, _ = model.transformer(jnp.asarray([ids]))
+        np.testing.assert_allclose(np.asarray(out.last_hidden[row]), np.asarray(full[0, -1]), rtol=1e-4, atol=1e-4)

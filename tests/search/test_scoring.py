@@ -13,6 +13,7 @@ from jaxreason.models.kv_cache import KVCache
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.expansion import ExpansionSpec, StepSearch, build_step_tables
 from jaxreason.search.scoring import candidate_values, prefix_values, right_align
+from jaxreason.search.selection import INVALID_LOGIT
 
 TOKENIZER = build_char_tokenizer()
 CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -147,3 +148,35 @@ def test_roll_forward_value_and_budget(models, shared):
     goes_on = open_ & ~np.asarray(plain.candidate_ends)[np.arange(4), np.asarray(values.argmax(axis=1))]
     assert goes_on.any()
     assert np.all(extra[goes_on] > 0) and np.all(extra[goes_on] <= 3 * 16) and np.all(extra[~goes_on] == 0)
+
+
+def test_expanding_some_rows_gathers_them_and_changes_no_result(models):
+    """With 3 of 8 rows to expand, the expansion runs on a smaller batch (the smallest of 8, 6, 4 rows that
+    holds them) and gives those rows what expanding all 8 gives them (the same samples; the values up to float
+    rounding, as another batch size sums in another order); the others get no candidates."""
+    policy, prm = models
+    space = ActionSpace.single_step(2)
+    spec = ExpansionSpec(max_len=96, prompt_width=32, max_step_tokens=12, max_depth=4, temperature=1.0, pad_id=0,
+                         eos_ids=(TOKENIZER.eos_token_id,), prm_shares_backbone=True)
+    tables = build_step_tables(TOKENIZER, space, "\n", "The answer is", CONFIG.vocab_size)
+    policy_def, policy_state = nnx.split(policy)
+    prm_def, prm_state = nnx.split(prm)
+    search = StepSearch(policy_def, prm_def, space, spec, tables)
+    params = (policy_state, prm_state)
+    tokens, length = _rows([9, 20, 14, 30, 5, 12, 25, 7], 96, 6)
+    prompt_len = jnp.minimum(length, 8)
+    some = jnp.asarray([False, True, False, False, True, False, True, False])
+
+    @jax.jit
+    def expand(rows):
+        prompts = search.encode_prompts(params, tokens, prompt_len)
+        return search._expand_nodes(policy, prm, jax.random.key(7), prompts, tokens, length, rows)
+
+    everything, gathered = expand(jnp.ones(8, bool)), expand(some)
+    for name, full, part in zip(("candidates", "lengths", "priors", "ends", "generated", "values"), everything,
+                                gathered):
+        np.testing.assert_allclose(np.asarray(part)[np.asarray(some)], np.asarray(full)[np.asarray(some)],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(gathered[1])[~np.asarray(some)], 0)
+    assert np.all(np.asarray(gathered[2])[~np.asarray(some)] <= INVALID_LOGIT)
+    assert np.asarray(gathered[4])[np.asarray(some)].min() > 0
