@@ -64,6 +64,7 @@ def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int,
     import transformers
 
     torch.set_num_threads(threads)
+    torch.manual_seed(0)  # every repeat samples the same candidates
 
     folder = tempfile.mkdtemp()
     save_pretrained(policy, tokenizer, folder)
