@@ -91,7 +91,8 @@ def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int,
         for row in rows:
             step = [t for t in row if t != tokenizer.pad_token_id]
             text = tokenizer.decode(step)
-            children.append((ids + step, len(step), task.answer_prefix.strip() in text or tokenizer.eos_token_id in step))
+            ends = task.answer_prefix.strip() in text or tokenizer.eos_token_id in step
+            children.append((ids + step, len(step), ends))
         return children
 
     start, nodes, tokens = time.perf_counter(), 0, 0
