@@ -219,12 +219,14 @@ class StepSearch:
             logp = jnp.where((room < 1)[:, None], INVALID_LOGIT, logp)  # not even the template fits
             ended_eos = jnp.isin(jnp.take_along_axis(new, jnp.maximum(lens - 1, 0)[..., None], -1)[..., 0],
                                  jnp.asarray(spec.eos_ids or (-1,)))
-            values = (jax.nn.sigmoid(prm.logits_from_hidden(out.last_hidden)).reshape(b, n)
-                      if spec.prm_shares_backbone else jnp.zeros((b, n)))
-            groups.append((cand, t + lens, logp, ended_eos, values, jnp.sum(lens, axis=1)))
-        cand, lens, logp, ended_eos, values = (jnp.concatenate([g[i] for g in groups], axis=1) for i in range(5))
+            last_hidden = out.last_hidden.reshape(b, n, -1)
+            groups.append((cand, t + lens, logp, ended_eos, last_hidden, jnp.sum(lens, axis=1)))
+        cand, lens, logp, ended_eos, last_hidden = (jnp.concatenate([g[i] for g in groups], axis=1)
+                                                    for i in range(5))
         generated = sum(g[5] for g in groups)
-        if not spec.prm_shares_backbone:
+        if spec.prm_shares_backbone:
+            values = jax.nn.sigmoid(prm.logits_from_hidden(last_hidden))
+        else:
             values = candidate_values(prm, *right_align(tokens, length, spec.pad_id, p + width), cand, lens)
         ends = ended_eos | self._contains_answer(cand)
         logp = jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp)
