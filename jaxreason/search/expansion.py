@@ -128,7 +128,7 @@ class StepSearch:
         hidden, cache = policy.transformer(prompt, mask, cache=cache)
         return Prompts(tokens=tokens, length=prompt_len, cache=cache, last_hidden=hidden[:, -1])
 
-    def _expand_nodes(self, policy, prm, key, prompts: Prompts, tokens, length, expand):
+    def _expand_nodes(self, policy, prm, key, prompts: Prompts, tokens, length, expand, at_root: bool = False):
         """The K candidate steps after each partial solution in `expand` [B], with their PRM values.
 
         Rows outside `expand` (terminal nodes, copies below them) get no candidates: length 0, an invalid prior,
@@ -136,15 +136,20 @@ class StepSearch:
         the smallest of a few batch sizes that holds them (`_row_buckets`) instead of paying for a full prefill
         and decode. Within that, the program holds one copy of the expansion per width of the steps part
         (`_widths`) and runs the narrowest that fits the longest row. A row's samples depend on its own index
-        only, so the gathering changes no result.
+        only, so the gathering changes no result. `at_root` (static): no row has steps yet, so the program holds
+        one copy only, for all rows at the narrowest width (what the switches would pick).
 
         Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], the number of
         generated tokens [B] and the candidates' values [B, K].
         """
         b = tokens.shape[0]
+        widths = self._widths()
+        if at_root:
+            out = self._expand_at_width(policy, prm, key, prompts, tokens, length, ~expand, jnp.arange(b), b,
+                                        widths[0])
+            return *out[:2], jnp.where(expand[:, None], out[2], INVALID_LOGIT), *out[3:]
         sizes = _row_buckets(b)
         order = jnp.argsort(~expand, stable=True)  # the rows to expand first, in their order
-        widths = self._widths()
         longest = jnp.max(jnp.where(expand, length - prompts.length, 1))
         width_index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
 
@@ -248,13 +253,13 @@ class StepSearch:
     # -- nodes ------------------------------------------------------------------------------------------
 
     def _new_node(self, policy, prm, key, prompts, tokens, length, step_ends, depth, node_type, terminal, value,
-                  live):
+                  live, at_root: bool = False):
         """A NodeState with its candidates; priors are invalid where the node is terminal.
 
         Rows outside `live` (copies below a terminal node, replaced by the caller) are not expanded.
         """
         cand, cand_len, logp, ends, generated, cand_values = self._expand_nodes(
-            policy, prm, key, prompts, tokens, length, live & ~terminal)
+            policy, prm, key, prompts, tokens, length, live & ~terminal, at_root)
         prior = jnp.where(self.validity[node_type], logp, INVALID_LOGIT)
         node = NodeState(
             tokens=tokens, length=length, prompt_len=prompts.length, step_ends=step_ends, depth=depth,
@@ -277,6 +282,7 @@ class StepSearch:
             policy, prm, key, prompts, prompts.tokens, prompts.length,
             jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
             jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool), value, jnp.ones((b,), bool),
+            at_root=True,
         )
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
