@@ -7,6 +7,8 @@ weight micro-batches.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +22,7 @@ def sft_objective(model, batch: dict[str, jax.Array], key: jax.Array):
     return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
+@functools.cache  # one function per kind: train steps built with it share a compiled program
 def value_objective(kind: str = "mse"):
     """PRM regression at step ends. batch: tokens, attention_mask, value_targets, value_mask [B, T]."""
 

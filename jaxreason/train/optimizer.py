@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import optax
 
@@ -38,7 +39,9 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     )
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW (clipped) for `config`; equal configs give the same object, so their train steps share a program."""
     adamw = optax.adamw(
         learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay
     )

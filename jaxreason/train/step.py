@@ -12,6 +12,7 @@ however the tokens fall. Objectives without that count weight their micro-batche
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +96,17 @@ def make_train_step(
     Batch arrays are [B, ...] with B split over the mesh's data axes; with `grad_accum_steps` = A they are
     cut into A micro-batches of B / A rows, each given its own key, whose gradients are combined (weighted
     by token count, see the module docstring) before one update.
+
+    The same arguments (equal graph and shardings, the same objective and optimizer objects) give the same
+    jitted step: a run that trains a fresh copy of a model stage after stage compiles its step once.
     """
+    leaves, treedef = jax.tree.flatten(shardings)
+    return _cached_train_step(graphdef, objective, optimizer, tuple(leaves), treedef, mesh, grad_accum_steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(graphdef, objective, optimizer, sharding_leaves, sharding_treedef, mesh, grad_accum_steps):
+    shardings = jax.tree.unflatten(sharding_treedef, sharding_leaves)
 
     def loss_on(trainable, frozen, batch, key):
         model = nnx.merge(graphdef, trainable, frozen)

@@ -116,3 +116,19 @@ def _normalise(spec):
     while parts and parts[-1] is None:
         parts.pop()
     return tuple(parts)
+
+
+def test_fresh_models_with_one_config_share_the_compiled_step():
+    """Stage after stage a run trains a new model with the same config: the jitted step is reused, not rebuilt."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    config = OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10)
+    steps = []
+    for seed in (1, 2):
+        optimizer = make_optimizer(config)  # an equal config: the same transformation
+        graphdef, state, shardings = init_train_state(CausalLM(CONFIG, rngs=nnx.Rngs(seed)), optimizer, mesh)
+        steps.append(make_train_step(graphdef, sft_objective, optimizer, shardings, mesh))
+        steps[-1](state, _batch())
+    assert steps[0] is steps[1]
+    other = make_optimizer(OptimizerConfig(learning_rate=2e-4, warmup_steps=0, total_steps=10))
+    graphdef, _, shardings = init_train_state(CausalLM(CONFIG, rngs=nnx.Rngs(3)), other, mesh)
+    assert make_train_step(graphdef, sft_objective, other, shardings, mesh) is not steps[0]
