@@ -1,11 +1,14 @@
 """ReST-EM's E-step (Singh et al., 2023): sample solutions per problem, keep the correct ones for SFT.
 
 Sampling runs in rounds of `samples_per_round` solutions per problem until a budget of generated tokens is
-spent, so ReST-EM can be given exactly what a ReST-MCTS* search spent on the same problems.
+spent, so ReST-EM can be given what a ReST-MCTS* search spent on the same problems. A round after the first
+draws only the solutions the remaining budget buys at the mean length so far, so the total ends just past the
+budget instead of up to a whole round beyond it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +20,8 @@ from jaxreason.sampling.continuations import sample_continuations
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import pad_token_id, prompt_ids
 from jaxreason.tasks.base import Problem, Task
+
+_ROW_MULTIPLE = 64
 
 
 def sample_solutions(
@@ -33,14 +38,24 @@ def sample_solutions(
     iteration: int,
     chat: bool = False,
 ) -> tuple[list[Trace], int]:
-    """Sampled solutions (at least one round, then rounds until `token_budget` generated tokens are spent)
-    as traces flagged FLAG_BASELINE (and FLAG_CORRECT when right); and the tokens generated."""
+    """Sampled solutions (one full round, then rounds until `token_budget` generated tokens are spent) as
+    traces flagged FLAG_BASELINE (and FLAG_CORRECT when right); and the tokens generated.
+
+    A later round is cut to the samples the remaining budget needs at the mean length so far, rounded up to
+    `_ROW_MULTIPLE` (few compiled shapes), spread one per problem over a shuffled problem order.
+    """
     eos_ids = tuple(sorted({*policy.config.eos_token_ids, tokenizer.eos_token_id} - {None}))
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
     traces: list[Trace] = []
     generated, round_ = 0, 0
     while round_ == 0 or generated < token_budget:
-        rows = [b for b in range(len(problems)) for _ in range(samples_per_round)]
+        order = np.arange(len(problems))
+        if round_:  # a cut round gives one more sample to the first problems of a shuffled order
+            order = np.random.default_rng([iteration, round_]).permutation(len(problems))
+        rows = [int(b) for _ in range(samples_per_round) for b in order]  # sample-major
+        if round_:
+            need = math.ceil((token_budget - generated) / max(generated / len(traces), 1.0))
+            rows = rows[:-(-need // _ROW_MULTIPLE) * _ROW_MULTIPLE]
         outs = sample_continuations(policy, [prompts[b] for b in rows], jax.random.fold_in(key, round_), sampling,
                                     eos_ids=eos_ids, pad_id=pad_token_id(tokenizer),
                                     description=f"rest-em round {round_ + 1}")

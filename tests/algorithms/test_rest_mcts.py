@@ -71,10 +71,11 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
         assert {m: row["problems"] for m, row in it["rest_mcts"].items()} == {
             "greedy": 4, "self_consistency": 4, "mcts": 2}
         assert {row["problems"] for row in it["rest_em"].values()} == {4}
-    for t in (1, 2):  # ReST-EM spends at least the search's budget, at most one more sampling round
+    for t in (1, 2):  # ReST-EM spends the search's budget: one full round, then only what the budget needs
         search, em = stages[f"search_{t}"], stages[f"rest_em_sample_{t}"]
         assert em["generated_tokens"] >= search["generated_tokens"]
-        assert em["samples"] % (16 * 2) == 0
+        if em["samples"] > 16 * 2:
+            assert em["generated_tokens"] - search["generated_tokens"] < 64 * 32  # < 64 samples of <= 32 tokens
 
     report = (finished / "report.md").read_text()
     assert "| iteration |" in report and "ReST-EM" in report and "points" in report
