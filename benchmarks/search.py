@@ -135,6 +135,8 @@ def main():
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--step-tokens", type=int, default=24)
     parser.add_argument("--torch-problems", type=int, default=4, help="(c) and (d) are timed on this many problems")
+    parser.add_argument("--single-problems", type=int, default=None,
+                        help="(b) is timed on this many problems (default: all); nodes/s is a rate either way")
     # On a shared, loaded CPU torch's multi-threaded matmuls stall (one descheduled thread holds up the rest):
     # with 2 threads a tiny-model generate call took 0.1-10 s, with 1 thread a steady 0.1 s.
     parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for (c) and (d)")
@@ -148,7 +150,8 @@ def main():
                         max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False)
     engines = {
         "a_batched": lambda: run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=False),
-        "b_one_at_a_time": lambda: run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=True),
+        "b_one_at_a_time": lambda: run_jax(policy, prm, tokenizer, task, problems[:args.single_problems], config,
+                                           one_at_a_time=True),
         "c_python_torch": lambda: run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
                                             args.torch_threads, per_candidate=False),
         "d_per_candidate": lambda: run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
