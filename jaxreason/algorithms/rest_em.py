@@ -49,13 +49,11 @@ def sample_solutions(
     traces: list[Trace] = []
     generated, round_ = 0, 0
     while round_ == 0 or generated < token_budget:
-        order = np.arange(len(problems))
-        if round_:  # a cut round gives one more sample to the first problems of a shuffled order
+        rows = [b for _ in range(samples_per_round) for b in range(len(problems))]  # sample-major
+        if round_:  # cut: one more sample for the first problems of a shuffled order
             order = np.random.default_rng([iteration, round_]).permutation(len(problems))
-        rows = [int(b) for _ in range(samples_per_round) for b in order]  # sample-major
-        if round_:
             need = math.ceil((token_budget - generated) / max(generated / len(traces), 1.0))
-            rows = rows[:-(-need // _ROW_MULTIPLE) * _ROW_MULTIPLE]
+            rows = [int(order[b]) for b in rows][:-(-need // _ROW_MULTIPLE) * _ROW_MULTIPLE]
         outs = sample_continuations(policy, [prompts[b] for b in rows], jax.random.fold_in(key, round_), sampling,
                                     eos_ids=eos_ids, pad_id=pad_token_id(tokenizer),
                                     description=f"rest-em round {round_ + 1}")

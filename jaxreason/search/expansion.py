@@ -136,19 +136,15 @@ class StepSearch:
         the smallest of a few batch sizes that holds them (`_row_buckets`) instead of paying for a full prefill
         and decode. Within that, the program holds one copy of the expansion per width of the steps part
         (`_widths`) and runs the narrowest that fits the longest row. A row's samples depend on its own index
-        only, so the gathering changes no result. `at_root` (static): no row has steps yet, so the program holds
-        one copy only, for all rows at the narrowest width (what the switches would pick).
+        only, so the gathering changes no result. `at_root` (static): no row has steps yet, so the only size and
+        width compiled are all rows and the narrowest width (what the switches would pick).
 
         Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], the number of
         generated tokens [B] and the candidates' values [B, K].
         """
         b = tokens.shape[0]
-        widths = self._widths()
-        if at_root:
-            out = self._expand_at_width(policy, prm, key, prompts, tokens, length, ~expand, jnp.arange(b), b,
-                                        widths[0])
-            return *out[:2], jnp.where(expand[:, None], out[2], INVALID_LOGIT), *out[3:]
-        sizes = _row_buckets(b)
+        sizes = (b,) if at_root else _row_buckets(b)
+        widths = self._widths()[:1] if at_root else self._widths()
         order = jnp.argsort(~expand, stable=True)  # the rows to expand first, in their order
         longest = jnp.max(jnp.where(expand, length - prompts.length, 1))
         width_index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
