@@ -85,11 +85,16 @@ def build_step_tables(tokenizer, action_space: ActionSpace, step_delimiter: str,
 class StepSearch:
     """Builds the root and recurrent functions for a policy/PRM pair over one action space.
 
-    `params` passed to mctx is `(policy_state, prm_state)`; the graph definitions are fixed here.
+    `params` passed to mctx is `(policy_state, prm_state)`; the graph definitions are fixed here. A search
+    split over devices sees its own rows only: `first_row` (traced) is the index of its first row in the whole
+    batch of `total_rows` (static; None: this search's own batch), so that every row draws the random numbers
+    it would draw in one unsplit search.
     """
 
     def __init__(self, policy_graphdef, prm_graphdef, action_space: ActionSpace, spec: ExpansionSpec,
-                 tables: StepTables):
+                 tables: StepTables, first_row: Int[Array, ""] | int = 0, total_rows: int | None = None):
+        self.first_row = first_row
+        self.total_rows = total_rows
         self.policy_graphdef = policy_graphdef
         self.prm_graphdef = prm_graphdef
         self.space = action_space
@@ -177,12 +182,12 @@ class StepSearch:
         """`_expand_nodes` for a batch of b partial solutions whose steps fit in `width` tokens.
 
         The partial solutions are rows `rows` [b] of the search's `batch`; a row's random draws depend on its
-        index there, not on which rows are expanded with it. Rows in `skip` get no candidates. The steps after
-        the prompt (their last `width` tokens, left-padded) are prefilled once on top of the prompt's cached
-        keys and values; each action type's template runs on top of that, and its samples continue from
-        there, sharing it. A candidate's value is the PRM's score of the partial solution followed by it: read
-        from the sampler's last hidden state when the PRM shares the policy's backbone, else one PRM pass over
-        the prefix with the K candidates on top (`candidate_values`).
+        index in the whole batch (see `first_row`), not on which rows are expanded with it. Rows in `skip` get
+        no candidates. The steps after the prompt (their last `width` tokens, left-padded) are prefilled once on
+        top of the prompt's cached keys and values; each action type's template runs on top of that, and its
+        samples continue from there, sharing it. A candidate's value is the PRM's score of the partial solution
+        followed by it: read from the sampler's last hidden state when the PRM shares the policy's backbone,
+        else one PRM pass over the prefix with the K candidates on top (`candidate_values`).
         """
         spec, b = self.spec, tokens.shape[0]
         p = self._prompt_width
@@ -207,7 +212,9 @@ class StepSearch:
             config = SamplingConfig(max_new_tokens=spec.max_step_tokens - t, temperature=spec.temperature,
                                     top_p=spec.top_p)
             n = action.num_samples
-            keys = jax.random.split(jax.random.fold_in(key, g), batch * n).reshape(batch, n)[rows].reshape(b * n)
+            total = self.total_rows or batch
+            keys = jax.random.split(jax.random.fold_in(key, g), total * n).reshape(total, n)[self.first_row + rows]
+            keys = keys.reshape(b * n)
             room = tokens.shape[1] - length - t  # a candidate never overflows its row: it is cut to fit
             out = sample_from_cache(policy, logits, group_cache, keys, config, eos_ids=spec.eos_ids,
                                     pad_id=spec.pad_id,

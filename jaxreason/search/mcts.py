@@ -4,6 +4,12 @@ The root and recurrent functions come from `expansion.StepSearch`, the selection
 `selection.run_mcts` (ReST-MCTS*'s UCT, MuZero or Gumbel MuZero). The answer of a problem is its best
 finished solution by PRM score (ReST-MCTS*'s choice); a search that finished none answers with the best
 path by value.
+
+With a mesh, each batch of problems is split over the mesh's devices and every device searches its share
+(`jax.shard_map`; the models are replicated): problems do not interact during search, so nothing crosses
+devices until the trees come back. A row draws the same random numbers as in an unsplit search, so under
+ReST-MCTS*'s deterministic rule the trees are the same; MuZero's and Gumbel MuZero's root noise is drawn per
+device.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxreason.models.llama import CausalLM
 from jaxreason.models.value_head import ValueModel
@@ -60,11 +67,14 @@ def mcts(
     config: MCTSConfig,
     key: jax.Array,
     action_space: ActionSpace | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[MethodResult, list[TreeTraces]]:
     """Searches every problem; returns the method's answers and each problem's traces (decoded).
 
     Problems go through the jitted search `config.batch_size` at a time (the last batch padded with copies of
-    its last problem, so every call has the same shape), batch i with `fold_in(key, i)`.
+    its last problem, so every call has the same shape), batch i with `fold_in(key, i)`. With `mesh`, a batch
+    is split over all its devices (rounded up to a multiple of their number); a one-device mesh is the same
+    as none.
     """
     space = action_space or ActionSpace.single_step(config.num_candidates)
     started = time.perf_counter()
@@ -75,7 +85,8 @@ def mcts(
     for row, ids in enumerate(prompts):
         tokens[row, : len(ids)] = ids
     prompt_len = np.asarray([len(p) for p in prompts], np.int32)
-    batch = min(config.batch_size, len(prompts))
+    devices = 1 if mesh is None else mesh.size
+    batch = _round_up(min(config.batch_size, len(prompts)), devices)
 
     spec = ExpansionSpec(
         max_len=max_len, prompt_width=_round_up(longest, 16), max_step_tokens=config.max_step_tokens,
@@ -88,7 +99,7 @@ def mcts(
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)
     prm_def, prm_state = nnx.split(prm)
-    program = _search_program(policy_def, prm_def, space, spec, config)
+    program = _search_program(policy_def, prm_def, space, spec, config, mesh if devices > 1 else None)
     traces, generated = [], []
     starts = range(0, len(prompts), batch)
     with progress(len(prompts), description="mcts") as bar:
@@ -118,12 +129,17 @@ def _answer_text(traces: TreeTraces) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec, config: MCTSConfig):
-    """The jitted prompts -> tree program, cached per (models, action space, sizes, rule)."""
+def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec, config: MCTSConfig,
+                    mesh: Mesh | None = None):
+    """The jitted prompts -> tree program, cached per (models, action space, sizes, rule, mesh)."""
 
-    @jax.jit
     def program(params, tables, key, tokens, prompt_len):
-        search = StepSearch(policy_def, prm_def, space, spec, tables)
+        if mesh is None:
+            search = StepSearch(policy_def, prm_def, space, spec, tables)
+        else:  # this device's rows of the batch
+            rows = tokens.shape[0]
+            search = StepSearch(policy_def, prm_def, space, spec, tables,
+                                first_row=jax.lax.axis_index(mesh.axis_names) * rows, total_rows=rows * mesh.size)
         root_key, search_key = jax.random.split(key)
         prompts = search.encode_prompts(params, tokens, prompt_len)
         root = search.root_fn(params, root_key, prompts)
@@ -131,7 +147,21 @@ def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec
         return run_mcts(params, search_key, root, recurrent_fn, rule=config.rule,
                         num_simulations=config.num_simulations, max_depth=config.max_depth + 1, c=config.c)
 
-    return program
+    if mesh is None:
+        return jax.jit(program)
+    rows, same = PartitionSpec(mesh.axis_names), PartitionSpec()
+    # No collectives inside: each device's search is the unsplit program on its rows. check_vma off, since
+    # the models' zero-initialised caches and mctx's loop carries would each need a pcast to "varying".
+    split = jax.jit(jax.shard_map(program, mesh=mesh, in_specs=(same, same, same, rows, rows), out_specs=rows,
+                                  check_vma=False))
+    replicated, by_row = NamedSharding(mesh, same), NamedSharding(mesh, rows)
+
+    def sharded(params, tables, key, tokens, prompt_len):
+        put = jax.device_put
+        return split(put(params, replicated), put(tables, replicated), put(key, replicated), put(tokens, by_row),
+                     put(prompt_len, by_row))
+
+    return sharded
 
 
 def _round_up(n: int, multiple: int) -> int:

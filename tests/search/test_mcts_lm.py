@@ -132,3 +132,21 @@ def test_problems_go_through_in_batches(models):
         root = t.paths[0]
         assert TOKENIZER.decode(root.tokens[: root.prompt_len].tolist()) == TASK.prompt(problem)
     assert np.all(result.generated_tokens > 0)
+
+
+def test_search_split_over_devices_gives_the_same_trees(models):
+    """Over an 8-device mesh (3 problems padded to 8, one per device) every tree equals the one-device search's."""
+    from jaxreason.sharding import MeshConfig, make_mesh
+
+    policy, prm = models
+    mesh = make_mesh(MeshConfig(data=-1))
+    assert mesh.size == 8
+    one, one_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(5))
+    split, split_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(5), mesh=mesh)
+    assert split.completions == one.completions
+    np.testing.assert_array_equal(split.generated_tokens, one.generated_tokens)
+    for a, b in zip(one_traces, split_traces):
+        assert [p.text for p in a.paths] == [p.text for p in b.paths]
+        for p, q in zip(a.paths, b.paths):
+            np.testing.assert_array_equal(p.visits, q.visits)
+            np.testing.assert_allclose(p.values, q.values, atol=1e-5)
