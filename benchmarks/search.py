@@ -9,7 +9,13 @@ node. Engines:
       return sequences, and a torch value head for each node;
   (d) the same with one `generate` call per candidate, as ReST-MCTS*'s own MCTS code expands a node
       (`get_next_steps_expand` proposes each of the K next steps with its own model call).
-Reported: nodes/s (expansions per second) and generated tokens/s, and the ratios a/c, a/d and a/b.
+Every engine samples from the model's full distribution at the same temperature (no top-k, no top-p), so the
+engines build trees of the same statistics. Each engine runs in its own subprocess, its timed runs repeated
+(`--repeats`, median), so that no engine's threads outlive its turn. (a) runs over a mesh of one CPU device
+per core (`--xla_force_host_platform_device_count`, the batch split over them, see `mcts(mesh=...)`); (b)
+searches a single problem, which does not split, on one device using every core; (c) and (d) are timed at
+each `--torch-threads` setting and reported at their fastest.
+Reported: nodes/s (simulations per second) and generated tokens/s, and the ratios a/c, a/d and a/b.
 
     python benchmarks/search.py --model tiny      # a small random Llama (char tokenizer), weights shared by both
     python benchmarks/search.py --model smollm2   # SmolLM2-135M-Instruct from the shipped GGUF
@@ -20,20 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-from flax import nnx
-
-from jaxreason.models import CausalLM, ModelConfig, ValueModel, load_pretrained, save_pretrained
-from jaxreason.models.char_tokenizer import build_char_tokenizer
-from jaxreason.search.mcts import MCTSConfig, mcts
-from jaxreason.tasks import get_task
+ENGINES = ("a_batched", "b_one_at_a_time", "c_python_torch", "d_per_candidate")
 
 
 def _models(name: str):
+    import jax
+    from flax import nnx
+
+    from jaxreason.models import CausalLM, ModelConfig, ValueModel, load_pretrained
+    from jaxreason.models.char_tokenizer import build_char_tokenizer
+
     if name == "smollm2":
         policy, tokenizer = load_pretrained("smollm2-135m-instruct")
     else:
@@ -47,30 +56,60 @@ def _models(name: str):
     return policy, prm, tokenizer
 
 
-def run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time: bool):
-    batches = [[p] for p in problems] if one_at_a_time else [problems]
+def _setup(args):
+    from jaxreason.search.mcts import MCTSConfig
+    from jaxreason.tasks import get_task
+
+    policy, prm, tokenizer = _models(args.model)
+    task = get_task("arith")
+    problems = task.problems("test", n=args.problems, seed=0)
+    config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
+                        max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False)
+    return policy, prm, tokenizer, task, problems, config
+
+
+def run_jax(args, one_at_a_time: bool) -> dict:
+    """(a): all problems in one search over every device; (b): one problem per search, one device."""
+    import jax
+
+    from jaxreason.search.mcts import mcts
+    from jaxreason.sharding import MeshConfig, make_mesh
+
+    policy, prm, tokenizer, task, problems, config = _setup(args)
+    if one_at_a_time:
+        batches, mesh = [[p] for p in problems[: args.single_problems]], None
+    else:
+        batches, mesh = [problems], make_mesh(MeshConfig(data=-1))
+
+    def once():
+        start, nodes, tokens = time.perf_counter(), 0, 0
+        for i, batch in enumerate(batches):
+            result, _ = mcts(policy, prm, tokenizer, task, batch, config, jax.random.key(i + 1), mesh=mesh)
+            nodes += len(batch) * config.num_simulations
+            tokens += result.total_tokens
+        return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens}
+
     start = time.perf_counter()
-    mcts(policy, prm, tokenizer, task, batches[0], config, jax.random.key(0))  # compile (cached after the first)
+    mcts(policy, prm, tokenizer, task, batches[0], config, jax.random.key(0), mesh=mesh)  # compile (then cached)
     first_call = time.perf_counter() - start
-    start, nodes, tokens = time.perf_counter(), 0, 0
-    for i, batch in enumerate(batches):
-        result, _ = mcts(policy, prm, tokenizer, task, batch, config, jax.random.key(i + 1))
-        nodes += len(batch) * config.num_simulations
-        tokens += result.total_tokens
-    return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens, "first_call_s": first_call}
+    runs = [once() for _ in range(args.repeats)]
+    return {**_median(runs), "first_call_s": first_call, "devices": 1 if mesh is None else mesh.size}
 
 
-def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int, threads: int, per_candidate: bool):
+def run_torch(args, per_candidate: bool, threads: int) -> dict:
     """UCT over text nodes; every expansion is one `generate` call with K return sequences, or K calls of one."""
+    import numpy as np
     import torch
     import transformers
 
+    from jaxreason.models import save_pretrained
+
+    policy, prm, tokenizer, task, problems, config = _setup(args)
     torch.set_num_threads(threads)
-    torch.manual_seed(0)  # every repeat samples the same candidates
 
     folder = tempfile.mkdtemp()
     save_pretrained(policy, tokenizer, folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     head = torch.tensor(np.asarray(prm.head[...]))
     delimiter = task.step_delimiter
 
@@ -80,9 +119,9 @@ def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int,
         return torch.sigmoid(hidden @ head).item()
 
     def generate(ids, n):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), do_sample=True, temperature=config.temperature,
-                                 max_new_tokens=config.max_step_tokens, num_return_sequences=n,
+        with torch.no_grad():  # top_k=0: the full distribution, as jaxreason samples (transformers' default is 50)
+            out = model.generate(torch.tensor([ids]), do_sample=True, temperature=config.temperature, top_k=0,
+                                 top_p=1.0, max_new_tokens=config.max_step_tokens, num_return_sequences=n,
                                  stop_strings=[delimiter], tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
         return out[:, len(ids):].tolist()
 
@@ -97,34 +136,61 @@ def run_torch(policy, prm, tokenizer, task, problems, config, max_problems: int,
             children.append((ids + step, len(step), ends))
         return children
 
-    start, nodes, tokens = time.perf_counter(), 0, 0
-    for problem in problems[:max_problems]:
-        root = {"ids": tokenizer.encode(task.prompt(problem), add_special_tokens=False), "n": 0, "w": 0.0,
-                "children": None, "terminal": False, "depth": 0}
-        for _ in range(config.num_simulations):
-            path, node = [root], root
-            while node["children"] and not node["terminal"]:
-                parent_n = node["n"]
-                node = max(node["children"], key=lambda c: math.inf if c["n"] == 0 else
-                           c["w"] / c["n"] + config.c * math.sqrt(2 * math.log(parent_n) / c["n"]))
-                path.append(node)
-            if not node["terminal"]:
-                node["children"] = []
-                for ids, n_new, ends in expand(node["ids"]):
-                    tokens += n_new
-                    node["children"].append({"ids": ids, "n": 0, "w": 0.0, "children": None,
-                                             "terminal": ends or node["depth"] + 1 >= config.max_depth,
-                                             "depth": node["depth"] + 1})
-                child = node["children"][0]
-                leaf_value = value(child["ids"])
-                path.append(child)
-            else:
-                leaf_value = node["w"] / max(node["n"], 1)
-            nodes += 1
-            for n in path:
-                n["n"] += 1
-                n["w"] += leaf_value
-    return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens}
+    def search(problems):
+        start, nodes, tokens = time.perf_counter(), 0, 0
+        for problem in problems:
+            root = {"ids": tokenizer.encode(task.prompt(problem), add_special_tokens=False), "n": 0, "w": 0.0,
+                    "children": None, "terminal": False, "depth": 0}
+            for _ in range(config.num_simulations):
+                path, node = [root], root
+                while node["children"] and not node["terminal"]:
+                    parent_n = node["n"]
+                    node = max(node["children"], key=lambda c: math.inf if c["n"] == 0 else
+                               c["w"] / c["n"] + config.c * math.sqrt(2 * math.log(parent_n) / c["n"]))
+                    path.append(node)
+                if not node["terminal"]:
+                    node["children"] = []
+                    for ids, n_new, ends in expand(node["ids"]):
+                        tokens += n_new
+                        node["children"].append({"ids": ids, "n": 0, "w": 0.0, "children": None,
+                                                 "terminal": ends or node["depth"] + 1 >= config.max_depth,
+                                                 "depth": node["depth"] + 1})
+                    child = node["children"][0]
+                    leaf_value = value(child["ids"])
+                    path.append(child)
+                else:
+                    leaf_value = node["w"] / max(node["n"], 1)
+                nodes += 1
+                for n in path:
+                    n["n"] += 1
+                    n["w"] += leaf_value
+        return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens}
+
+    def once():
+        torch.manual_seed(0)  # every repeat samples the same candidates
+        return search(problems[: args.torch_problems])
+
+    return {**_median([once() for _ in range(args.repeats)]), "threads": threads}
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run of median time (every run does the same work: the same seeds)."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def _run_engine(name: str, threads: int | None = None) -> dict:
+    """One engine in a subprocess of its own; (a) gets one CPU device per core."""
+    env = dict(os.environ)
+    if name == "a_batched":
+        flag = f"--xla_force_host_platform_device_count={os.cpu_count()}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
+    cmd = [sys.executable, __file__, "--engine", name] + sys.argv[1:]
+    if threads is not None:
+        cmd += ["--engine-threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"engine {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -137,48 +203,41 @@ def main():
     parser.add_argument("--torch-problems", type=int, default=4, help="(c) and (d) are timed on this many problems")
     parser.add_argument("--single-problems", type=int, default=None,
                         help="(b) is timed on this many problems (default: all); nodes/s is a rate either way")
-    # On a shared, loaded CPU torch's multi-threaded matmuls stall (one descheduled thread holds up the rest):
-    # with 2 threads a tiny-model generate call took 0.1-10 s, with 1 thread a steady 0.1 s.
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads for (c) and (d)")
+    # On a loaded CPU torch's multi-threaded matmuls stall (one descheduled thread holds up the rest); on an
+    # idle one either may be faster, so both are timed and the faster is reported.
+    parser.add_argument("--torch-threads", default="1,2", help="torch.set_num_threads values tried for (c), (d)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine:
+        if args.engine in ("a_batched", "b_one_at_a_time"):
+            result = run_jax(args, one_at_a_time=args.engine == "b_one_at_a_time")
+        else:
+            result = run_torch(args, per_candidate=args.engine == "d_per_candidate", threads=args.engine_threads)
+        print(json.dumps(result))
+        return
 
-    policy, prm, tokenizer = _models(args.model)
-    task = get_task("arith")
-    problems = task.problems("test", n=args.problems, seed=0)
-    config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
-                        max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False)
-    engines = {
-        "a_batched": lambda: run_jax(policy, prm, tokenizer, task, problems, config, one_at_a_time=False),
-        "b_one_at_a_time": lambda: run_jax(policy, prm, tokenizer, task, problems[:args.single_problems], config,
-                                           one_at_a_time=True),
-        "c_python_torch": lambda: run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
-                                            args.torch_threads, per_candidate=False),
-        "d_per_candidate": lambda: run_torch(policy, prm, tokenizer, task, problems, config, args.torch_problems,
-                                             args.torch_threads, per_candidate=True),
-    }
     results = {}
-    for name, engine in engines.items():  # the engines take turns, so a slow spell of the machine hits all
-        for _ in range(args.repeats):
-            r = engine()
-            results.setdefault(name, []).append(r)
-    # Each engine's median run by time (the same seeds every run: the same work each time).
-    first_calls = {name: runs[0]["first_call_s"] for name, runs in results.items() if "first_call_s" in runs[0]}
-    results = {name: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] for name, runs in results.items()}
-    for name, seconds in first_calls.items():  # the compile is paid by the first run only
-        results[name]["first_call_s"] = seconds
+    for name in ENGINES:
+        if name.startswith(("a", "b")):
+            results[name] = _run_engine(name)
+        else:
+            tries = [_run_engine(name, int(t)) for t in args.torch_threads.split(",")]
+            results[name] = min(tries, key=lambda r: r["seconds"])
+            results[name]["seconds_by_threads"] = {r["threads"]: round(r["seconds"], 3) for r in tries}
     for r in results.values():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
-          f"steps <= {args.step_tokens} tokens; (c), (d) timed on {args.torch_problems} problems, "
-          f"{args.torch_threads} torch thread(s)")
+          f"steps <= {args.step_tokens} tokens; (c), (d) timed on {args.torch_problems} problems; "
+          f"median of {args.repeats}")
     for name, r in results.items():
+        setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else
+                   f"{r['threads']} torch thread(s), by threads {r['seconds_by_threads']}")
         print(f"  {name:<16} {r['nodes_per_s']:9.2f} nodes/s  {r['tokens_per_s']:9.1f} gen. tokens/s  "
-              f"({r['nodes']} nodes, {r['tokens']} tokens, {r['seconds']:.1f} s"
-              + (f"; first call {r['first_call_s']:.1f} s" if "first_call_s" in r else "") + ")")
-    a, b, c, d = (results[k]["nodes_per_s"] for k in ("a_batched", "b_one_at_a_time", "c_python_torch",
-                                                       "d_per_candidate"))
+              f"({r['nodes']} nodes, {r['tokens']} tokens, {r['seconds']:.2f} s; {setting})")
+    a, b, c, d = (results[k]["nodes_per_s"] for k in ENGINES)
     print(f"  ratio a/c (batched jaxreason / per-node Python+torch): {a / c:.1f}x   "
           f"ratio a/d (/ one generate per candidate): {a / d:.1f}x   ratio a/b: {a / b:.1f}x")
     print(json.dumps({"model": args.model, **results}))
