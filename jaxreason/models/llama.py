@@ -106,6 +106,16 @@ class Attention(nnx.Module):
         self.config = config
         self.dtype = dtype
 
+    def _prefix_allowed(self, pre_mask: Bool[Array, "P W"], positions: Int[Array, "B T"], b: int, t: int):
+        """[P, R, T, W] which prefix slots each of the B = P x R rows' T queries may attend to."""
+        p, w = pre_mask.shape
+        allowed = jnp.broadcast_to(pre_mask[:, None, None, :], (p, b // p, t, w))
+        if self.config.sliding_window is not None:  # distance in tokens: the prefix may hold padding gaps
+            pre_positions = jnp.cumsum(pre_mask, axis=1) - 1
+            distance = positions.reshape(p, b // p, t)[..., None] - pre_positions[:, None, None, :]
+            allowed &= distance < self.config.sliding_window
+        return allowed
+
     def __call__(
         self,
         x: Float[Array, "B T E"],
@@ -156,26 +166,48 @@ class Attention(nnx.Module):
         else:
             # One softmax over [prefix keys, own keys]; the prefix rows are read once per group of R rows.
             k_pre, v_pre, pre_mask = prefix_kv
-            p, w = pre_mask.shape
-            q_groups = q.reshape(p, b // p, t, cfg.num_kv_heads, groups, d)
-            pre_scores = jnp.einsum("prtkgd,pkwd->prkgtw", q_groups, k_pre.astype(dt)).astype(jnp.float32)
-            pre_allowed = jnp.broadcast_to(pre_mask[:, None, None, :], (p, b // p, t, w))  # [P, R, T, W]
-            if cfg.sliding_window is not None:  # distance in tokens: the prefix may hold padding gaps
-                pre_positions = jnp.cumsum(pre_mask, axis=1) - 1
-                distance = positions.reshape(p, b // p, t)[..., None] - pre_positions[:, None, None, :]
-                pre_allowed &= distance < cfg.sliding_window
-            pre_scores = jnp.where(pre_allowed[:, :, None, None], pre_scores / math.sqrt(d), _MASKED)
-            pre_scores = pre_scores.reshape(b, cfg.num_kv_heads, groups, t, w)
-            probs = jax.nn.softmax(jnp.concatenate([pre_scores, scores], axis=-1), axis=-1).astype(dt)
-            pre_probs = probs[..., :w].reshape(p, b // p, cfg.num_kv_heads, groups, t, w)
-            if t == 1:  # decoding: see `_weighted_values`
-                pre_out = jnp.sum(pre_probs[:, :, :, :, 0, :, None] * v_pre.astype(dt)[:, None, :, None], axis=-2)
+            if t == 1:
+                out = _decode_with_prefix(q, scores, v_all.astype(dt), k_pre.astype(dt), v_pre.astype(dt),
+                                          self._prefix_allowed(pre_mask, positions, b, t), dt)
             else:
+                p, w = pre_mask.shape
+                q_groups = q.reshape(p, b // p, t, cfg.num_kv_heads, groups, d)
+                pre_scores = jnp.einsum("prtkgd,pkwd->prkgtw", q_groups, k_pre.astype(dt)).astype(jnp.float32)
+                pre_allowed = self._prefix_allowed(pre_mask, positions, b, t)
+                pre_scores = jnp.where(pre_allowed[:, :, None, None], pre_scores / math.sqrt(d), _MASKED)
+                pre_scores = pre_scores.reshape(b, cfg.num_kv_heads, groups, t, w)
+                probs = jax.nn.softmax(jnp.concatenate([pre_scores, scores], axis=-1), axis=-1).astype(dt)
+                pre_probs = probs[..., :w].reshape(p, b // p, cfg.num_kv_heads, groups, t, w)
                 pre_out = jnp.einsum("prkgtw,pkwd->prtkgd", pre_probs, v_pre.astype(dt))
-            out = pre_out.reshape(b, t, cfg.num_kv_heads, groups, d) + _weighted_values(probs[..., w:],
-                                                                                        v_all.astype(dt), keys)
+                out = pre_out.reshape(b, t, cfg.num_kv_heads, groups, d) + _weighted_values(
+                    probs[..., w:], v_all.astype(dt), keys)
         out = out.reshape(b, t, h, d)
         return jnp.einsum("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
+
+
+def _decode_with_prefix(q, scores, v_own, k_pre, v_pre, pre_allowed, dt):
+    """Attention of one new token per row over its prefix row's keys and its own cache.
+
+    q [B, 1, K, G, D]; scores [B, K, G, 1, S] (own keys, scaled and masked); v_own [B, K, S, D]; k_pre, v_pre
+    [P, K, W, D] with B = P x R; pre_allowed [P, R, 1, W]. The prefix products are laid out as batched
+    matmuls over (P, K) with the R x G queries of a prefix row as one [R G, D] matrix, so no large operand is
+    transposed, and the two softmax parts share one max and one sum instead of being concatenated.
+    """
+    b, _, kv, g, d = q.shape
+    p, _, w, _ = k_pre.shape
+    r = b // p
+    q_rows = q.reshape(p, r, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(p, kv, r * g, d)
+    pre = jnp.einsum("pkmd,pkwd->pkmw", q_rows, k_pre).astype(jnp.float32) / math.sqrt(d)
+    pre = jnp.where(pre_allowed.reshape(p, 1, r, 1, w), pre.reshape(p, kv, r, g, w), _MASKED)
+    own = scores.reshape(p, r, kv, g, -1).transpose(0, 2, 1, 3, 4)  # [P, K, R, G, S]
+    top = jnp.maximum(jnp.max(pre, axis=-1, keepdims=True), jnp.max(own, axis=-1, keepdims=True))
+    pre, own = jnp.exp(pre - top), jnp.exp(own - top)
+    total = jnp.sum(pre, axis=-1) + jnp.sum(own, axis=-1)  # [P, K, R, G]
+    pre_out = jnp.einsum("pkmw,pkwd->pkmd", pre.reshape(p, kv, r * g, w).astype(dt), v_pre).reshape(p, kv, r, g, d)
+    own = own.transpose(0, 2, 1, 3, 4).reshape(b, kv, g, 1, -1).astype(dt)
+    own_out = _weighted_values(own, v_own, "bksd").reshape(p, r, kv, g, d).transpose(0, 2, 1, 3, 4)
+    out = (pre_out + own_out) / total[..., None].astype(dt)  # [P, K, R, G, D]
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, 1, kv, g, d)
 
 
 def _weighted_values(probs: Float[Array, "B K G T S"], values: Array, keys: str) -> Float[Array, "B T K G D"]:
