@@ -292,7 +292,7 @@ def _search(r: _Run, policy, prm, t: int) -> dict:
     """MCTS* over the training problems; value samples from every tree with a correct leaf go to the store."""
     problems, ids = r.slice("train")
     search = dataclasses.replace(r.config.search, chat=r.config.chat)
-    result, trees = mcts(policy, prm, r.tokenizer, r.task, problems, search, r.key_for(f"search_{t}"))
+    result, trees = mcts(policy, prm, r.tokenizer, r.task, problems, search, r.key_for(f"search_{t}"), mesh=r.mesh)
     samples: list[Trace] = []
     for problem, pid, tree in zip(problems, ids, trees):
         samples += tree_value_traces(tree, lambda path, p=problem: r.task.is_correct(p, path.text), pid, t)
@@ -325,7 +325,7 @@ def _evaluate(r: _Run, policy, prm, methods: Sequence[str]) -> dict:
     for method in methods:
         problems = r.test[:ev.num_problems.get(method, len(r.test))]
         result = run(problems, policy, prm, method=method, budget=budget, tokenizer=r.tokenizer, task=r.task,
-                     key=r.key_for(f"eval_{method}"))
+                     key=r.key_for(f"eval_{method}"), mesh=r.mesh)
         out[method] = {"accuracy": result.accuracy, "problems": len(problems),
                        "tokens_per_problem": result.total_tokens / len(problems), "seconds": round(result.seconds, 1)}
         log.info("eval %s: accuracy %.3f", method, result.accuracy)

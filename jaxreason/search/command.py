@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from jaxreason import sharding
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.models.value_head import ValueModel
 from jaxreason.search.run import METHODS, Budget, compare, format_table, write_json
@@ -30,6 +31,7 @@ class SearchCommandConfig:
     budget: Budget = Budget()
     seed: int = 0
     output: str = "runs/search/results.json"
+    mesh: sharding.MeshConfig = sharding.MeshConfig()  # MCTS splits its batches over these devices
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -45,7 +47,7 @@ def run_search_command(config: SearchCommandConfig) -> list[dict]:
     task = get_task(config.task.name, **task_kwargs)
     problems = task.problems(config.task.split, n=config.task.num_problems, seed=config.seed)
     rows = compare(problems, policy, prm, methods=config.methods, budget=config.budget, tokenizer=tokenizer,
-                   task=task, key=jax.random.key(config.seed))
+                   task=task, key=jax.random.key(config.seed), mesh=sharding.make_mesh(config.mesh))
     print(format_table(rows))
     print(f"written: {write_json(rows, Path(config.output))}")
     return rows

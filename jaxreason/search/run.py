@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+from jax.sharding import Mesh
 
 from jaxreason.models.llama import CausalLM
 from jaxreason.models.value_head import ValueModel
@@ -40,23 +41,25 @@ def run(
     tokenizer,
     task: Task,
     key: jax.Array,
+    mesh: Mesh | None = None,
 ) -> MethodResult:
-    """Solves `problems` with one method ("mcts" or a name in `BASELINES`)."""
+    """Solves `problems` with one method ("mcts" or a name in `BASELINES`); MCTS splits its batches over `mesh`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method == "mcts":
         if prm is None:
             raise ValueError("method 'mcts' needs a PRM")
-        return mcts(policy, prm, tokenizer, task, problems, budget.mcts, key)[0]
+        return mcts(policy, prm, tokenizer, task, problems, budget.mcts, key, mesh=mesh)[0]
     return run_baseline(method, policy, tokenizer, task, problems, budget.baseline, key, verifier=prm)
 
 
-def compare(problems, policy, prm, *, methods: Sequence[str], budget: Budget, tokenizer, task, key) -> list[dict]:
+def compare(problems, policy, prm, *, methods: Sequence[str], budget: Budget, tokenizer, task, key,
+            mesh: Mesh | None = None) -> list[dict]:
     """Rows of {method, accuracy, generated_tokens, seconds} for each method on the same problems."""
     rows = []
     for i, method in enumerate(methods):
         result = run(problems, policy, prm, method=method, budget=budget, tokenizer=tokenizer, task=task,
-                     key=jax.random.fold_in(key, i))
+                     key=jax.random.fold_in(key, i), mesh=mesh)
         rows.append({"method": method, "accuracy": result.accuracy, "generated_tokens": result.total_tokens,
                      "seconds": round(result.seconds, 3), "problems": len(problems)})
     return rows
