@@ -64,7 +64,8 @@ def _setup(args):
     task = get_task("arith")
     problems = task.problems("test", n=args.problems, seed=0)
     config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
-                        max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False)
+                        max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False,
+                        expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")))
     return policy, prm, tokenizer, task, problems, config
 
 
@@ -207,6 +208,10 @@ def main():
     # idle one either may be faster, so both are timed and the faster is reported.
     parser.add_argument("--torch-threads", default="1,2", help="torch.set_num_threads values tried for (c), (d)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
+    # Six compiled batch sizes per device instead of MCTSConfig's default three: fewer idle rows per expansion,
+    # for a longer first call (printed).
+    parser.add_argument("--expansion-sizes", default="1,0.875,0.75,0.625,0.5,0.375",
+                        help="MCTSConfig.expansion_sizes for (a) and (b)")
     parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,8 +235,8 @@ def main():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
-          f"steps <= {args.step_tokens} tokens; (c), (d) timed on {args.torch_problems} problems; "
-          f"median of {args.repeats}")
+          f"steps <= {args.step_tokens} tokens; expansion sizes {args.expansion_sizes}; (c), (d) timed on "
+          f"{args.torch_problems} problems; median of {args.repeats}")
     for name, r in results.items():
         setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else
                    f"{r['threads']} torch thread(s), by threads {r['seconds_by_threads']}")

@@ -12,6 +12,7 @@ an expansion below it changes nothing and backs up the same score again.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ class ExpansionSpec:
     pad_id: int = 0
     eos_ids: tuple[int, ...] = ()
     prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
+    expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)  # fractions of the batch an expansion is compiled for
 
 
 @struct.dataclass
@@ -138,8 +140,8 @@ class StepSearch:
 
         Rows outside `expand` (terminal nodes, copies below them) get no candidates: length 0, an invalid prior,
         value 0. In a search many simulations end on a terminal node, so the rows to expand are gathered into
-        the smallest of a few batch sizes that holds them (`_row_buckets`) instead of paying for a full prefill
-        and decode. Within that, the program holds one copy of the expansion per width of the steps part
+        the smallest of a few batch sizes that holds them (`spec.expansion_sizes`) instead of paying for a full
+        prefill and decode. Within that, the program holds one copy of the expansion per width of the steps part
         (`_widths`) and runs the narrowest that fits the longest row. A row's samples depend on its own index
         only, so the gathering changes no result. `at_root` (static): no row has steps yet, so the only size and
         width compiled are all rows and the narrowest width (what the switches would pick).
@@ -148,7 +150,7 @@ class StepSearch:
         generated tokens [B] and the candidates' values [B, K].
         """
         b = tokens.shape[0]
-        sizes = (b,) if at_root else _row_buckets(b)
+        sizes = (b,) if at_root else _row_buckets(b, self.spec.expansion_sizes)
         widths = self._widths()[:1] if at_root else self._widths()
         order = jnp.argsort(~expand, stable=True)  # the rows to expand first, in their order
         longest = jnp.max(jnp.where(expand, length - prompts.length, 1))
@@ -384,14 +386,14 @@ def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[
     return jnp.where(inside, piece[source], row)
 
 
-def _row_buckets(batch: int) -> tuple[int, ...]:
-    """The batch sizes an expansion compiles for, descending: all rows, 3/4 and 1/2 of them.
+def _row_buckets(batch: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """The batch sizes an expansion compiles for, descending: these fractions of the batch, rounded up.
 
     Each size is another copy of the expansion in the program (compile time); below 8 rows it is not worth it.
     """
     if batch < 8:
         return (batch,)
-    return tuple(sorted({batch, -(-3 * batch // 4), -(-batch // 2)}, reverse=True))
+    return tuple(sorted({batch, *(math.ceil(f * batch) for f in fractions)}, reverse=True))
 
 
 def _take_prompts(prompts: Prompts, rows: Int[Array, "R"]) -> Prompts:

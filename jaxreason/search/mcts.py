@@ -51,11 +51,17 @@ class MCTSConfig:
     rollout_alpha: float = 0.5
     chat: bool = False  # wrap prompts in the tokenizer's chat template
     batch_size: int = 64  # problems per jitted search call (one compiled shape; a progress bar over calls)
+    # Fractions of a device's batch that an expansion is compiled for: the rows to expand run in the smallest
+    # that holds them. More sizes waste fewer rows and take longer to compile (each is a copy of the expansion).
+    expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)
 
     def __post_init__(self):
         for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mcts.{name} must be >= 1, got {getattr(self, name)}")
+        if max(self.expansion_sizes, default=0) != 1 or not all(0 < f <= 1 for f in self.expansion_sizes):
+            raise ValueError(f"mcts.expansion_sizes must be fractions in (0, 1] that include 1, got "
+                             f"{self.expansion_sizes}")
 
 
 def mcts(
@@ -94,7 +100,7 @@ def mcts(
         temperature=config.temperature, top_p=config.top_p, rollout_steps=config.rollout_steps,
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
-        prm_shares_backbone=prm.transformer is policy.transformer,
+        prm_shares_backbone=prm.transformer is policy.transformer, expansion_sizes=tuple(config.expansion_sizes),
     )
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)
