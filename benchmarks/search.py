@@ -34,6 +34,7 @@ import tempfile
 import time
 
 ENGINES = ("a_batched", "b_one_at_a_time", "c_python_torch", "d_per_candidate")
+ONE_DEVICE = "a1_one_device"  # (a) on a single device using every core: what splitting over devices gains
 
 
 def _models(name: str):
@@ -70,7 +71,8 @@ def _setup(args):
 
 
 def run_jax(args, one_at_a_time: bool) -> dict:
-    """(a): all problems in one search over every device; (b): one problem per search, one device."""
+    """(a): all problems in one search over every device; (b): one problem per search, one device. (a1) is (a)
+    started without the device-per-core flag, so its mesh has one device."""
     import jax
 
     from jaxreason.search.mcts import mcts
@@ -212,11 +214,13 @@ def main():
     # for a longer first call (printed).
     parser.add_argument("--expansion-sizes", default="1,0.875,0.75,0.625,0.5,0.375",
                         help="MCTSConfig.expansion_sizes for (a) and (b)")
-    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--one-device", action="store_true",
+                        help="also time (a) on one device using every core (a1), and print a/a1")
+    parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
     parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
-        if args.engine in ("a_batched", "b_one_at_a_time"):
+        if args.engine in ("a_batched", "b_one_at_a_time", ONE_DEVICE):
             result = run_jax(args, one_at_a_time=args.engine == "b_one_at_a_time")
         else:
             result = run_torch(args, per_candidate=args.engine == "d_per_candidate", threads=args.engine_threads)
@@ -224,7 +228,7 @@ def main():
         return
 
     results = {}
-    for name in ENGINES:
+    for name in ENGINES + ((ONE_DEVICE,) if args.one_device else ()):
         if name.startswith(("a", "b")):
             results[name] = _run_engine(name)
         else:
@@ -244,7 +248,9 @@ def main():
               f"({r['nodes']} nodes, {r['tokens']} tokens, {r['seconds']:.2f} s; {setting})")
     a, b, c, d = (results[k]["nodes_per_s"] for k in ENGINES)
     print(f"  ratio a/c (batched jaxreason / per-node Python+torch): {a / c:.1f}x   "
-          f"ratio a/d (/ one generate per candidate): {a / d:.1f}x   ratio a/b: {a / b:.1f}x")
+          f"ratio a/d (/ one generate per candidate): {a / d:.1f}x   ratio a/b: {a / b:.1f}x"
+          + (f"   ratio a/a1 (devices / one device): {a / results[ONE_DEVICE]['nodes_per_s']:.2f}x"
+             if args.one_device else ""))
     print(json.dumps({"model": args.model, **results}))
 
 
