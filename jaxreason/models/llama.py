@@ -190,8 +190,8 @@ def _decode_with_prefix(q, scores, v_own, k_pre, v_pre, pre_allowed, dt):
 
     q [B, 1, K, G, D]; scores [B, K, G, 1, S] (own keys, scaled and masked); v_own [B, K, S, D]; k_pre, v_pre
     [P, K, W, D] with B = P x R; pre_allowed [P, R, 1, W]. The prefix products are laid out as batched
-    matmuls over (P, K) with the R x G queries of a prefix row as one [R G, D] matrix, so no large operand is
-    transposed, and the two softmax parts share one max and one sum instead of being concatenated.
+    matmuls over (P, K) with the R x G queries of a prefix row as one [R G, D] matrix, so the prefix's keys and
+    values are read in place, and the two softmax parts share one max and one sum instead of being concatenated.
     """
     b, _, kv, g, d = q.shape
     p, _, w, _ = k_pre.shape

@@ -8,8 +8,8 @@ path by value.
 With a mesh, each batch of problems is split over the mesh's devices and every device searches its share
 (`jax.shard_map`; the models are replicated): problems do not interact during search, so nothing crosses
 devices until the trees come back. A row draws the same random numbers as in an unsplit search, so under
-ReST-MCTS*'s deterministic rule the trees are the same; MuZero's and Gumbel MuZero's root noise is drawn per
-device.
+ReST-MCTS*'s deterministic rule the trees are the same; under MuZero and Gumbel MuZero each device draws its
+own root noise (and samples), so their trees differ from an unsplit search's as another key's would.
 """
 
 from __future__ import annotations
@@ -140,13 +140,15 @@ def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec
     """The jitted prompts -> tree program, cached per (models, action space, sizes, rule, mesh)."""
 
     def program(params, tables, key, tokens, prompt_len):
+        root_key, search_key = jax.random.split(key)
         if mesh is None:
             search = StepSearch(policy_def, prm_def, space, spec, tables)
         else:  # this device's rows of the batch
-            rows = tokens.shape[0]
-            search = StepSearch(policy_def, prm_def, space, spec, tables,
-                                first_row=jax.lax.axis_index(mesh.axis_names) * rows, total_rows=rows * mesh.size)
-        root_key, search_key = jax.random.split(key)
+            rows, device = tokens.shape[0], jax.lax.axis_index(mesh.axis_names)
+            search = StepSearch(policy_def, prm_def, space, spec, tables, first_row=device * rows,
+                                total_rows=rows * mesh.size)
+            if config.rule != "rest_mcts":  # root noise of its own on each device, not the same draws on each
+                search_key = jax.random.fold_in(search_key, device)
         prompts = search.encode_prompts(params, tokens, prompt_len)
         root = search.root_fn(params, root_key, prompts)
         recurrent_fn = functools.partial(search.recurrent_fn, prompts=prompts)

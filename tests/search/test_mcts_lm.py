@@ -150,3 +150,17 @@ def test_search_split_over_devices_gives_the_same_trees(models):
         for p, q in zip(a.paths, b.paths):
             np.testing.assert_array_equal(p.visits, q.visits)
             np.testing.assert_allclose(p.values, q.values, atol=1e-5)
+
+
+def test_muzero_search_split_over_devices_samples_each_row_on_its_own(models):
+    """MuZero over the mesh: the split search runs, and copies of one problem on different devices get different
+    trees (their rows draw by their index in the whole batch, not by their index on their device)."""
+    from jaxreason.sharding import MeshConfig, make_mesh
+
+    policy, prm = models
+    config = dataclasses.replace(SEARCH, rule="muzero")
+    same_problem = [PROBLEMS[0]] * 8  # one per device
+    result, traces = mcts(policy, prm, TOKENIZER, TASK, same_problem, config, jax.random.key(6),
+                          mesh=make_mesh(MeshConfig(data=-1)))
+    assert len(result.completions) == 8 and np.all(result.generated_tokens > 0)
+    assert len({tuple(p.text for p in t.paths) for t in traces}) > 1
