@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import time
 
 ENGINES = ("a_batched", "b_one_at_a_time", "c_python_torch", "d_per_candidate")
 ONE_DEVICE = "a1_one_device"  # (a) on a single device using every core: what splitting over devices gains
+JAX_ENGINES = ("a_batched", "b_one_at_a_time", ONE_DEVICE)
 
 
 def _models(name: str):
@@ -220,7 +220,7 @@ def main():
     parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
-        if args.engine in ("a_batched", "b_one_at_a_time", ONE_DEVICE):
+        if args.engine in JAX_ENGINES:
             result = run_jax(args, one_at_a_time=args.engine == "b_one_at_a_time")
         else:
             result = run_torch(args, per_candidate=args.engine == "d_per_candidate", threads=args.engine_threads)
@@ -229,7 +229,7 @@ def main():
 
     results = {}
     for name in ENGINES + ((ONE_DEVICE,) if args.one_device else ()):
-        if name.startswith(("a", "b")):
+        if name in JAX_ENGINES:
             results[name] = _run_engine(name)
         else:
             tries = [_run_engine(name, int(t)) for t in args.torch_threads.split(",")]

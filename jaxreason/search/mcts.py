@@ -100,19 +100,22 @@ def mcts(
         temperature=config.temperature, top_p=config.top_p, rollout_steps=config.rollout_steps,
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
-        prm_shares_backbone=prm.transformer is policy.transformer, expansion_sizes=tuple(config.expansion_sizes),
+        prm_shares_backbone=prm.transformer is policy.transformer, expansion_sizes=config.expansion_sizes,
     )
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)
     prm_def, prm_state = nnx.split(prm)
     program = _search_program(policy_def, prm_def, space, spec, config, mesh if devices > 1 else None)
+    params = (policy_state, prm_state)
+    if devices > 1:  # on every device once, not per batch (trained parameters may be sharded over the mesh)
+        params, tables = jax.device_put((params, tables), NamedSharding(mesh, PartitionSpec()))
     traces, generated = [], []
     starts = range(0, len(prompts), batch)
     with progress(len(prompts), description="mcts") as bar:
         for i, start in enumerate(starts):
             rows = np.minimum(np.arange(start, start + batch), len(prompts) - 1)  # pad with the last problem
             real = min(batch, len(prompts) - start)
-            tree = program((policy_state, prm_state), tables, jax.random.fold_in(key, i), jnp.asarray(tokens[rows]),
+            tree = program(params, tables, jax.random.fold_in(key, i), jnp.asarray(tokens[rows]),
                            jnp.asarray(prompt_len[rows]))
             traces += [t.decode(tokenizer) for t in extract_traces(tree, tokenizer=None)[:real]]
             visited = np.asarray(tree.node_visits) > 0
@@ -160,16 +163,10 @@ def _search_program(policy_def, prm_def, space: ActionSpace, spec: ExpansionSpec
     rows, same = PartitionSpec(mesh.axis_names), PartitionSpec()
     # No collectives inside: each device's search is the unsplit program on its rows. check_vma off, since
     # the models' zero-initialised caches and mctx's loop carries would each need a pcast to "varying".
-    split = jax.jit(jax.shard_map(program, mesh=mesh, in_specs=(same, same, same, rows, rows), out_specs=rows,
-                                  check_vma=False))
+    split = jax.shard_map(program, mesh=mesh, in_specs=(same, same, same, rows, rows), out_specs=rows,
+                          check_vma=False)
     replicated, by_row = NamedSharding(mesh, same), NamedSharding(mesh, rows)
-
-    def sharded(params, tables, key, tokens, prompt_len):
-        put = jax.device_put
-        return split(put(params, replicated), put(tables, replicated), put(key, replicated), put(tokens, by_row),
-                     put(prompt_len, by_row))
-
-    return sharded
+    return jax.jit(split, in_shardings=(replicated, replicated, replicated, by_row, by_row), out_shardings=by_row)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -12,6 +12,7 @@ from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.search.actions import ROOT, ActionSpace, ActionType
 from jaxreason.search.mcts import MCTSConfig, mcts
 from jaxreason.search.selection import INVALID_LOGIT
+from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
 
 TOKENIZER = build_char_tokenizer()
@@ -136,8 +137,6 @@ def test_problems_go_through_in_batches(models):
 
 def test_search_split_over_devices_gives_the_same_trees(models):
     """Over an 8-device mesh (3 problems padded to 8, one per device) every tree equals the one-device search's."""
-    from jaxreason.sharding import MeshConfig, make_mesh
-
     policy, prm = models
     mesh = make_mesh(MeshConfig(data=-1))
     assert mesh.size == 8
@@ -155,8 +154,6 @@ def test_search_split_over_devices_gives_the_same_trees(models):
 def test_muzero_search_split_over_devices_samples_each_row_on_its_own(models):
     """MuZero over the mesh: the split search runs, and copies of one problem on different devices get different
     trees (their rows draw by their index in the whole batch, not by their index on their device)."""
-    from jaxreason.sharding import MeshConfig, make_mesh
-
     policy, prm = models
     config = dataclasses.replace(SEARCH, rule="muzero")
     same_problem = [PROBLEMS[0]] * 8  # one per device
