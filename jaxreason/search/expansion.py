@@ -45,6 +45,7 @@ class ExpansionSpec:
     eos_ids: tuple[int, ...] = ()
     prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
     expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)  # fractions of the batch an expansion is compiled for
+    decode_shrink: tuple[float, ...] = (0.5,)  # SamplingConfig.shrink_at of the candidates' decode
 
 
 @struct.dataclass
@@ -212,7 +213,7 @@ class StepSearch:
             else:
                 logits, group_cache = last_logits, cache
             config = SamplingConfig(max_new_tokens=spec.max_step_tokens - t, temperature=spec.temperature,
-                                    top_p=spec.top_p)
+                                    top_p=spec.top_p, shrink_at=spec.decode_shrink)
             n = action.num_samples
             total = self.total_rows or batch
             keys = jax.random.split(jax.random.fold_in(key, g), total * n).reshape(total, n)[self.first_row + rows]

@@ -54,6 +54,9 @@ class MCTSConfig:
     # Fractions of a device's batch that an expansion is compiled for: the rows to expand run in the smallest
     # that holds them. More sizes waste fewer rows and take longer to compile (each is a copy of the expansion).
     expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)
+    # Fractions of an expansion's candidate rows its decode continues with once only that many are unfinished
+    # (`SamplingConfig.shrink_at`): steps vary in length, so most rows finish well before the longest.
+    decode_shrink: tuple[float, ...] = (0.5,)
 
     def __post_init__(self):
         for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens", "batch_size"):
@@ -101,6 +104,7 @@ def mcts(
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
         prm_shares_backbone=prm.transformer is policy.transformer, expansion_sizes=config.expansion_sizes,
+        decode_shrink=config.decode_shrink,
     )
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)

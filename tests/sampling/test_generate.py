@@ -1,5 +1,7 @@
 """The jitted sampler against step-by-step recomputation without a cache, on a tiny random model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.sampling.generate import nucleus_threshold, sample_from_cache
 from jaxreason.sampling import SamplingConfig, build_stop_table, encode_prompts, generate, pad_left, sample_logits
+from jaxreason.sampling.generate import draw_categorical
 
 TOKENIZER = build_char_tokenizer()
 CONFIG = ModelConfig(
@@ -116,8 +119,31 @@ def test_temperature_scales_the_sampling_distribution(temperature):
     assert np.abs(expected - np.asarray(jax.nn.softmax(logits))).max() > 0.1  # far from temperature 1
 
 
+def _inverse_cdf_reference(key, logits) -> int:
+    """`draw_categorical` in float64 numpy: a 256-id block by its mass, then an id in it, from the same uniforms."""
+    p = np.exp(np.asarray(logits, np.float64) - np.max(np.asarray(logits, np.float64)))
+    blocks = np.pad(p, (0, -len(p) % 256)).reshape(-1, 256)
+    u = np.asarray(jax.random.uniform(key, (2,)), np.float64)
+    block = int(np.searchsorted(np.cumsum(blocks.sum(1)), u[0] * blocks.sum(), side="right"))
+    return block * 256 + int(np.searchsorted(np.cumsum(blocks[block]), u[1] * blocks[block].sum(), side="right"))
+
+
+def test_draws_follow_the_distribution_across_blocks():
+    """Probabilities spread over several 256-id blocks (the last one partial), with impossible ids between."""
+    rng = np.random.default_rng(0)
+    probs = np.zeros(1000)
+    support = rng.choice(1000, size=12, replace=False)
+    probs[support] = rng.dirichlet(np.ones(12))
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))  # -inf off the support
+    keys = jax.random.split(jax.random.key(5), 20000)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: draw_categorical(k, logits)))(keys))
+    assert set(draws.tolist()) <= set(support.tolist())
+    np.testing.assert_allclose(np.bincount(draws, minlength=1000) / len(keys), probs, atol=0.015)
+    assert {int(s) // 256 for s in support} == {int(d) // 256 for d in draws}  # every block with mass is reached
+
+
 def test_sampled_tokens_follow_tempered_logits(model):
-    """Each step draws categorical(fold_in(row_key, step), logits / T); the log-probs stay at temperature 1."""
+    """Each step draws from fold_in(row_key, step) and logits / T (by inverse CDF); log-probs stay at T = 1."""
     config = SamplingConfig(max_new_tokens=8, temperature=0.6)
     row_keys = jax.random.split(jax.random.key(7), len(PROMPTS))
     tokens, mask = encode_prompts(TOKENIZER, PROMPTS)
@@ -129,8 +155,8 @@ def test_sampled_tokens_follow_tempered_logits(model):
             logits = model(jnp.asarray([ids]))[0, -1]
             key = jax.random.fold_in(row_keys[i], t)
             token = int(out.tokens[i, t])
-            assert token == int(jax.random.categorical(key, logits / config.temperature)), (text, t)
-            differs_at_temperature_1 |= token != int(jax.random.categorical(key, logits))
+            assert token == _inverse_cdf_reference(key, logits / config.temperature), (text, t)
+            differs_at_temperature_1 |= token != _inverse_cdf_reference(key, logits)
             np.testing.assert_allclose(float(out.logprobs[i, t]), float(jax.nn.log_softmax(logits)[token]),
                                        rtol=1e-4, atol=1e-4)
             ids.append(token)
@@ -142,6 +168,8 @@ def test_bad_sampling_config_is_rejected():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="shrink_at"):
+        SamplingConfig(shrink_at=(0.5, 1.0))
 
 
 def test_nucleus_threshold_keeps_the_sorted_prefix():
@@ -189,3 +217,28 @@ def test_max_tokens_caps_rows_and_last_hidden_is_the_final_tokens_state(model):
         ids = TOKENIZER.encode(PROMPTS[row // 2]) + np.asarray(out.tokens[row, : int(out.lengths[row])]).tolist()
         full, _ = model.transformer(jnp.asarray([ids]))
         np.testing.assert_allclose(np.asarray(out.last_hidden[row]), np.asarray(full[0, -1]), rtol=1e-4, atol=1e-4)
+
+
+def test_shrinking_decode_gives_the_same_samples(model):
+    """Phases of fewer rows (`shrink_at`) gather the live rows with their caches: the same tokens, log-probs,
+    lengths, stops and last states as one full-width decode, with caps, skipped prompts and a stop string."""
+    texts = PROMPTS * 2
+    tokens, mask = encode_prompts(TOKENIZER, texts)
+    cache = KVCache.init(CONFIG, len(texts), tokens.shape[1])
+    hidden, cache = model.transformer(tokens, mask, cache=cache)
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]
+    keys = jax.random.split(jax.random.key(8), 4 * len(texts))
+    stop = build_stop_table(TOKENIZER, [" "], CONFIG.vocab_size)
+    kw = dict(samples_per_prompt=4, max_tokens=jnp.asarray([12, 2, 7, 12, 0, 5]), stop_table=stop,
+              skip=jnp.asarray([False, False, True, False, False, False]), pad_id=TOKENIZER.pad_token_id)
+    run = lambda config: jax.jit(lambda lg, c, k: sample_from_cache(model, lg, c, k, config, **kw))(logits, cache, keys)
+    whole = run(SAMPLED)
+    lengths = np.asarray(whole.lengths)
+    assert len(set(lengths.tolist())) > 4 and lengths.max() == 12  # rows finish at many different steps
+    for shrink in [(0.5,), (0.75, 0.5, 0.25), (0.05,)]:
+        phased = run(dataclasses.replace(SAMPLED, shrink_at=shrink))
+        for name in ("tokens", "lengths", "stopped"):
+            np.testing.assert_array_equal(np.asarray(getattr(phased, name)), np.asarray(getattr(whole, name)), name)
+        for name in ("logprobs", "last_hidden"):
+            np.testing.assert_allclose(np.asarray(getattr(phased, name)), np.asarray(getattr(whole, name)),
+                                       rtol=1e-5, atol=1e-5, err_msg=name)
