@@ -66,7 +66,8 @@ def _setup(args):
     problems = task.problems("test", n=args.problems, seed=0)
     config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
                         max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False,
-                        expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")))
+                        expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")),
+                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f))
     return policy, prm, tokenizer, task, problems, config
 
 
@@ -210,10 +211,11 @@ def main():
     # idle one either may be faster, so both are timed and the faster is reported.
     parser.add_argument("--torch-threads", default="1,2", help="torch.set_num_threads values tried for (c), (d)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
-    # Six compiled batch sizes per device instead of MCTSConfig's default three: fewer idle rows per expansion,
-    # for a longer first call (printed).
-    parser.add_argument("--expansion-sizes", default="1,0.875,0.75,0.625,0.5,0.375",
-                        help="MCTSConfig.expansion_sizes for (a) and (b)")
+    parser.add_argument("--expansion-sizes", default="1,0.75,0.5", help="MCTSConfig.expansion_sizes for (a) and (b)")
+    # Three shrinking phases instead of MCTSConfig's default one: fewer idle rows per decode step, for a longer
+    # first call (printed).
+    parser.add_argument("--decode-shrink", default="0.75,0.5,0.25",
+                        help="MCTSConfig.decode_shrink for (a) and (b) ('' for none)")
     parser.add_argument("--one-device", action="store_true",
                         help="also time (a) on one device using every core (a1), and print a/a1")
     parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
@@ -239,7 +241,8 @@ def main():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
-          f"steps <= {args.step_tokens} tokens; expansion sizes {args.expansion_sizes}; (c), (d) timed on "
+          f"steps <= {args.step_tokens} tokens; expansion sizes {args.expansion_sizes}, decode shrink "
+          f"{args.decode_shrink or 'none'}; (c), (d) timed on "
           f"{args.torch_problems} problems; median of {args.repeats}")
     for name, r in results.items():
         setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else

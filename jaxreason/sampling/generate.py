@@ -263,7 +263,8 @@ def sample_from_cache(
         stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, rows),
     )
     decode = functools.partial(_decode, model, config=config, eos_ids=eos_ids, pad_id=pad_id, stop_table=stop_table)
-    sizes = sorted({math.ceil(f * rows) for f in config.shrink_at} - {rows}, reverse=True)
+    # Below 8 rows a step's cost hardly depends on its rows: not worth the gathers.
+    sizes = sorted({math.ceil(f * rows) for f in config.shrink_at if rows >= 8} - {rows}, reverse=True)
     state = decode(state, cache, row_keys, limit, live_above=sizes[0] if sizes else 0)
     out = GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
                          stopped=state.stopped, last_hidden=state.last_hidden)

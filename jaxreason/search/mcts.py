@@ -65,6 +65,8 @@ class MCTSConfig:
         if max(self.expansion_sizes, default=0) != 1 or not all(0 < f <= 1 for f in self.expansion_sizes):
             raise ValueError(f"mcts.expansion_sizes must be fractions in (0, 1] that include 1, got "
                              f"{self.expansion_sizes}")
+        if not all(0 < f < 1 for f in self.decode_shrink):
+            raise ValueError(f"mcts.decode_shrink must be fractions in (0, 1), got {self.decode_shrink}")
 
 
 def mcts(

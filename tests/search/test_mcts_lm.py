@@ -161,3 +161,25 @@ def test_muzero_search_split_over_devices_samples_each_row_on_its_own(models):
                           mesh=make_mesh(MeshConfig(data=-1)))
     assert len(result.completions) == 8 and np.all(result.generated_tokens > 0)
     assert len({tuple(p.text for p in t.paths) for t in traces}) > 1
+
+
+def test_shrinking_candidate_decode_gives_the_same_trees(models):
+    """`decode_shrink` only changes how many rows each decode step computes, not what is sampled."""
+    policy, prm = models
+    whole, whole_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, dataclasses.replace(SEARCH, decode_shrink=()),
+                               jax.random.key(7))
+    phased, phased_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS,
+                                 dataclasses.replace(SEARCH, decode_shrink=(0.75, 0.5, 0.25)), jax.random.key(7))
+    assert phased.completions == whole.completions
+    np.testing.assert_array_equal(phased.generated_tokens, whole.generated_tokens)
+    for a, b in zip(whole_traces, phased_traces):
+        assert [p.text for p in a.paths] == [p.text for p in b.paths]
+        for p, q in zip(a.paths, b.paths):
+            np.testing.assert_array_equal(p.visits, q.visits)
+
+
+@pytest.mark.parametrize("field, value", [("expansion_sizes", (0.5,)), ("expansion_sizes", (1.0, 1.5)),
+                                          ("decode_shrink", (0.5, 1.0)), ("num_simulations", 0)])
+def test_bad_search_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"mcts.{field}"):
+        MCTSConfig(**{field: value})
