@@ -211,16 +211,20 @@ def main():
     # idle one either may be faster, so both are timed and the faster is reported.
     parser.add_argument("--torch-threads", default="1,2", help="torch.set_num_threads values tried for (c), (d)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
-    parser.add_argument("--expansion-sizes", default="1,0.75,0.5", help="MCTSConfig.expansion_sizes for (a) and (b)")
-    # Three shrinking phases instead of MCTSConfig's default one: fewer idle rows per decode step, for a longer
-    # first call (printed).
-    parser.add_argument("--decode-shrink", default="0.75,0.5,0.25",
-                        help="MCTSConfig.decode_shrink for (a) and (b) ('' for none)")
+    # Tuned per model (BENCHMARKS.md): the tiny model's steps are cheap, so six compiled expansion sizes and no
+    # decode shrinking; SmolLM2's are costly, so three sizes and three shrinking phases. Longer first calls.
+    parser.add_argument("--expansion-sizes", help="MCTSConfig.expansion_sizes for (a) and (b) (default: by model, "
+                        "tiny 1,0.875,0.75,0.625,0.5,0.375, smollm2 1,0.75,0.5)")
+    parser.add_argument("--decode-shrink", help="MCTSConfig.decode_shrink for (a) and (b) ('' for none; default: "
+                        "by model, tiny none, smollm2 0.75,0.5,0.25)")
     parser.add_argument("--one-device", action="store_true",
                         help="also time (a) on one device using every core (a1), and print a/a1")
     parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
     parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    tuned = {"tiny": ("1,0.875,0.75,0.625,0.5,0.375", ""), "smollm2": ("1,0.75,0.5", "0.75,0.5,0.25")}[args.model]
+    args.expansion_sizes = tuned[0] if args.expansion_sizes is None else args.expansion_sizes
+    args.decode_shrink = tuned[1] if args.decode_shrink is None else args.decode_shrink
     if args.engine:
         if args.engine in JAX_ENGINES:
             result = run_jax(args, one_at_a_time=args.engine == "b_one_at_a_time")

@@ -45,7 +45,7 @@ class ExpansionSpec:
     eos_ids: tuple[int, ...] = ()
     prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
     expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)  # fractions of the batch an expansion is compiled for
-    decode_shrink: tuple[float, ...] = (0.5,)  # SamplingConfig.shrink_at of the candidates' decode
+    decode_shrink: tuple[float, ...] = ()  # SamplingConfig.shrink_at of the candidates' decode
 
 
 @struct.dataclass

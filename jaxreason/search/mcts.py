@@ -55,8 +55,10 @@ class MCTSConfig:
     # that holds them. More sizes waste fewer rows and take longer to compile (each is a copy of the expansion).
     expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)
     # Fractions of an expansion's candidate rows its decode continues with once only that many are unfinished
-    # (`SamplingConfig.shrink_at`): steps vary in length, so most rows finish well before the longest.
-    decode_shrink: tuple[float, ...] = (0.5,)
+    # (`SamplingConfig.shrink_at`): steps vary in length, so most rows finish well before the longest. Worth its
+    # gathers and compile time on a model whose decode step is costly (SmolLM2-135M on CPU: 0.5 takes 11% off a
+    # search); on a tiny model it is slower (BENCHMARKS.md), hence off by default.
+    decode_shrink: tuple[float, ...] = ()
 
     def __post_init__(self):
         for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens", "batch_size"):
