@@ -142,9 +142,15 @@ def test_search_split_over_devices_gives_the_same_trees(models):
     assert mesh.size == 8
     one, one_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(5))
     split, split_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(5), mesh=mesh)
-    assert split.completions == one.completions
-    np.testing.assert_array_equal(split.generated_tokens, one.generated_tokens)
-    for a, b in zip(one_traces, split_traces):
+    _assert_same_searches((one, one_traces), (split, split_traces))
+
+
+def _assert_same_searches(first, second):
+    """Same answers, token counts, and trees (path texts, visit counts and values)."""
+    (result_a, traces_a), (result_b, traces_b) = first, second
+    assert result_b.completions == result_a.completions
+    np.testing.assert_array_equal(result_b.generated_tokens, result_a.generated_tokens)
+    for a, b in zip(traces_a, traces_b):
         assert [p.text for p in a.paths] == [p.text for p in b.paths]
         for p, q in zip(a.paths, b.paths):
             np.testing.assert_array_equal(p.visits, q.visits)
@@ -166,16 +172,11 @@ def test_muzero_search_split_over_devices_samples_each_row_on_its_own(models):
 def test_shrinking_candidate_decode_gives_the_same_trees(models):
     """`decode_shrink` only changes how many rows each decode step computes, not what is sampled."""
     policy, prm = models
-    whole, whole_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, dataclasses.replace(SEARCH, decode_shrink=()),
-                               jax.random.key(7))
-    phased, phased_traces = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS,
-                                 dataclasses.replace(SEARCH, decode_shrink=(0.75, 0.5, 0.25)), jax.random.key(7))
-    assert phased.completions == whole.completions
-    np.testing.assert_array_equal(phased.generated_tokens, whole.generated_tokens)
-    for a, b in zip(whole_traces, phased_traces):
-        assert [p.text for p in a.paths] == [p.text for p in b.paths]
-        for p, q in zip(a.paths, b.paths):
-            np.testing.assert_array_equal(p.visits, q.visits)
+    whole = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, dataclasses.replace(SEARCH, decode_shrink=()),
+                 jax.random.key(7))
+    phased = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, dataclasses.replace(SEARCH, decode_shrink=(0.75, 0.5, 0.25)),
+                  jax.random.key(7))
+    _assert_same_searches(whole, phased)
 
 
 @pytest.mark.parametrize("field, value", [("expansion_sizes", (0.5,)), ("expansion_sizes", (1.0, 1.5)),
