@@ -46,6 +46,10 @@ class KVCache:
     def num_real_tokens(self) -> Int[Array, "B"]:
         return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
 
+    def take_rows(self, rows: Int[Array, "R"]) -> KVCache:
+        """The cache of rows `rows` (gathered, in that order)."""
+        return self.replace(k=self.k[:, rows], v=self.v[:, rows], mask=self.mask[rows])
+
     def repeat_rows(self, times: int) -> KVCache:
         """Each row repeated `times` times in place (row b * times + i is copy i of row b)."""
         return self.replace(k=jnp.repeat(self.k, times, axis=1), v=jnp.repeat(self.v, times, axis=1),

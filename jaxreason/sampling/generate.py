@@ -181,6 +181,15 @@ class _LoopState:
     last_hidden: Float[Array, "B E"]
     stop_buffer: object
 
+    def outputs(self) -> GenerateOutput:
+        return GenerateOutput(tokens=self.tokens, logprobs=self.logprobs, lengths=self.lengths, stopped=self.stopped,
+                              last_hidden=self.last_hidden)
+
+    def take_rows(self, rows: Int[Array, "R"]) -> _LoopState:
+        """The state of rows `rows` (gathered, in that order)."""
+        return jax.tree.map(lambda x: x[rows], self.replace(step=None, cache=None)).replace(
+            step=self.step, cache=self.cache.take_rows(rows))
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_ids", "pad_id"))
 def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, row_keys, stop_table, *, config, eos_ids, pad_id):
@@ -263,29 +272,28 @@ def sample_from_cache(
         stop_buffer=None if stop_table is None else init_stop_buffer(stop_table, rows),
     )
     decode = functools.partial(_decode, model, config=config, eos_ids=eos_ids, pad_id=pad_id, stop_table=stop_table)
-    # Below 8 rows a step's cost hardly depends on its rows: not worth the gathers.
-    sizes = sorted({math.ceil(f * rows) for f in config.shrink_at if rows >= 8} - {rows}, reverse=True)
+    sizes = batch_sizes(rows, config.shrink_at)[1:]
     state = decode(state, cache, row_keys, limit, live_above=sizes[0] if sizes else 0)
-    out = GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
-                         stopped=state.stopped, last_hidden=state.last_hidden)
+    out = state.outputs()
     index = jnp.arange(rows)  # the output row of each row of `state`
     for size, after in zip(sizes, [*sizes[1:], 0]):
         keep = jnp.argsort(state.done, stable=True)[:size]  # the live rows first, in order
         index = index[keep]
-        state = _take_rows(state, keep)
-        prompts = index // k
-        own_prefix = cache.replace(k=cache.k[:, prompts], v=cache.v[:, prompts], mask=cache.mask[prompts])
-        state = decode(state, own_prefix, row_keys[index], limit[index], live_above=after)
-        out = jax.tree.map(lambda full, part: full.at[index].set(part), out, GenerateOutput(
-            tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths, stopped=state.stopped,
-            last_hidden=state.last_hidden))
+        state = state.take_rows(keep)
+        state = decode(state, cache.take_rows(index // k), row_keys[index], limit[index], live_above=after)
+        out = jax.tree.map(lambda full, part: full.at[index].set(part), out, state.outputs())
     return out
 
 
-def _take_rows(state: _LoopState, rows: Int[Array, "R"]) -> _LoopState:
-    cache = state.cache
-    return jax.tree.map(lambda x: x[rows], state.replace(step=None, cache=None)).replace(
-        step=state.step, cache=cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], mask=cache.mask[rows]))
+def batch_sizes(batch: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """`batch` and these fractions of it, rounded up, descending and distinct: the batch sizes to compile for.
+
+    Below 8 rows only `batch`: a step's cost hardly depends on its rows there, and each size is another copy of
+    the step in the program (compile time).
+    """
+    if batch < 8:
+        return (batch,)
+    return tuple(sorted({batch, *(math.ceil(f * batch) for f in fractions)}, reverse=True))
 
 
 def _decode(model: CausalLM, state: _LoopState, prefix: KVCache, row_keys: PRNGKeyArray, limit: Int[Array, "R"],

@@ -12,7 +12,6 @@ an expansion below it changes nothing and backs up the same score again.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +20,7 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.models.kv_cache import KVCache
-from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
+from jaxreason.sampling.generate import SamplingConfig, batch_sizes, sample_from_cache
 from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.node import NodeState
@@ -151,7 +150,7 @@ class StepSearch:
         generated tokens [B] and the candidates' values [B, K].
         """
         b = tokens.shape[0]
-        sizes = (b,) if at_root else _row_buckets(b, self.spec.expansion_sizes)
+        sizes = (b,) if at_root else batch_sizes(b, self.spec.expansion_sizes)
         widths = self._widths()[:1] if at_root else self._widths()
         order = jnp.argsort(~expand, stable=True)  # the rows to expand first, in their order
         longest = jnp.max(jnp.where(expand, length - prompts.length, 1))
@@ -387,20 +386,9 @@ def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[
     return jnp.where(inside, piece[source], row)
 
 
-def _row_buckets(batch: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
-    """The batch sizes an expansion compiles for, descending: these fractions of the batch, rounded up.
-
-    Each size is another copy of the expansion in the program (compile time); below 8 rows it is not worth it.
-    """
-    if batch < 8:
-        return (batch,)
-    return tuple(sorted({batch, *(math.ceil(f * batch) for f in fractions)}, reverse=True))
-
-
 def _take_prompts(prompts: Prompts, rows: Int[Array, "R"]) -> Prompts:
-    cache = prompts.cache
     return Prompts(tokens=prompts.tokens[rows], length=prompts.length[rows], last_hidden=prompts.last_hidden[rows],
-                   cache=cache.replace(k=cache.k[:, rows], v=cache.v[:, rows], mask=cache.mask[rows]))
+                   cache=prompts.cache.take_rows(rows))
 
 
 def _duplicates(cand: Int[Array, "B K S"], lens: Int[Array, "B K"]) -> Bool[Array, "B K"]:

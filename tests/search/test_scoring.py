@@ -155,9 +155,9 @@ def test_expanding_some_rows_gathers_them_and_changes_no_result(models, sizes):
     """With 3 of 8 rows to expand, the expansion runs on a smaller batch (the smallest of 8, 6, 4 rows that
     holds them, or of 8 and 3) and gives those rows what expanding all 8 gives them (the same samples; the
     values up to float rounding, as another batch size sums in another order); the others get no candidates."""
-    from jaxreason.search.expansion import _row_buckets
+    from jaxreason.sampling.generate import batch_sizes
 
-    assert _row_buckets(8, sizes) == ((8, 6, 4) if len(sizes) == 3 else (8, 3))
+    assert batch_sizes(8, sizes) == ((8, 6, 4) if len(sizes) == 3 else (8, 3))
     policy, prm = models
     space = ActionSpace.single_step(2)
     spec = ExpansionSpec(max_len=96, prompt_width=32, max_step_tokens=12, max_depth=4, temperature=1.0, pad_id=0,
