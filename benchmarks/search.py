@@ -37,22 +37,24 @@ ONE_DEVICE = "a1_one_device"  # (a) on a single device using every core: what sp
 JAX_ENGINES = ("a_batched", "b_one_at_a_time", ONE_DEVICE)
 
 
-def _models(name: str):
+def _models(name: str, dtype: str = "float32"):
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from jaxreason.models import CausalLM, ModelConfig, ValueModel, load_pretrained
     from jaxreason.models.char_tokenizer import build_char_tokenizer
 
+    dt = jnp.dtype(dtype)  # compute and parameters: a search never updates its weights
     if name == "smollm2":
-        policy, tokenizer = load_pretrained("smollm2-135m-instruct")
+        policy, tokenizer = load_pretrained("smollm2-135m-instruct", dtype=dt, param_dtype=dt)
     else:
         tokenizer = build_char_tokenizer()
         config = ModelConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_layers=4,
                              num_heads=8, num_kv_heads=4, head_dim=32, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-        policy = CausalLM(config, rngs=nnx.Rngs(0))
-    prm = ValueModel(policy.config, backbone=policy.transformer, rngs=nnx.Rngs(1))
+        policy = CausalLM(config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
+    prm = ValueModel(policy.config, backbone=policy.transformer, dtype=dt, rngs=nnx.Rngs(1))
     prm.head[...] = 0.05 * jax.random.normal(jax.random.key(2), prm.head[...].shape)  # an informative-ish head
     return policy, prm, tokenizer
 
@@ -61,13 +63,14 @@ def _setup(args):
     from jaxreason.search.mcts import MCTSConfig
     from jaxreason.tasks import get_task
 
-    policy, prm, tokenizer = _models(args.model)
+    policy, prm, tokenizer = _models(args.model, args.dtype)
     task = get_task("arith")
     problems = task.problems("test", n=args.problems, seed=0)
     config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
                         max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False,
                         expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")),
-                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f))
+                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f),
+                        unstack_layers=args.unstack_layers)
     return policy, prm, tokenizer, task, problems, config
 
 
@@ -113,14 +116,14 @@ def run_torch(args, per_candidate: bool, threads: int) -> dict:
 
     folder = tempfile.mkdtemp()
     save_pretrained(policy, tokenizer, folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    head = torch.tensor(np.asarray(prm.head[...]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
+    head = torch.tensor(np.asarray(prm.head[...], np.float32))
     delimiter = task.step_delimiter
 
     def value(ids):
         with torch.no_grad():
             hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
-        return torch.sigmoid(hidden @ head).item()
+        return torch.sigmoid(hidden.float() @ head).item()
 
     def generate(ids, n):
         with torch.no_grad():  # top_k=0: the full distribution, as jaxreason samples (transformers' default is 50)
@@ -217,6 +220,9 @@ def main():
                         "tiny 1,0.875,0.75,0.625,0.5,0.375, smollm2 1,0.75,0.5)")
     parser.add_argument("--decode-shrink", help="MCTSConfig.decode_shrink for (a) and (b) ('' for none; default: "
                         "by model, tiny none, smollm2 0.75,0.5,0.25)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute and weight dtype of every engine (jax and torch alike)")
+    parser.add_argument("--unstack-layers", action="store_true", help="MCTSConfig.unstack_layers for (a) and (b)")
     parser.add_argument("--one-device", action="store_true",
                         help="also time (a) on one device using every core (a1), and print a/a1")
     parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
@@ -245,8 +251,8 @@ def main():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
-          f"steps <= {args.step_tokens} tokens; expansion sizes {args.expansion_sizes}, decode shrink "
-          f"{args.decode_shrink or 'none'}; (c), (d) timed on "
+          f"steps <= {args.step_tokens} tokens, {args.dtype}; expansion sizes {args.expansion_sizes}, decode shrink "
+          f"{args.decode_shrink or 'none'}{', unstacked layers' if args.unstack_layers else ''}; (c), (d) timed on "
           f"{args.torch_problems} problems; median of {args.repeats}")
     for name, r in results.items():
         setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else

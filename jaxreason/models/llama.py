@@ -17,6 +17,7 @@ prompt's keys and values once per step instead of once per sample (no repeated c
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -41,6 +42,36 @@ def _param(rngs: nnx.Rngs, shape, names, dtype, init: str = "normal") -> nnx.Par
         value = jnp.zeros(shape, dtype)
     # Logical names only; `jaxreason.sharding` turns them into NamedShardings under a mesh.
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dot(spec: str, x: Array, kernel: Array) -> Array:
+    """A projection by a weight matrix (`jnp.einsum(spec, x, kernel)`, in `x`'s dtype) that accumulates in
+    float32, forward and backward.
+
+    With bfloat16 inputs this is what makes XLA's CPU backend use its bfloat16 matmul kernels (about 2x
+    float32 on AVX512-BF16, BENCHMARKS.md); a bfloat16 result type makes it convert both to float32. The
+    custom gradient keeps the backward products in bfloat16 too (the transpose of a float32 result would
+    multiply float32 cotangents). Only for projections: XLA:CPU's fallback for the attention's batched
+    products (`DotThunk`) does not implement bfloat16 x bfloat16 -> float32, so those keep plain einsums.
+    """
+    return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dot_forward(spec, x, kernel):
+    return _dot(spec, x, kernel), (x, kernel)
+
+
+def _dot_backward(spec, residuals, grad):
+    x, kernel = residuals
+    (x_axes, kernel_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
+    grad = grad.astype(x.dtype)
+    dx = jnp.einsum(f"{out_axes},{kernel_axes}->{x_axes}", grad, kernel, preferred_element_type=jnp.float32)
+    dkernel = jnp.einsum(f"{x_axes},{out_axes}->{kernel_axes}", x, grad, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_dot.defvjp(_dot_forward, _dot_backward)
 
 
 def rope_frequencies(config: ModelConfig) -> Float[Array, "head_dim/2"]:
@@ -130,9 +161,9 @@ class Attention(nnx.Module):
         """The attention output and, with a cache (this layer's keys and values), the new tokens' keys and
         values in the cache's layout (the caller writes them into the cache)."""
         cfg, dt = self.config, self.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", x, effective_kernel(self, "k").astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", x, effective_kernel(self, "v").astype(dt))
+        q = _dot("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
+        k = _dot("bte,ekd->btkd", x, effective_kernel(self, "k").astype(dt))
+        v = _dot("bte,ekd->btkd", x, effective_kernel(self, "v").astype(dt))
         if cfg.attention_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -181,7 +212,7 @@ class Attention(nnx.Module):
                 out = pre_out.reshape(b, t, cfg.num_kv_heads, groups, d) + _weighted_values(
                     probs[..., w:], v_all.astype(dt), keys)
         out = out.reshape(b, t, h, d)
-        return jnp.einsum("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
+        return _dot("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
 
 
 def _decode_with_prefix(q, scores, v_own, k_pre, v_pre, pre_allowed, dt):
@@ -216,7 +247,8 @@ def _weighted_values(probs: Float[Array, "B K G T S"], values: Array, keys: str)
     B x K tiny [G, S] x [S, D] products than on the arithmetic (one decode step of 128 rows: 13.4 -> 12.2 ms).
     """
     if probs.shape[3] == 1 and keys == "bksd":
-        return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2)[:, None]
+        return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2, dtype=jnp.float32).astype(
+            values.dtype)[:, None]
     return jnp.einsum(f"bkgts,{keys}->btkgd", probs, values)
 
 
@@ -232,8 +264,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T E"]) -> Float[Array, "B T E"]:
         dt = self.dtype
-        gate = jax.nn.silu(x @ effective_kernel(self, "gate").astype(dt))
-        return (gate * (x @ effective_kernel(self, "up").astype(dt))) @ effective_kernel(self, "down").astype(dt)
+        gate = jax.nn.silu(_dot("bte,em->btm", x, effective_kernel(self, "gate").astype(dt)))
+        up = _dot("bte,em->btm", x, effective_kernel(self, "up").astype(dt))
+        return _dot("btm,me->bte", gate * up, effective_kernel(self, "down").astype(dt))
 
 
 class DecoderLayer(nnx.Module):
@@ -314,23 +347,35 @@ class Transformer(nnx.Module):
             key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
             cache_index = cache.index
 
-        graphdef, layer_state = nnx.split(self.layers)
-
-        def body(h, inputs):
-            state, layer_kv, prefix_kv = inputs
-            layer = nnx.merge(graphdef, state)
-            prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask)
-            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv)
-
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        # The scan hands each layer its slice of the caches and collects only the new tokens' keys and values,
-        # written into the all-layer buffers once, after it: carrying the buffers through the scan and updating
-        # one layer per iteration made XLA copy them whole at every layer (a 30-layer decode step of 64 rows
-        # spent ~40% of its time in those copies).
         kv = None if cache is None else (cache.k, cache.v)
         prefix_kv = None if prefix is None else (prefix.k, prefix.v)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))
+
+        def run_layer(graphdef, state, h, layer_kv, layer_prefix):
+            layer = nnx.merge(graphdef, state)
+            layer_prefix = None if layer_prefix is None else (*layer_prefix, prefix.mask)
+            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, layer_prefix)
+
+        if self.remat:
+            run_layer = jax.checkpoint(run_layer, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(0,))
+        if isinstance(self.layers, nnx.List):  # `unstack_layers`: one array per layer, no slicing
+            new_kv = []
+            for i, layer in enumerate(self.layers):
+                x, layer_new = run_layer(*nnx.split(layer), x, *(None if a is None else jax.tree.map(lambda t: t[i], a)
+                                                     for a in (kv, prefix_kv)))
+                new_kv.append(layer_new)
+            new_kv = None if cache is None else jax.tree.map(lambda *t: jnp.stack(t), *new_kv)
+        else:
+            graphdef, layer_state = nnx.split(self.layers)
+
+            def body(h, inputs):
+                state, layer_kv, layer_prefix = inputs
+                return run_layer(graphdef, state, h, layer_kv, layer_prefix)
+
+            # The scan hands each layer its slice of the caches and collects only the new tokens' keys and
+            # values, written into the all-layer buffers once, after it: carrying the buffers through the scan
+            # and updating one layer per iteration made XLA copy them whole at every layer (a 30-layer decode
+            # step of 64 rows spent ~40% of its time in those copies).
+            x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))
         x = self.norm(x)
         if cache is None:
             return x, None
@@ -360,8 +405,8 @@ class CausalLM(nnx.Module):
     def logits_from_hidden(self, hidden: Float[Array, "B T E"]) -> Float[Array, "B T V"]:
         dt = hidden.dtype
         if self.config.tie_word_embeddings:
-            return jnp.einsum("bte,ve->btv", hidden, self.transformer.embed[...].astype(dt)).astype(jnp.float32)
-        return (hidden @ self.lm_head[...].astype(dt)).astype(jnp.float32)
+            return _dot("bte,ve->btv", hidden, self.transformer.embed[...].astype(dt)).astype(jnp.float32)
+        return _dot("bte,ev->btv", hidden, self.lm_head[...].astype(dt)).astype(jnp.float32)
 
     def __call__(
         self,
@@ -375,3 +420,22 @@ class CausalLM(nnx.Module):
         hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)
+
+
+def unstack_layers(*models: nnx.Module) -> tuple[nnx.Module, ...]:
+    """Copies of `models` whose transformers hold one `DecoderLayer` per layer (an `nnx.List`) instead of the
+    stacked layers, so that `Transformer.__call__` runs them in a Python loop over separate arrays.
+
+    For inference programs that call the model many times per compiled step (decoding): inside `scan`, XLA's
+    CPU backend copies each layer's weights out of the stacked arrays at every call, and static slices of
+    them inside the program are slower still. Costs compile time (the layers are traced one by one). The
+    models are copied together, so submodules they share stay shared (a PRM on the policy's backbone).
+    """
+    graphdef, state = nnx.split(models)
+    copies = nnx.merge(graphdef, state)
+    for _, node in nnx.iter_graph(copies):
+        if isinstance(node, Transformer) and not isinstance(node.layers, nnx.List):
+            layers_def, layers_state = nnx.split(node.layers)
+            node.layers = nnx.List([nnx.merge(layers_def, jax.tree.map(lambda a, i=i: a[i], layers_state))
+                                    for i in range(node.config.num_layers)])
+    return copies

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
-from jaxreason.models import KVCache, load_pretrained, save_pretrained
+from jaxreason.models import KVCache, ValueModel, load_pretrained, save_pretrained
 from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models.llama import unstack_layers
 
 VOCAB = 100  # the char tokenizer's size
 COMMON = dict(
@@ -126,6 +128,44 @@ def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
     full_mask = np.concatenate([np.repeat(prompt_mask, 2, axis=0), np.ones_like(tails)], axis=1)
     ref = _hf_logits(hf, full_ids, full_mask)[:, 8:]
     np.testing.assert_allclose(np.stack(ours, axis=1), ref, rtol=2e-4, atol=2e-4)
+
+
+def _prefill_and_decode(model, dtype=jnp.float32):
+    """Logits [4, 4, V] of a left-padded prefill of two prompts and three decode steps of two samples each on top
+    of it (the search's pattern: a read-only prefix cache and each row's own cache)."""
+    ids, mask = _padded_batch()
+    prefix = KVCache.init(model.config, 2, 8, dtype=dtype)
+    first, prefix = model(jnp.asarray(ids[1:, :8]), jnp.asarray(mask[1:, :8]), cache=prefix)
+    tails = np.random.default_rng(1).integers(4, VOCAB, size=(4, 3)).astype(np.int32)
+    own = KVCache.init(model.config, 4, 3, dtype=dtype)
+    steps = [jnp.repeat(first[:, -1], 2, axis=0)]
+    for step in range(3):
+        logits, own = model(jnp.asarray(tails[:, step:step + 1]), cache=own, prefix=prefix)
+        steps.append(logits[:, 0])
+    return np.stack([np.asarray(s, np.float32) for s in steps], axis=1)
+
+
+def test_unstacked_layers_give_the_same_logits(tmp_path):
+    """One module per layer (a Python loop) computes what the stacked layers' scan does; a PRM on the policy's
+    backbone still shares it in the copies."""
+    _, folder = _hf_model("mistral_window", tmp_path)
+    model, _ = load_pretrained(folder)
+    prm = ValueModel(model.config, backbone=model.transformer, rngs=nnx.Rngs(0))
+    unstacked, unstacked_prm = unstack_layers(model, prm)
+    assert len(unstacked.transformer.layers) == 2 and unstacked_prm.transformer is unstacked.transformer
+    np.testing.assert_allclose(_prefill_and_decode(unstacked), _prefill_and_decode(model), rtol=1e-5, atol=1e-5)
+    ids, mask = _padded_batch()
+    np.testing.assert_allclose(np.asarray(unstacked_prm(ids, mask)), np.asarray(prm(ids, mask)), atol=1e-5)
+
+
+def test_bfloat16_model_decodes_close_to_float32(tmp_path):
+    """bfloat16 weights and compute (projections accumulate in float32) through the search's prefill and
+    shared-prefix decode: it compiles on XLA:CPU and its logits are close to float32's."""
+    _, folder = _hf_model("llama3_gqa_tied", tmp_path)
+    model, _ = load_pretrained(folder)
+    half, _ = load_pretrained(folder, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ref, ours = _prefill_and_decode(model), _prefill_and_decode(half, jnp.bfloat16)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 0.05
 
 
 def test_shared_prefix_needs_a_batch_that_is_a_multiple_of_it(tmp_path):
