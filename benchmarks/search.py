@@ -69,8 +69,7 @@ def _setup(args):
     config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
                         max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False,
                         expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")),
-                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f),
-                        unstack_layers=args.unstack_layers)
+                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f))
     return policy, prm, tokenizer, task, problems, config
 
 
@@ -222,7 +221,6 @@ def main():
                         "by model, tiny none, smollm2 0.75,0.5,0.25)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute and weight dtype of every engine (jax and torch alike)")
-    parser.add_argument("--unstack-layers", action="store_true", help="MCTSConfig.unstack_layers for (a) and (b)")
     parser.add_argument("--one-device", action="store_true",
                         help="also time (a) on one device using every core (a1), and print a/a1")
     parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
@@ -252,7 +250,7 @@ def main():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
           f"steps <= {args.step_tokens} tokens, {args.dtype}; expansion sizes {args.expansion_sizes}, decode shrink "
-          f"{args.decode_shrink or 'none'}{', unstacked layers' if args.unstack_layers else ''}; (c), (d) timed on "
+          f"{args.decode_shrink or 'none'}; (c), (d) timed on "
           f"{args.torch_problems} problems; median of {args.repeats}")
     for name, r in results.items():
         setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else

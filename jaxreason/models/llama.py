@@ -347,35 +347,23 @@ class Transformer(nnx.Module):
             key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
             cache_index = cache.index
 
-        kv = None if cache is None else (cache.k, cache.v)
-        prefix_kv = None if prefix is None else (prefix.k, prefix.v)
+        graphdef, layer_state = nnx.split(self.layers)
 
-        def run_layer(graphdef, state, h, layer_kv, layer_prefix):
+        def body(h, inputs):
+            state, layer_kv, prefix_kv = inputs
             layer = nnx.merge(graphdef, state)
-            layer_prefix = None if layer_prefix is None else (*layer_prefix, prefix.mask)
-            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, layer_prefix)
+            prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask)
+            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv)
 
         if self.remat:
-            run_layer = jax.checkpoint(run_layer, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(0,))
-        if isinstance(self.layers, nnx.List):  # `unstack_layers`: one array per layer, no slicing
-            new_kv = []
-            for i, layer in enumerate(self.layers):
-                x, layer_new = run_layer(*nnx.split(layer), x, *(None if a is None else jax.tree.map(lambda t: t[i], a)
-                                                     for a in (kv, prefix_kv)))
-                new_kv.append(layer_new)
-            new_kv = None if cache is None else jax.tree.map(lambda *t: jnp.stack(t), *new_kv)
-        else:
-            graphdef, layer_state = nnx.split(self.layers)
-
-            def body(h, inputs):
-                state, layer_kv, layer_prefix = inputs
-                return run_layer(graphdef, state, h, layer_kv, layer_prefix)
-
-            # The scan hands each layer its slice of the caches and collects only the new tokens' keys and
-            # values, written into the all-layer buffers once, after it: carrying the buffers through the scan
-            # and updating one layer per iteration made XLA copy them whole at every layer (a 30-layer decode
-            # step of 64 rows spent ~40% of its time in those copies).
-            x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        # The scan hands each layer its slice of the caches and collects only the new tokens' keys and values,
+        # written into the all-layer buffers once, after it: carrying the buffers through the scan and updating
+        # one layer per iteration made XLA copy them whole at every layer (a 30-layer decode step of 64 rows
+        # spent ~40% of its time in those copies).
+        kv = None if cache is None else (cache.k, cache.v)
+        prefix_kv = None if prefix is None else (prefix.k, prefix.v)
+        x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))
         x = self.norm(x)
         if cache is None:
             return x, None
@@ -420,22 +408,3 @@ class CausalLM(nnx.Module):
         hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)
-
-
-def unstack_layers(*models: nnx.Module) -> tuple[nnx.Module, ...]:
-    """Copies of `models` whose transformers hold one `DecoderLayer` per layer (an `nnx.List`) instead of the
-    stacked layers, so that `Transformer.__call__` runs them in a Python loop over separate arrays.
-
-    For inference programs that call the model many times per compiled step (decoding): inside `scan`, XLA's
-    CPU backend copies each layer's weights out of the stacked arrays at every call, and static slices of
-    them inside the program are slower still. Costs compile time (the layers are traced one by one). The
-    models are copied together, so submodules they share stay shared (a PRM on the policy's backbone).
-    """
-    graphdef, state = nnx.split(models)
-    copies = nnx.merge(graphdef, state)
-    for _, node in nnx.iter_graph(copies):
-        if isinstance(node, Transformer) and not isinstance(node.layers, nnx.List):
-            layers_def, layers_state = nnx.split(node.layers)
-            node.layers = nnx.List([nnx.merge(layers_def, jax.tree.map(lambda a, i=i: a[i], layers_state))
-                                    for i in range(node.config.num_layers)])
-    return copies

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxreason.models.llama import CausalLM, unstack_layers
+from jaxreason.models.llama import CausalLM
 from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.prompts import pad_token_id, prompt_ids
 from jaxreason.search.actions import ActionSpace
@@ -59,10 +59,6 @@ class MCTSConfig:
     # gathers and compile time on a model whose decode step is costly (SmolLM2-135M on CPU: 0.5 takes 11% off a
     # search); on a tiny model it is slower (BENCHMARKS.md), hence off by default.
     decode_shrink: tuple[float, ...] = ()
-    # Search with copies of the models that hold one array per layer (`llama.unstack_layers`): XLA then does not
-    # copy each layer's weights out of the stacked ones at every step (SmolLM2-135M on CPU: a search 4.5%
-    # faster), but compiles every layer on its own (its first call 2.7x longer), hence off by default.
-    unstack_layers: bool = False
 
     def __post_init__(self):
         for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens", "batch_size"):
@@ -114,8 +110,6 @@ def mcts(
         prm_shares_backbone=prm.transformer is policy.transformer, expansion_sizes=config.expansion_sizes,
         decode_shrink=config.decode_shrink,
     )
-    if config.unstack_layers:
-        policy, prm = unstack_layers(policy, prm)
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)
     prm_def, prm_state = nnx.split(prm)

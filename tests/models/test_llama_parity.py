@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
-from jaxreason.models import KVCache, ValueModel, load_pretrained, save_pretrained
+from jaxreason.models import KVCache, load_pretrained, save_pretrained
 from jaxreason.models.char_tokenizer import build_char_tokenizer
-from jaxreason.models.llama import unstack_layers
 
 VOCAB = 100  # the char tokenizer's size
 COMMON = dict(
@@ -143,19 +141,6 @@ def _prefill_and_decode(model, dtype=jnp.float32):
         logits, own = model(jnp.asarray(tails[:, step:step + 1]), cache=own, prefix=prefix)
         steps.append(logits[:, 0])
     return np.stack([np.asarray(s, np.float32) for s in steps], axis=1)
-
-
-def test_unstacked_layers_give_the_same_logits(tmp_path):
-    """One module per layer (a Python loop) computes what the stacked layers' scan does; a PRM on the policy's
-    backbone still shares it in the copies."""
-    _, folder = _hf_model("mistral_window", tmp_path)
-    model, _ = load_pretrained(folder)
-    prm = ValueModel(model.config, backbone=model.transformer, rngs=nnx.Rngs(0))
-    unstacked, unstacked_prm = unstack_layers(model, prm)
-    assert len(unstacked.transformer.layers) == 2 and unstacked_prm.transformer is unstacked.transformer
-    np.testing.assert_allclose(_prefill_and_decode(unstacked), _prefill_and_decode(model), rtol=1e-5, atol=1e-5)
-    ids, mask = _padded_batch()
-    np.testing.assert_allclose(np.asarray(unstacked_prm(ids, mask)), np.asarray(prm(ids, mask)), atol=1e-5)
 
 
 def test_bfloat16_model_decodes_close_to_float32(tmp_path):

@@ -179,15 +179,6 @@ def test_shrinking_candidate_decode_gives_the_same_trees(models):
     _assert_same_searches(whole, phased)
 
 
-def test_unstacked_layers_give_the_same_trees(models):
-    """`unstack_layers` changes how the layers are laid out for XLA, not what the search computes."""
-    policy, prm = models
-    stacked = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(8))
-    unstacked = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, dataclasses.replace(SEARCH, unstack_layers=True),
-                     jax.random.key(8))
-    _assert_same_searches(stacked, unstacked)
-
-
 @pytest.mark.parametrize("field, value", [("expansion_sizes", (0.5,)), ("expansion_sizes", (1.0, 1.5)),
                                           ("decode_shrink", (0.5, 1.0)), ("num_simulations", 0)])
 def test_bad_search_config_names_the_field(field, value):
