@@ -105,42 +105,40 @@ def test_left_padding_does_not_change_logits(tmp_path):
     np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["llama3_gqa_tied", "mistral_window"])
-def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
-    """Two samples continue each left-padded prompt from one read-only prefix cache; their logits equal
-    transformers' on the concatenated rows (the sliding window counts tokens across the prefix's padding)."""
-    hf, folder = _hf_model(name, tmp_path)
-    model, _ = load_pretrained(folder)
+def _prompts_and_tails():
+    """Two left-padded prompts (4 and 8 real tokens) [2, 8], their mask, and three tokens [4, 3] for each of two
+    samples per prompt (row 2p + i: sample i of prompt p)."""
     ids, mask = _padded_batch()
-    prompts, prompt_mask = ids[1:, :8], mask[1:, :8]  # left-padded rows of 4 and 8 real tokens
-    rng = np.random.default_rng(1)
-    tails = rng.integers(4, VOCAB, size=(4, 3)).astype(np.int32)  # row 2p + i: sample i of prompt p
-    prefix = KVCache.init(model.config, 2, 8)
-    _, prefix = model(jnp.asarray(prompts), jnp.asarray(prompt_mask), cache=prefix)
-    own = KVCache.init(model.config, 4, 3)
-    ours = []
-    for step in range(3):
-        logits, own = model(jnp.asarray(tails[:, step:step + 1]), cache=own, prefix=prefix)
-        ours.append(np.asarray(logits[:, 0]))
-    full_ids = np.concatenate([np.repeat(prompts, 2, axis=0), tails], axis=1)
-    full_mask = np.concatenate([np.repeat(prompt_mask, 2, axis=0), np.ones_like(tails)], axis=1)
-    ref = _hf_logits(hf, full_ids, full_mask)[:, 8:]
-    np.testing.assert_allclose(np.stack(ours, axis=1), ref, rtol=2e-4, atol=2e-4)
+    tails = np.random.default_rng(1).integers(4, VOCAB, size=(4, 3)).astype(np.int32)
+    return ids[1:, :8], mask[1:, :8], tails
 
 
 def _prefill_and_decode(model, dtype=jnp.float32):
-    """Logits [4, 4, V] of a left-padded prefill of two prompts and three decode steps of two samples each on top
-    of it (the search's pattern: a read-only prefix cache and each row's own cache)."""
-    ids, mask = _padded_batch()
+    """Logits [4, 4, V]: the prompts' prefill (its last position, for both samples) into a read-only prefix cache,
+    then three decode steps of the tails on top of it, each row with its own cache (the search's pattern)."""
+    prompts, prompt_mask, tails = _prompts_and_tails()
     prefix = KVCache.init(model.config, 2, 8, dtype=dtype)
-    first, prefix = model(jnp.asarray(ids[1:, :8]), jnp.asarray(mask[1:, :8]), cache=prefix)
-    tails = np.random.default_rng(1).integers(4, VOCAB, size=(4, 3)).astype(np.int32)
+    first, prefix = model(jnp.asarray(prompts), jnp.asarray(prompt_mask), cache=prefix)
     own = KVCache.init(model.config, 4, 3, dtype=dtype)
     steps = [jnp.repeat(first[:, -1], 2, axis=0)]
     for step in range(3):
         logits, own = model(jnp.asarray(tails[:, step:step + 1]), cache=own, prefix=prefix)
         steps.append(logits[:, 0])
     return np.stack([np.asarray(s, np.float32) for s in steps], axis=1)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa_tied", "mistral_window"])
+def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
+    """Two samples continue each left-padded prompt from one read-only prefix cache; their logits equal
+    transformers' on the concatenated rows (the sliding window counts tokens across the prefix's padding)."""
+    hf, folder = _hf_model(name, tmp_path)
+    model, _ = load_pretrained(folder)
+    ours = _prefill_and_decode(model)[:, 1:]
+    prompts, prompt_mask, tails = _prompts_and_tails()
+    full_ids = np.concatenate([np.repeat(prompts, 2, axis=0), tails], axis=1)
+    full_mask = np.concatenate([np.repeat(prompt_mask, 2, axis=0), np.ones_like(tails)], axis=1)
+    ref = _hf_logits(hf, full_ids, full_mask)[:, 8:]
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4)
 
 
 def test_bfloat16_model_decodes_close_to_float32(tmp_path):
