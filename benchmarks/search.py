@@ -69,7 +69,8 @@ def _setup(args):
     config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
                         max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False,
                         expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")),
-                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f))
+                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f),
+                        prefill_packing=tuple(float(f) for f in args.prefill_packing.split(",") if f))
     return policy, prm, tokenizer, task, problems, config
 
 
@@ -214,11 +215,14 @@ def main():
     parser.add_argument("--torch-threads", default="1,2", help="torch.set_num_threads values tried for (c), (d)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine; the median is reported")
     # Tuned per model (BENCHMARKS.md): the tiny model's steps are cheap, so six compiled expansion sizes and no
-    # decode shrinking; SmolLM2's are costly, so three sizes and three shrinking phases. Longer first calls.
+    # decode shrinking; SmolLM2's are costly, so three sizes, three shrinking phases and packed prefills.
+    # Longer first calls.
     parser.add_argument("--expansion-sizes", help="MCTSConfig.expansion_sizes for (a) and (b) (default: by model, "
                         "tiny 1,0.875,0.75,0.625,0.5,0.375, smollm2 1,0.75,0.5)")
     parser.add_argument("--decode-shrink", help="MCTSConfig.decode_shrink for (a) and (b) ('' for none; default: "
                         "by model, tiny none, smollm2 0.75,0.5,0.25)")
+    parser.add_argument("--prefill-packing", help="MCTSConfig.prefill_packing for (a) and (b) ('' for none; "
+                        "default: by model, tiny none, smollm2 0.25,0.5,0.75)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute and weight dtype of every engine (jax and torch alike)")
     parser.add_argument("--one-device", action="store_true",
@@ -226,9 +230,11 @@ def main():
     parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
     parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tuned = {"tiny": ("1,0.875,0.75,0.625,0.5,0.375", ""), "smollm2": ("1,0.75,0.5", "0.75,0.5,0.25")}[args.model]
-    args.expansion_sizes = tuned[0] if args.expansion_sizes is None else args.expansion_sizes
-    args.decode_shrink = tuned[1] if args.decode_shrink is None else args.decode_shrink
+    tuned = {"tiny": ("1,0.875,0.75,0.625,0.5,0.375", "", ""),
+             "smollm2": ("1,0.75,0.5", "0.75,0.5,0.25", "0.25,0.5,0.75")}[args.model]
+    for name, default in zip(("expansion_sizes", "decode_shrink", "prefill_packing"), tuned):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.engine:
         if args.engine in JAX_ENGINES:
             result = run_jax(args, one_at_a_time=args.engine == "b_one_at_a_time")
@@ -250,7 +256,7 @@ def main():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
           f"steps <= {args.step_tokens} tokens, {args.dtype}; expansion sizes {args.expansion_sizes}, decode shrink "
-          f"{args.decode_shrink or 'none'}; (c), (d) timed on "
+          f"{args.decode_shrink or 'none'}, prefill packing {args.prefill_packing or 'none'}; (c), (d) timed on "
           f"{args.torch_problems} problems; median of {args.repeats}")
     for name, r in results.items():
         setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else

@@ -28,6 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxreason.models.config import ModelConfig
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.lora import effective_kernel
+from jaxreason.models.packing import Packing
 
 _INIT_STD = 0.02
 _MASKED = -1e30  # finite, so a row with every key masked (a padding query) gives no NaN
@@ -157,9 +158,14 @@ class Attention(nnx.Module):
         cache_kv: tuple[Float[Array, "B K S D"], Float[Array, "B K S D"]] | None,
         cache_index: Int[Array, ""] | None,
         prefix_kv: tuple[Float[Array, "P K W D"], Float[Array, "P K W D"], Bool[Array, "P W"]] | None = None,
+        packing: Packing | None = None,
     ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "B K T D"], Float[Array, "B K T D"]] | None]:
         """The attention output and, with a cache (this layer's keys and values), the new tokens' keys and
-        values in the cache's layout (the caller writes them into the cache)."""
+        values in the cache's layout (the caller writes them into the cache).
+
+        With `packing`, `x` [1, N, E] and `positions` [1, N] are the packed tokens of a [B, T] batch: the
+        projections run on those, the attention itself in the [B, T] layout (`query_slots`, `key_mask` and
+        the cache are as without packing), and the output is packed again, [1, N, E]."""
         cfg, dt = self.config, self.dtype
         q = _dot("bte,ehd->bthd", x, effective_kernel(self, "q").astype(dt))
         k = _dot("bte,ekd->btkd", x, effective_kernel(self, "k").astype(dt))
@@ -170,6 +176,8 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
+        if packing is not None:
+            q, k, v = (packing.unpack(a[0]) for a in (q, k, v))
         if cache_kv is not None:
             k_layer, v_layer = cache_kv
             new_cache = (k.astype(k_layer.dtype).transpose(0, 2, 1, 3), v.astype(v_layer.dtype).transpose(0, 2, 1, 3))
@@ -212,6 +220,8 @@ class Attention(nnx.Module):
                 out = pre_out.reshape(b, t, cfg.num_kv_heads, groups, d) + _weighted_values(
                     probs[..., w:], v_all.astype(dt), keys)
         out = out.reshape(b, t, h, d)
+        if packing is not None:
+            out = packing.pack(out)[None]
         return _dot("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
 
 
@@ -277,9 +287,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache_kv, cache_index, prefix_kv=None):
+    def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache_kv, cache_index, prefix_kv=None,
+                 packing=None):
         attn, new_cache = self.attention(
-            self.attention_norm(x), positions, inv_freq, query_slots, key_mask, cache_kv, cache_index, prefix_kv
+            self.attention_norm(x), positions, inv_freq, query_slots, key_mask, cache_kv, cache_index, prefix_kv,
+            packing,
         )
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), new_cache
@@ -320,10 +332,14 @@ class Transformer(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
         prefix: KVCache | None = None,
+        packing: Packing | None = None,
     ) -> tuple[Float[Array, "B T E"], KVCache | None]:
         """Hidden states after the final norm, and the cache with these tokens written (None without one).
 
         `prefix` (read-only, P rows; B a multiple of P; needs `cache`): row r continues prefix row r // (B / P).
+        `packing` (of `attention_mask`'s real tokens, see `jaxreason.models.packing`): the embeddings, norms,
+        projections and MLP run on the packed tokens only; the hidden states of the tokens it leaves out (the
+        padding) come back zero, and their keys and values are zero in the cache (masked, as without it).
         """
         b, t = tokens.shape
         if attention_mask is None:
@@ -336,6 +352,8 @@ class Transformer(nnx.Module):
             if prefix is not None:
                 offset = offset + jnp.repeat(prefix.num_real_tokens(), b // prefix.mask.shape[0])[:, None]
             positions = offset + default_positions(attention_mask)
+        if packing is not None:
+            tokens, positions = packing.pack(tokens)[None], packing.pack(positions)[None]
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         inv_freq = rope_frequencies(self.config)
         if cache is None:
@@ -353,7 +371,7 @@ class Transformer(nnx.Module):
             state, layer_kv, prefix_kv = inputs
             layer = nnx.merge(graphdef, state)
             prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask)
-            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv)
+            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv, packing)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -365,6 +383,8 @@ class Transformer(nnx.Module):
         prefix_kv = None if prefix is None else (prefix.k, prefix.v)
         x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))
         x = self.norm(x)
+        if packing is not None:
+            x = packing.unpack(x[0])
         if cache is None:
             return x, None
         start = (0, 0, 0, cache.index, 0)
@@ -403,8 +423,9 @@ class CausalLM(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
         prefix: KVCache | None = None,
+        packing: Packing | None = None,
     ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], KVCache]:
-        """float32 logits; with a cache, also the updated cache. `prefix`: see `Transformer.__call__`."""
-        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix)
+        """float32 logits; with a cache, also the updated cache. `prefix`, `packing`: see `Transformer.__call__`."""
+        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix, packing)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)

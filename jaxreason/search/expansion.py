@@ -12,6 +12,7 @@ an expansion below it changes nothing and backs up the same score again.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.models.kv_cache import KVCache
+from jaxreason.models.packing import Packing
 from jaxreason.sampling.generate import SamplingConfig, batch_sizes, sample_from_cache
 from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
 from jaxreason.search.actions import ActionSpace
@@ -45,6 +47,7 @@ class ExpansionSpec:
     prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
     expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)  # fractions of the batch an expansion is compiled for
     decode_shrink: tuple[float, ...] = ()  # SamplingConfig.shrink_at of the candidates' decode
+    prefill_packing: tuple[float, ...] = ()  # fractions of a padded prefill its real tokens are packed into
 
 
 @struct.dataclass
@@ -194,12 +197,13 @@ class StepSearch:
         spec, b = self.spec, tokens.shape[0]
         p = self._prompt_width
         steps, mask = right_align(tokens, length, spec.pad_id, width, start=prompts.length)
+        mask = jnp.where(skip[:, None], 0, mask)  # nothing to prefill for a row that gets no candidates
         room = max(t.shape[0] for t in self.tables.templates)  # the templates run on top of the prefix
         cache = KVCache.init(policy.config, b, p + width + room, dtype=policy.transformer.dtype)
         cache = cache.replace(k=cache.k.at[:, :, :, :p].set(prompts.cache.k),
                               v=cache.v.at[:, :, :, :p].set(prompts.cache.v),
                               mask=cache.mask.at[:, :p].set(prompts.cache.mask), index=jnp.asarray(p, jnp.int32))
-        hidden, cache = policy.transformer(steps, mask, cache=cache)
+        hidden, cache = self._prefill(policy, steps, mask, cache)
         last = jnp.where((length > prompts.length)[:, None], hidden[:, -1], prompts.last_hidden)  # no steps yet
         last_logits = policy.logits_from_hidden(last[:, None])[:, 0]
         groups = []
@@ -241,6 +245,23 @@ class StepSearch:
         ends = ended_eos | self._contains_answer(cand)
         logp = jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp)
         return cand, lens, logp, ends, generated, values
+
+    def _prefill(self, policy, steps: Int[Array, "B W"], mask: Int[Array, "B W"], cache: KVCache):
+        """The steps' forward pass on top of the prompts' cache: hidden states [B, W, E] and the cache.
+
+        With `spec.prefill_packing`, its matmuls run on the real tokens only (`Packing`): the partial solutions
+        of an expansion have 0 to max_depth steps, padded to the longest, so a padded prefill is mostly
+        padding. The program holds one copy per capacity (those fractions of B x W, and all of it) and runs
+        the smallest that holds the real tokens.
+        """
+        if not self.spec.prefill_packing:
+            return policy.transformer(steps, mask, cache=cache)
+        b, w = steps.shape
+        capacities = sorted({math.ceil(f * b * w) for f in self.spec.prefill_packing} | {b * w})
+        index = jnp.sum(jnp.asarray(capacities[:-1]) < jnp.sum(mask))
+        return jax.lax.switch(index, [
+            lambda c=c: policy.transformer(steps, mask, cache=cache, packing=Packing.of(mask, c))
+            for c in capacities])
 
     def _contains_answer(self, cand: Int[Array, "B K S"]) -> Bool[Array, "B K"]:
         b, k, s = cand.shape

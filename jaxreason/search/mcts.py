@@ -59,6 +59,10 @@ class MCTSConfig:
     # gathers and compile time on a model whose decode step is costly (SmolLM2-135M on CPU: 0.5 takes 11% off a
     # search); on a tiny model it is slower (BENCHMARKS.md), hence off by default.
     decode_shrink: tuple[float, ...] = ()
+    # Fractions of a node prefill's padded tokens (rows x the longest row's steps) its real tokens are packed
+    # into for the matmuls (`ExpansionSpec.prefill_packing`; the smallest that holds them runs, all of them if
+    # none does). Each is another compiled copy of the prefill.
+    prefill_packing: tuple[float, ...] = ()
 
     def __post_init__(self):
         for name in ("num_simulations", "num_candidates", "max_depth", "max_step_tokens", "batch_size"):
@@ -67,6 +71,8 @@ class MCTSConfig:
         if max(self.expansion_sizes, default=0) != 1 or not all(0 < f <= 1 for f in self.expansion_sizes):
             raise ValueError(f"mcts.expansion_sizes must be fractions in (0, 1] that include 1, got "
                              f"{self.expansion_sizes}")
+        if not all(0 < f < 1 for f in self.prefill_packing):
+            raise ValueError(f"mcts.prefill_packing must be fractions in (0, 1), got {self.prefill_packing}")
         if not all(0 < f < 1 for f in self.decode_shrink):
             raise ValueError(f"mcts.decode_shrink must be fractions in (0, 1), got {self.decode_shrink}")
 
@@ -108,7 +114,7 @@ def mcts(
         rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,),
         prm_shares_backbone=prm.transformer is policy.transformer, expansion_sizes=config.expansion_sizes,
-        decode_shrink=config.decode_shrink,
+        decode_shrink=config.decode_shrink, prefill_packing=config.prefill_packing,
     )
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
     policy_def, policy_state = nnx.split(policy)

@@ -8,6 +8,7 @@ import transformers
 
 from jaxreason.models import KVCache, load_pretrained, save_pretrained
 from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models.packing import Packing
 
 VOCAB = 100  # the char tokenizer's size
 COMMON = dict(
@@ -103,6 +104,32 @@ def test_left_padding_does_not_change_logits(tmp_path):
     alone = np.asarray(model(row))
     padded = np.asarray(model(ids[1:2], attention_mask=mask[1:2]))[:, 4:]
     np.testing.assert_allclose(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_prefill_on_a_cache_matches_transformers(name, tmp_path):
+    """The search's prefill pattern: rows' first 5 tokens into a cache, then their other 7 (padded in three
+    ways) on top of it with only the real tokens packed for the matmuls. Logits at the real tokens equal
+    transformers' on the whole rows and the unpacked prefill's; a capacity too small leaves the last ones out."""
+    hf, folder = _hf_model(name, tmp_path)
+    model, _ = load_pretrained(folder)
+    ids, mask = _padded_batch()
+    cache = KVCache.init(model.config, 3, 12)
+    _, cache = model(jnp.asarray(ids[:, :5]), jnp.asarray(mask[:, :5]), cache=cache)
+    rest, rest_mask = jnp.asarray(ids[:, 5:]), jnp.asarray(mask[:, 5:])
+    real = int(rest_mask.sum())
+    unpacked, unpacked_cache = model(rest, rest_mask, cache=cache)
+    packed, packed_cache = model(rest, rest_mask, cache=cache, packing=Packing.of(rest_mask, real + 3))
+    ref = _hf_logits(hf, ids, mask)[:, 5:]
+    assert _relative_error(np.asarray(packed), ref, mask[:, 5:]) < 1e-4
+    valid = mask[:, 5:].astype(bool)
+    np.testing.assert_allclose(np.asarray(packed)[valid], np.asarray(unpacked)[valid], rtol=1e-5, atol=1e-5)
+    key_mask = np.asarray(unpacked_cache.mask)[None, :, None, :, None]
+    np.testing.assert_allclose(np.asarray(packed_cache.k) * key_mask, np.asarray(unpacked_cache.k) * key_mask,
+                               rtol=1e-5, atol=1e-5)
+    short, _ = model(rest, rest_mask, cache=cache, packing=Packing.of(rest_mask, real - 2))
+    np.testing.assert_allclose(np.asarray(short)[valid][:-2], np.asarray(unpacked)[valid][:-2], rtol=1e-5,
+                               atol=1e-5)
 
 
 def _prompts_and_tails():

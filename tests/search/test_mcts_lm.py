@@ -179,8 +179,20 @@ def test_shrinking_candidate_decode_gives_the_same_trees(models):
     _assert_same_searches(whole, phased)
 
 
+def test_packed_node_prefill_gives_the_same_trees(models):
+    """`prefill_packing` only changes which tokens the prefill's matmuls compute (the real ones), not the
+    search: the same trees as the padded prefill, with one depth of steps per row and several."""
+    policy, prm = models
+    padded = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, SEARCH, jax.random.key(8))
+    packed = mcts(policy, prm, TOKENIZER, TASK, PROBLEMS, dataclasses.replace(SEARCH, prefill_packing=(0.25, 0.5)),
+                  jax.random.key(8))
+    _assert_same_searches(padded, packed)
+    assert max(len(p.visits) for t in packed[1] for p in t.paths) > 2  # some prefills held two steps or more
+
+
 @pytest.mark.parametrize("field, value", [("expansion_sizes", (0.5,)), ("expansion_sizes", (1.0, 1.5)),
-                                          ("decode_shrink", (0.5, 1.0)), ("num_simulations", 0)])
+                                          ("decode_shrink", (0.5, 1.0)), ("prefill_packing", (0.5, 1.0)),
+                                          ("num_simulations", 0)])
 def test_bad_search_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"mcts.{field}"):
         MCTSConfig(**{field: value})
