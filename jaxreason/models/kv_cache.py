@@ -54,3 +54,44 @@ class KVCache:
         """Each row repeated `times` times in place (row b * times + i is copy i of row b)."""
         return self.replace(k=jnp.repeat(self.k, times, axis=1), v=jnp.repeat(self.v, times, axis=1),
                             mask=jnp.repeat(self.mask, times, axis=0))
+
+
+@struct.dataclass
+class PrefixGrid:
+    """Where each row of a decoding batch sits among the samples of a shared prefix (`Transformer(prefix=...)`).
+
+    Slot p * R + r is sample r of prefix row p. Without a grid a batch fills every slot in order (B = P x R);
+    a decode that has dropped its finished rows keeps its live ones in their slots, so attention still reads
+    each prefix row once for all of its samples instead of once per row (copies of the prefix per row made a
+    decode step of 48 rows 30% slower, BENCHMARKS.md).
+
+    Attributes:
+      rows: [P, R] the batch row in each slot (B where the slot is empty).
+      slots: [B] each batch row's slot.
+    """
+
+    rows: Int[Array, "P R"]
+    slots: Int[Array, "B"]
+
+    @classmethod
+    def of(cls, slots: Int[Array, "B"], num_prefix_rows: int, samples: int) -> PrefixGrid:
+        """The grid of batch rows at `slots` (distinct, each below num_prefix_rows x samples)."""
+        b = slots.shape[0]
+        rows = jnp.full((num_prefix_rows * samples,), b, jnp.int32).at[slots].set(jnp.arange(b, dtype=jnp.int32))
+        return cls(rows=rows.reshape(num_prefix_rows, samples), slots=slots.astype(jnp.int32))
+
+    @property
+    def samples(self) -> int:
+        return self.rows.shape[1]
+
+    def prefix_rows(self) -> Int[Array, "B"]:
+        """The prefix row each batch row continues."""
+        return self.slots // self.samples
+
+    def to_grid(self, x: Array) -> Array:
+        """[B, ...] -> [P R, ...]: each slot's row of `x` (zeros in empty slots)."""
+        return jnp.take(x, self.rows.reshape(-1), axis=0, mode="fill", fill_value=0)
+
+    def from_grid(self, x: Array) -> Array:
+        """[P R, ...] -> [B, ...]: each batch row's slot of `x`."""
+        return x[self.slots]

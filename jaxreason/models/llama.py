@@ -13,6 +13,11 @@ rows. With a `KVCache`, new tokens are written at `cache.index` and attend to ev
 Shared prefixes: with `prefix` (a filled, read-only `KVCache` of P rows) and a batch of P x R rows, row r also
 attends to prefix row r // R, before its own cache. Decoding R samples of one prompt this way reads the
 prompt's keys and values once per step instead of once per sample (no repeated copy of the prompt's cache).
+A decode that has dropped its finished rows passes a `PrefixGrid` saying which sample of which prefix row
+each remaining row is, and keeps that one read.
+
+Packing: with a `Packing` of the mask's real tokens, everything but attention runs on those only (see
+`jaxreason.models.packing`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.models.config import ModelConfig
-from jaxreason.models.kv_cache import KVCache
+from jaxreason.models.kv_cache import KVCache, PrefixGrid
 from jaxreason.models.lora import effective_kernel
 from jaxreason.models.packing import Packing
 
@@ -138,13 +143,14 @@ class Attention(nnx.Module):
         self.config = config
         self.dtype = dtype
 
-    def _prefix_allowed(self, pre_mask: Bool[Array, "P W"], positions: Int[Array, "B T"], b: int, t: int):
-        """[P, R, T, W] which prefix slots each of the B = P x R rows' T queries may attend to."""
+    def _prefix_allowed(self, pre_mask: Bool[Array, "P W"], positions: Int[Array, "N T"], t: int):
+        """[P, R, T, W] which prefix slots the T queries of each of N = P x R rows (prefix-major) may attend to."""
         p, w = pre_mask.shape
-        allowed = jnp.broadcast_to(pre_mask[:, None, None, :], (p, b // p, t, w))
+        r = positions.shape[0] // p
+        allowed = jnp.broadcast_to(pre_mask[:, None, None, :], (p, r, t, w))
         if self.config.sliding_window is not None:  # distance in tokens: the prefix may hold padding gaps
             pre_positions = jnp.cumsum(pre_mask, axis=1) - 1
-            distance = positions.reshape(p, b // p, t)[..., None] - pre_positions[:, None, None, :]
+            distance = positions.reshape(p, r, t)[..., None] - pre_positions[:, None, None, :]
             allowed &= distance < self.config.sliding_window
         return allowed
 
@@ -157,7 +163,8 @@ class Attention(nnx.Module):
         key_mask: Bool[Array, "B S"],
         cache_kv: tuple[Float[Array, "B K S D"], Float[Array, "B K S D"]] | None,
         cache_index: Int[Array, ""] | None,
-        prefix_kv: tuple[Float[Array, "P K W D"], Float[Array, "P K W D"], Bool[Array, "P W"]] | None = None,
+        prefix_kv: tuple[Float[Array, "P K W D"], Float[Array, "P K W D"], Bool[Array, "P W"], PrefixGrid | None]
+        | None = None,
         packing: Packing | None = None,
     ) -> tuple[Float[Array, "B T E"], tuple[Float[Array, "B K T D"], Float[Array, "B K T D"]] | None]:
         """The attention output and, with a cache (this layer's keys and values), the new tokens' keys and
@@ -203,15 +210,16 @@ class Attention(nnx.Module):
             out = _weighted_values(probs, v_all.astype(dt), keys)
         else:
             # One softmax over [prefix keys, own keys]; the prefix rows are read once per group of R rows.
-            k_pre, v_pre, pre_mask = prefix_kv
+            k_pre, v_pre, pre_mask, grid = prefix_kv
             if t == 1:
+                grid_positions = positions if grid is None else grid.to_grid(positions)
                 out = _decode_with_prefix(q, scores, v_all.astype(dt), k_pre.astype(dt), v_pre.astype(dt),
-                                          self._prefix_allowed(pre_mask, positions, b, t), dt)
+                                          self._prefix_allowed(pre_mask, grid_positions, t), dt, grid)
             else:
                 p, w = pre_mask.shape
                 q_groups = q.reshape(p, b // p, t, cfg.num_kv_heads, groups, d)
                 pre_scores = jnp.einsum("prtkgd,pkwd->prkgtw", q_groups, k_pre.astype(dt)).astype(jnp.float32)
-                pre_allowed = self._prefix_allowed(pre_mask, positions, b, t)
+                pre_allowed = self._prefix_allowed(pre_mask, positions, t)
                 pre_scores = jnp.where(pre_allowed[:, :, None, None], pre_scores / math.sqrt(d), _MASKED)
                 pre_scores = pre_scores.reshape(b, cfg.num_kv_heads, groups, t, w)
                 probs = jax.nn.softmax(jnp.concatenate([pre_scores, scores], axis=-1), axis=-1).astype(dt)
@@ -225,29 +233,37 @@ class Attention(nnx.Module):
         return _dot("bthd,hde->bte", out, effective_kernel(self, "o").astype(dt)), new_cache
 
 
-def _decode_with_prefix(q, scores, v_own, k_pre, v_pre, pre_allowed, dt):
+def _decode_with_prefix(q, scores, v_own, k_pre, v_pre, pre_allowed, dt, grid: PrefixGrid | None = None):
     """Attention of one new token per row over its prefix row's keys and its own cache.
 
     q [B, 1, K, G, D]; scores [B, K, G, 1, S] (own keys, scaled and masked); v_own [B, K, S, D]; k_pre, v_pre
-    [P, K, W, D] with B = P x R; pre_allowed [P, R, 1, W]. The prefix products are laid out as batched
-    matmuls over (P, K) with the R x G queries of a prefix row as one [R G, D] matrix, so the prefix's keys and
-    values are read in place, and the two softmax parts share one max and one sum instead of being concatenated.
+    [P, K, W, D]; the rows sit in a [P, R] grid of the prefix rows' samples, B = P x R in order unless `grid`
+    places them; pre_allowed [P, R, 1, W] in grid order. The prefix products are laid out as batched matmuls
+    over (P, K) with the R x G queries of a prefix row as one [R G, D] matrix, so the prefix's keys and values
+    are read in place (once per prefix row, however many of its samples are left), and the two softmax parts
+    share one max and one sum instead of being concatenated.
     """
     b, _, kv, g, d = q.shape
     p, _, w, _ = k_pre.shape
-    r = b // p
-    q_rows = q.reshape(p, r, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(p, kv, r * g, d)
+    if grid is None:
+        r, to_grid, from_grid = b // p, (lambda x: x), (lambda x: x)
+    else:
+        r, to_grid, from_grid = grid.samples, grid.to_grid, grid.from_grid
+    q_rows = to_grid(q).reshape(p, r, kv, g, d).transpose(0, 2, 1, 3, 4).reshape(p, kv, r * g, d)
     pre = jnp.einsum("pkmd,pkwd->pkmw", q_rows, k_pre).astype(jnp.float32) / math.sqrt(d)
     pre = jnp.where(pre_allowed.reshape(p, 1, r, 1, w), pre.reshape(p, kv, r, g, w), _MASKED)
-    own = scores.reshape(p, r, kv, g, -1).transpose(0, 2, 1, 3, 4)  # [P, K, R, G, S]
+    own = to_grid(scores).reshape(p, r, kv, g, -1).transpose(0, 2, 1, 3, 4)  # [P, K, R, G, S]
     top = jnp.maximum(jnp.max(pre, axis=-1, keepdims=True), jnp.max(own, axis=-1, keepdims=True))
     pre, own = jnp.exp(pre - top), jnp.exp(own - top)
     total = jnp.sum(pre, axis=-1) + jnp.sum(own, axis=-1)  # [P, K, R, G]
     pre_out = jnp.einsum("pkmw,pkwd->pkmd", pre.reshape(p, kv, r * g, w).astype(dt), v_pre).reshape(p, kv, r, g, d)
-    own = own.transpose(0, 2, 1, 3, 4).reshape(b, kv, g, 1, -1).astype(dt)
-    own_out = _weighted_values(own, v_own, "bksd").reshape(p, r, kv, g, d).transpose(0, 2, 1, 3, 4)
-    out = (pre_out + own_out) / total[..., None].astype(dt)  # [P, K, R, G, D]
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, 1, kv, g, d)
+
+    def rows(x):  # [P, K, R, ...] in grid order -> [B, K, ...] in the rows' order
+        return from_grid(jnp.swapaxes(x, 1, 2).reshape(p * r, kv, *x.shape[3:]))
+
+    own_out = _weighted_values(rows(own)[:, :, :, None].astype(dt), v_own, "bksd")[:, 0]  # [B, K, G, D]
+    out = (rows(pre_out) + own_out) / rows(total)[..., None].astype(dt)
+    return out.reshape(b, 1, kv, g, d)
 
 
 def _weighted_values(probs: Float[Array, "B K G T S"], values: Array, keys: str) -> Float[Array, "B T K G D"]:
@@ -333,10 +349,12 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         prefix: KVCache | None = None,
         packing: Packing | None = None,
+        prefix_grid: PrefixGrid | None = None,
     ) -> tuple[Float[Array, "B T E"], KVCache | None]:
         """Hidden states after the final norm, and the cache with these tokens written (None without one).
 
         `prefix` (read-only, P rows; B a multiple of P; needs `cache`): row r continues prefix row r // (B / P).
+        `prefix_grid` (decoding, one token per row): the rows are those of the grid's slots instead, any number.
         `packing` (of `attention_mask`'s real tokens, see `jaxreason.models.packing`): the embeddings, norms,
         projections and MLP run on the packed tokens only; the hidden states of the tokens it leaves out (the
         padding) come back zero, and their keys and values are zero in the cache (masked, as without it).
@@ -344,13 +362,19 @@ class Transformer(nnx.Module):
         b, t = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        if prefix is not None and (cache is None or b % prefix.mask.shape[0]):
+        if prefix is not None and (cache is None or (b % prefix.mask.shape[0] and prefix_grid is None)):
             raise ValueError(f"a shared prefix of {prefix.mask.shape[0]} rows needs a cache and a batch that is a "
                              f"multiple of it, got batch {b}{'' if cache is not None else ' and no cache'}")
+        if prefix_grid is not None and (prefix is None or t != 1 or prefix_grid.rows.shape[0] != prefix.mask.shape[0]):
+            raise ValueError(f"a prefix grid of {prefix_grid.rows.shape[0]} prefix rows needs a shared prefix of as "
+                             f"many rows and one token per row, got {t} tokens and "
+                             f"{'no prefix' if prefix is None else f'a prefix of {prefix.mask.shape[0]} rows'}")
         if positions is None:
             offset = 0 if cache is None else cache.num_real_tokens()[:, None]
             if prefix is not None:
-                offset = offset + jnp.repeat(prefix.num_real_tokens(), b // prefix.mask.shape[0])[:, None]
+                prefix_rows = (jnp.repeat(jnp.arange(prefix.mask.shape[0]), b // prefix.mask.shape[0])
+                               if prefix_grid is None else prefix_grid.prefix_rows())
+                offset = offset + prefix.num_real_tokens()[prefix_rows][:, None]
             positions = offset + default_positions(attention_mask)
         if packing is not None:
             tokens, positions = packing.pack(tokens)[None], packing.pack(positions)[None]
@@ -370,7 +394,7 @@ class Transformer(nnx.Module):
         def body(h, inputs):
             state, layer_kv, prefix_kv = inputs
             layer = nnx.merge(graphdef, state)
-            prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask)
+            prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask, prefix_grid)
             return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv, packing)
 
         if self.remat:
@@ -424,8 +448,10 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         prefix: KVCache | None = None,
         packing: Packing | None = None,
+        prefix_grid: PrefixGrid | None = None,
     ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], KVCache]:
-        """float32 logits; with a cache, also the updated cache. `prefix`, `packing`: see `Transformer.__call__`."""
-        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix, packing)
+        """float32 logits; with a cache, also the updated cache. `prefix`, `packing`, `prefix_grid`: see
+        `Transformer.__call__`."""
+        hidden, new_cache = self.transformer(tokens, attention_mask, positions, cache, prefix, packing, prefix_grid)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from jaxreason.models.kv_cache import KVCache
+from jaxreason.models.kv_cache import KVCache, PrefixGrid
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.stopping import StopTable, init_stop_buffer, update_stop_buffer
 
@@ -250,8 +250,9 @@ def sample_from_cache(
     `max_tokens` [B] caps each prompt's samples below that (a row that reaches its cap ends, not `stopped`).
 
     With `config.shrink_at`, the decode runs in phases of fewer rows: once at most that many rows are live,
-    they are gathered, with their caches and their own copy of their prompt's, and the rest are done. A row
-    draws from its own key at each step in every phase, so the samples are the same either way.
+    they are gathered with their caches, and the rest are done. They keep sharing their prompts' cache, each in
+    its slot among its prompt's samples (`PrefixGrid`). A row draws from its own key at each step in every
+    phase, so the samples are the same either way.
     """
     batch = logits.shape[0]
     k = samples_per_prompt
@@ -280,7 +281,8 @@ def sample_from_cache(
         keep = jnp.argsort(state.done, stable=True)[:size]  # the live rows first, in order
         index = index[keep]
         state = state.take_rows(keep)
-        state = decode(state, cache.take_rows(index // k), row_keys[index], limit[index], live_above=after)
+        grid = PrefixGrid.of(index, batch, k)
+        state = decode(state, cache, row_keys[index], limit[index], live_above=after, grid=grid)
         out = jax.tree.map(lambda full, part: full.at[index].set(part), out, state.outputs())
     return out
 
@@ -297,10 +299,11 @@ def batch_sizes(batch: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
 
 
 def _decode(model: CausalLM, state: _LoopState, prefix: KVCache, row_keys: PRNGKeyArray, limit: Int[Array, "R"],
-            *, config: SamplingConfig, eos_ids, pad_id, stop_table, live_above: int) -> _LoopState:
+            *, config: SamplingConfig, eos_ids, pad_id, stop_table, live_above: int,
+            grid: PrefixGrid | None = None) -> _LoopState:
     """Decode steps until every row is done, the step limit, or no more than `live_above` rows live.
 
-    Row r of `state` continues prefix row r // (R / P) (P the prefix's rows).
+    Row r of `state` continues prefix row r // (R / P) (P the prefix's rows), or the one `grid` says.
     """
     n = config.max_new_tokens
     eos = jnp.asarray(eos_ids if eos_ids and not config.ignore_eos else (-1,), jnp.int32)
@@ -323,7 +326,7 @@ def _decode(model: CausalLM, state: _LoopState, prefix: KVCache, row_keys: PRNGK
         ended &= live
         full = live & (s.lengths + 1 >= limit)
         hidden, cache = model.transformer(token[:, None], live[:, None].astype(jnp.int32), cache=s.cache,
-                                          prefix=prefix)
+                                          prefix=prefix, prefix_grid=grid)
         next_logits = model.logits_from_hidden(hidden)
         return _LoopState(
             step=s.step + 1,

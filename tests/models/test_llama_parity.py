@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from jaxreason.models import KVCache, load_pretrained, save_pretrained
+from jaxreason.models.kv_cache import PrefixGrid
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.models.packing import Packing
 
@@ -168,6 +169,24 @@ def test_shared_prefix_decoding_matches_transformers(name, tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("name", ["llama3_gqa_tied", "mistral_window"])
+def test_prefix_grid_decodes_some_rows_as_in_the_full_batch(name, tmp_path):
+    """Rows 3 and 0 alone, each in its slot among the two prompts' two samples (a decode that dropped its
+    finished rows), read the shared prefix and get the logits they get in the full batch."""
+    _, folder = _hf_model(name, tmp_path)
+    model, _ = load_pretrained(folder)
+    full = _prefill_and_decode(model)[:, 1:]
+    prompts, prompt_mask, tails = _prompts_and_tails()
+    prefix = KVCache.init(model.config, 2, 8)
+    _, prefix = model(jnp.asarray(prompts), jnp.asarray(prompt_mask), cache=prefix)
+    rows = np.array([3, 0])
+    grid = PrefixGrid.of(jnp.asarray(rows), 2, 2)
+    own = KVCache.init(model.config, 2, 3)
+    for step in range(3):
+        logits, own = model(jnp.asarray(tails[rows, step:step + 1]), cache=own, prefix=prefix, prefix_grid=grid)
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[rows, step], rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_model_decodes_close_to_float32(tmp_path):
     """bfloat16 weights and compute (projections accumulate in float32) through the search's prefill and
     shared-prefix decode: it compiles on XLA:CPU and its logits are close to float32's."""
@@ -184,3 +203,6 @@ def test_shared_prefix_needs_a_batch_that_is_a_multiple_of_it(tmp_path):
     prefix = KVCache.init(model.config, 2, 8)
     with pytest.raises(ValueError, match="shared prefix of 2 rows"):
         model(jnp.ones((3, 1), jnp.int32), cache=KVCache.init(model.config, 3, 2), prefix=prefix)
+    grid = PrefixGrid.of(jnp.arange(3), 3, 1)
+    with pytest.raises(ValueError, match="prefix grid of 3 prefix rows"):
+        model(jnp.ones((3, 1), jnp.int32), cache=KVCache.init(model.config, 3, 2), prefix=prefix, prefix_grid=grid)
