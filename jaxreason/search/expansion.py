@@ -121,10 +121,12 @@ class StepSearch:
         return self.spec.prompt_width or self.spec.max_len
 
     def _widths(self) -> tuple[int, ...]:
-        """Widths of the steps part the search compiles for: 32, 64, 128, ... and the most steps can take."""
+        """Widths of the steps part the search compiles for: 32, 64, 128, ... and the most steps can take. A
+        width within a quarter of the most is left out: its rows run at the most for little more, and each width
+        is another copy of the expansion in the program."""
         most = min(self.spec.max_depth * self.spec.max_step_tokens, self.spec.max_len)
         widths, w = [], 32
-        while w < most:
+        while w * 1.25 < most:
             widths.append(w)
             w *= 2
         return (*widths, most)
