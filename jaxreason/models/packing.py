@@ -34,10 +34,6 @@ class Packing:
         (index,) = jnp.nonzero(mask.reshape(-1), size=capacity, fill_value=b * t)
         return cls(index=index.astype(jnp.int32), shape=(b, t))
 
-    @property
-    def capacity(self) -> int:
-        return self.index.shape[0]
-
     def pack(self, x: Array) -> Array:
         """[B, T, ...] -> [N, ...]: the packed tokens' entries (zeros in unused slots)."""
         b, t = self.shape
