@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from jaxreason.models import KVCache, load_pretrained, save_pretrained
-from jaxreason.models.kv_cache import PrefixGrid
 from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models.kv_cache import PrefixGrid
 from jaxreason.models.packing import Packing
 
 VOCAB = 100  # the char tokenizer's size
@@ -141,16 +141,22 @@ def _prompts_and_tails():
     return ids[1:, :8], mask[1:, :8], tails
 
 
-def _prefill_and_decode(model, dtype=jnp.float32):
+def _prefill_and_decode(model, dtype=jnp.float32, rows=None):
     """Logits [4, 4, V]: the prompts' prefill (its last position, for both samples) into a read-only prefix cache,
-    then three decode steps of the tails on top of it, each row with its own cache (the search's pattern)."""
+    then three decode steps of the tails on top of it, each row with its own cache (the search's pattern).
+
+    `rows` (sample rows, e.g. [3, 0]): decode only those, each in its slot of the prompts' samples
+    (`PrefixGrid`, as a decode that dropped its finished rows does); logits [len(rows), 4, V].
+    """
     prompts, prompt_mask, tails = _prompts_and_tails()
     prefix = KVCache.init(model.config, 2, 8, dtype=dtype)
     first, prefix = model(jnp.asarray(prompts), jnp.asarray(prompt_mask), cache=prefix)
-    own = KVCache.init(model.config, 4, 3, dtype=dtype)
-    steps = [jnp.repeat(first[:, -1], 2, axis=0)]
+    grid = None if rows is None else PrefixGrid.of(jnp.asarray(rows), 2, 2)
+    rows = np.arange(4) if rows is None else np.asarray(rows)
+    own = KVCache.init(model.config, len(rows), 3, dtype=dtype)
+    steps = [jnp.repeat(first[:, -1], 2, axis=0)[rows]]
     for step in range(3):
-        logits, own = model(jnp.asarray(tails[:, step:step + 1]), cache=own, prefix=prefix)
+        logits, own = model(jnp.asarray(tails[rows, step:step + 1]), cache=own, prefix=prefix, prefix_grid=grid)
         steps.append(logits[:, 0])
     return np.stack([np.asarray(s, np.float32) for s in steps], axis=1)
 
@@ -175,16 +181,9 @@ def test_prefix_grid_decodes_some_rows_as_in_the_full_batch(name, tmp_path):
     finished rows), read the shared prefix and get the logits they get in the full batch."""
     _, folder = _hf_model(name, tmp_path)
     model, _ = load_pretrained(folder)
-    full = _prefill_and_decode(model)[:, 1:]
-    prompts, prompt_mask, tails = _prompts_and_tails()
-    prefix = KVCache.init(model.config, 2, 8)
-    _, prefix = model(jnp.asarray(prompts), jnp.asarray(prompt_mask), cache=prefix)
-    rows = np.array([3, 0])
-    grid = PrefixGrid.of(jnp.asarray(rows), 2, 2)
-    own = KVCache.init(model.config, 2, 3)
-    for step in range(3):
-        logits, own = model(jnp.asarray(tails[rows, step:step + 1]), cache=own, prefix=prefix, prefix_grid=grid)
-        np.testing.assert_allclose(np.asarray(logits[:, 0]), full[rows, step], rtol=1e-5, atol=1e-5)
+    full = _prefill_and_decode(model)
+    rows = [3, 0]
+    np.testing.assert_allclose(_prefill_and_decode(model, rows=rows), full[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_model_decodes_close_to_float32(tmp_path):
