@@ -3,7 +3,13 @@
 from jaxreason.models.config import ModelConfig, RopeScaling
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM, Transformer
-from jaxreason.models.pretrained import PRESETS, load_pretrained, save_pretrained
+from jaxreason.models.pretrained import (
+    PRESETS,
+    load_pretrained,
+    load_value_model,
+    save_pretrained,
+    save_value_model,
+)
 from jaxreason.models.value_head import ValueModel
 
 __all__ = [
@@ -14,6 +20,8 @@ __all__ = [
     "RopeScaling",
     "Transformer",
     "load_pretrained",
+    "load_value_model",
     "save_pretrained",
+    "save_value_model",
     "ValueModel",
 ]

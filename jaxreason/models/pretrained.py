@@ -1,7 +1,17 @@
-"""Load models from Hugging Face folders, GGUF files and built-in presets; save Hugging Face folders."""
+"""Load models from Hugging Face folders, GGUF files and built-in presets; save Hugging Face folders.
+
+Value models (PRM, ORM, verifier) go out and come back as a Hugging Face folder of their backbone with the scalar
+head beside it:
+
+    config.json, model.safetensors    the backbone, as `transformers.AutoModel` loads it
+    value_head.safetensors            head [E] and bias [] (float32)
+    value_head.json                   what the two tensors are: value = sigmoid(hidden[t] @ head + bias)
+    tokenizer files                   when a tokenizer is given
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +30,7 @@ from jaxreason.models.config import ModelConfig
 from jaxreason.models.llama import CausalLM
 from jaxreason.models.lora import merged_kernels
 from jaxreason.models.params import hf_to_nnx, nnx_to_hf
+from jaxreason.models.value_head import ValueModel
 
 # Presets resolve to a local file shipped in a pip package: nothing is downloaded at run time.
 PRESETS: dict[str, Callable[[], Path]] = {
@@ -28,6 +39,9 @@ PRESETS: dict[str, Callable[[], Path]] = {
 
 _MODEL_FILE_SUFFIXES = (".gguf", ".safetensors")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_CARD = "value_head.json"
+_VALUE_HEAD_FORMAT = "jaxreason.value_head"
 
 
 def resolve_model_path(path_or_preset: str | os.PathLike) -> Path:
@@ -91,15 +105,81 @@ def save_pretrained(model: CausalLM, tokenizer, folder: str | os.PathLike) -> Pa
 
     Files are written to a temporary folder beside the target and moved in, so a crash leaves no half file.
     """
+    tensors = nnx_to_hf(merged_kernels(model), model.config)  # adapters, if any, folded in
+    return _write_hf_folder(folder, model.config, tensors, tokenizer)
+
+
+def save_value_model(model: ValueModel, folder: str | os.PathLike, tokenizer=None) -> Path:
+    """Writes a value model (PRM, ORM, verifier) as a Hugging Face folder of its backbone plus its head.
+
+    config.json and model.safetensors hold the backbone (adapters, if any, folded in), which
+    `transformers.AutoModel` loads; `value_head.safetensors` holds `head` [E] and `bias` [] in float32 and
+    `value_head.json` says what they are: the value at token t is sigmoid(hidden[t] @ head + bias), with hidden
+    the backbone's last hidden state (after the final norm). There is no LM head: the folder is not a causal LM
+    (load it with `load_value_model`, or its backbone with `AutoModel`). A value model that shares its backbone
+    with a policy still writes that backbone in full, so the folder stands alone; `load_value_model` gives it a
+    backbone of its own. Written through a staging folder, as `save_pretrained`.
+    """
+    tree = merged_kernels(model)
+    tensors = nnx_to_hf(tree, _headless(model.config))
+    head = {name: np.array(tree[name], np.float32) for name in ("head", "bias")}  # np.array keeps bias 0-d
+
+    def write_head(staging: Path) -> None:
+        save_file(head, str(staging / VALUE_HEAD_FILE))
+        (staging / VALUE_HEAD_CARD).write_text(json.dumps(_value_head_card(model.config), indent=2))
+
+    return _write_hf_folder(folder, model.config, tensors, tokenizer, write_head)
+
+
+def load_value_model(
+    folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32
+) -> tuple[ValueModel, object]:
+    """Loads `(value_model, tokenizer)` from a folder written by `save_value_model`.
+
+    The tokenizer is None for a folder without tokenizer files; `dtype` and `param_dtype` are as in
+    `load_pretrained`. Errors name the missing or misshapen file and tensor.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"value model folder does not exist: {folder}")
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing; a value model folder holds its backbone's config.json")
+    head_file = folder / VALUE_HEAD_FILE
+    if not head_file.exists():
+        raise FileNotFoundError(
+            f"{head_file}: missing; {folder} holds no value head (a policy folder loads with load_pretrained)"
+        )
+    _check_value_head_card(folder / VALUE_HEAD_CARD)
+    hf_config, tensors, source = _read_hf_folder(folder, skip=(VALUE_HEAD_FILE,))
+    config = ModelConfig.from_hf(hf_config, source=str(config_file))
+    abstract = nnx.eval_shape(lambda: ValueModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    expected = nnx.to_pure_dict(state)
+    tree = hf_to_nnx(tensors, _headless(config), expected, source)
+    tree.update(_read_value_head(head_file, expected, config))
+    nnx.replace_by_pure_dict(state, _to_jax(tree))
+    return nnx.merge(graphdef, state), _folder_tokenizer(folder)
+
+
+def _write_hf_folder(
+    folder: str | os.PathLike,
+    config: ModelConfig,
+    tensors: dict[str, np.ndarray],
+    tokenizer,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """config.json, model.safetensors, the tokenizer's files and `write_extra`'s, staged and then moved in."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = nnx_to_hf(merged_kernels(model), model.config)  # adapters, if any, folded in
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
     try:
-        (staging / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
+        (staging / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        if write_extra is not None:
+            write_extra(staging)
         for item in staging.iterdir():
             os.replace(item, folder / item.name)
     finally:
@@ -107,7 +187,68 @@ def save_pretrained(model: CausalLM, tokenizer, folder: str | os.PathLike) -> Pa
     return folder
 
 
-def _read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray], str]:
+def _headless(config: ModelConfig) -> ModelConfig:
+    """The config whose tensor rules cover the backbone only: a value model has no LM head to map (an
+    `lm_head.weight` found in its folder is ignored, as a tied head is)."""
+    return dataclasses.replace(config, tie_word_embeddings=True)
+
+
+def _value_head_card(config: ModelConfig) -> dict:
+    e = config.hidden_size
+    return {
+        "format": _VALUE_HEAD_FORMAT,
+        "version": 1,
+        "file": VALUE_HEAD_FILE,
+        "tensors": {
+            "head": {"shape": [e], "dtype": "float32", "role": "weights of the scalar head on the hidden state"},
+            "bias": {"shape": [], "dtype": "float32", "role": "bias of the scalar head"},
+        },
+        "hidden": "the backbone's last hidden state after its final norm (transformers AutoModel last_hidden_state)",
+        "logit": "hidden[t] @ head + bias",
+        "value": "sigmoid(logit) in [0, 1]: the value of the tokens up to and including t (read at a step's end)",
+    }
+
+
+def _check_value_head_card(card_file: Path) -> None:
+    # The card only describes the tensors; a folder without one still loads.
+    if not card_file.exists():
+        return
+    try:
+        card = json.loads(card_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{card_file}: invalid JSON ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != _VALUE_HEAD_FORMAT:
+        found = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise ValueError(f"{card_file}: format {found!r}, expected {_VALUE_HEAD_FORMAT!r}")
+
+
+def _read_value_head(file: Path, expected: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    """`head` [E] and `bias` [] from the head file, in the dtypes of `expected` (the model's abstract pure dict)."""
+    try:
+        with safe_open(str(file), framework="flax") as f:
+            found = {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a valid safetensors file ({e})") from None
+    head = {}
+    for name in ("head", "bias"):
+        want = expected[name]
+        if name not in found:
+            raise ValueError(f"{file}: missing tensor {name!r}")
+        if found[name].shape != tuple(want.shape):
+            raise ValueError(
+                f"{file}: tensor {name!r} has shape {found[name].shape}, expected {tuple(want.shape)} "
+                f"(hidden_size {config.hidden_size} in config.json)"
+            )
+        head[name] = found[name].astype(want.dtype)
+    leftover = sorted(set(found) - set(head))
+    if leftover:
+        raise ValueError(f"{file}: unexpected tensor(s): {', '.join(leftover)}; a value head holds head and bias")
+    return head
+
+
+def _read_hf_folder(folder: Path, skip: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray], str]:
+    """The folder's config dict, its weights by Hugging Face name and the file named in errors; `skip`: files
+    beside the weights that are not part of them (a value head)."""
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder}: no config.json")
@@ -119,7 +260,7 @@ def _read_hf_folder(folder: Path) -> tuple[dict, dict[str, np.ndarray], str]:
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in skip)
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (PyTorch .bin files are not read)")
     tensors: dict[str, np.ndarray] = {}
