@@ -41,17 +41,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _sft(args: argparse.Namespace) -> None:
-    from jaxreason import distributed
-
-    distributed.initialize()  # multi-host jobs (SLURM, TPU pods, JAXREASON_*); before any jax computation
-    from jaxreason.config import load_config
-    from jaxreason.train.sft import SFTConfig, run_sft
-
-    result = run_sft(load_config(SFTConfig, args.config, args.overrides))
-    if result.interrupted:
-        sys.exit(143)  # 128 + SIGTERM, after the checkpoint was saved
-    last = result.history[-1]["loss"] if result.history else float("nan")
-    print(f"sft: finished at step {result.step}, last loss {last:.4f}")
+    _run_algorithm(args, resume=True, only="sft")  # an sft run always continues from its checkpoints
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -62,22 +52,26 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    _run_algorithm(args, resume=args.resume)
+
+
+def _run_algorithm(args: argparse.Namespace, resume: bool, only: str | None = None) -> None:
+    """Runs the algorithm that `args.config` names in `algorithm:` (`only`: that one, also when not named)."""
     from jaxreason import distributed
 
-    distributed.initialize()
-    from jaxreason.algorithms.rest_mcts import RestMCTSConfig, RunInterrupted, run_rest_mcts
-    from jaxreason.config import load_config
+    distributed.initialize()  # multi-host jobs (SLURM, TPU pods, JAXREASON_*); before any jax computation
+    from jaxreason.algorithms.registry import load_algorithm_config
 
-    config = load_config(RestMCTSConfig, args.config, args.overrides)
+    algorithm, config = load_algorithm_config(args.config, args.overrides, default=only)
+    if only is not None and algorithm.name != only:
+        raise ValueError(f"{args.config}: algorithm {algorithm.name!r} runs with `jaxreason train`, not `{only}`")
     try:
-        metrics = run_rest_mcts(config, resume=args.resume)
-    except RunInterrupted as e:
-        print(f"jaxreason train: {e}; continue with --resume", file=sys.stderr)
-        sys.exit(143)
-    last = metrics["iterations"][-1]
-    summary = ", ".join(f"{m} {row['accuracy']:.3f}" for m, row in last["rest_mcts"].items())
-    print(f"rest_mcts: iteration {last['iteration']} held-out accuracy: {summary}")
-    print(f"report: {config.run_dir}/report.md")
+        metrics = algorithm.run(config, resume)
+    except algorithm.interrupted as e:
+        again = "run the same command again" if only else "continue with --resume"
+        print(f"jaxreason {args.command}: {e}; {again}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, after the checkpoint was saved
+    print(algorithm.summary(config, metrics))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -111,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     search.set_defaults(run=_search)
 
-    train = commands.add_parser("train", help="ReST-MCTS* self-training of a policy and its PRM")
-    train.add_argument("--config", required=True, help="YAML file (configs/rest_mcts/*.yaml)")
+    train = commands.add_parser("train", help="run the training algorithm a config names (rest_mcts, sft, ...)")
+    train.add_argument("--config", required=True, help="YAML file naming its `algorithm:` (configs/rest_mcts/*.yaml)")
     train.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last stage")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides (run_dir=PATH, seed=1, ...)")
     train.set_defaults(run=_train)

@@ -30,6 +30,12 @@ _Loader.add_implicit_resolver(
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Reads `path` (YAML) into `cls`, applying `overrides` ("a.b=value") on top."""
+    raw, source = read_config(path, overrides)
+    return from_dict(cls, raw, source)
+
+
+def read_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
+    """The YAML mapping in `path` with `overrides` applied, and the name to give in errors (the file's)."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -52,7 +58,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         except yaml.YAMLError:
             raise ValueError(f"override {item!r}: {value!r} is not a valid YAML value") from None
         _set_dotted(raw, key.strip().split("."), parsed)
-    return from_dict(cls, raw, source)
+    return raw, source
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], source: str, prefix: str = "") -> T:

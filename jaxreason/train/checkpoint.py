@@ -9,6 +9,7 @@ naming them, and the checkpoint before is used.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -28,8 +29,23 @@ def _flatten(tree) -> tuple[dict[str, Any], Any]:
     return flat, treedef
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50  # steps between saves; 0 saves only at the end and on SIGTERM
+    keep: int = 3  # the newest `keep` checkpoints stay on disk
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"every must be >= 0 and keep >= 1, got every={self.every}, keep={self.keep}")
+
+
 class Checkpointer:
     """Saves and restores a training state and its metadata under `directory`."""
+
+    @classmethod
+    def from_config(cls, directory: str | Path, config: CheckpointConfig) -> Checkpointer:
+        return cls(directory, save_every=config.every, keep=config.keep, async_save=config.async_save)
 
     def __init__(self, directory: str | Path, *, save_every: int = 100, keep: int = 3, async_save: bool = True):
         self.directory = Path(directory).absolute()

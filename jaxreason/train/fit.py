@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxreason.distributed import is_main_process
-from jaxreason.train.checkpoint import Checkpointer
+from jaxreason.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxreason.train.loop import LoopResult, run_training
 from jaxreason.train.metrics import MetricsLogger
 from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
@@ -26,16 +26,18 @@ from jaxreason.train.step import Objective, init_train_state, make_train_step
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """One training stage: steps, batch and optimizer (its schedule spans `num_steps`)."""
+    """One training stage: steps, batch, optimizer and checkpoints.
+
+    The optimizer's schedule spans the stage's `num_steps` unless `optimizer.total_steps` is set.
+    """
 
     num_steps: int = 100  # with `epochs`: at most this many
     epochs: float | None = None  # train for this many passes over the stage's data (a small, growing set)
     batch_size: int = 16
     max_len: int = 128
-    learning_rate: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    checkpoint_every: int = 0  # 0: save at the end (and on SIGTERM) only
+    optimizer: OptimizerConfig = OptimizerConfig()
+    # a stage saves at its end (and on SIGTERM) only, and keeps that one checkpoint
+    checkpoint: CheckpointConfig = CheckpointConfig(every=0, keep=1)
 
     def __post_init__(self):
         for name in ("num_steps", "batch_size", "max_len"):
@@ -48,10 +50,6 @@ class FitConfig:
             return self
         steps = math.ceil(self.epochs * n / self.batch_size)
         return dataclasses.replace(self, num_steps=max(1, min(self.num_steps, steps)))
-
-    def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(learning_rate=self.learning_rate, warmup_steps=min(self.warmup_steps, self.num_steps - 1),
-                               total_steps=self.num_steps, weight_decay=self.weight_decay)
 
 
 def fit(
@@ -71,10 +69,10 @@ def fit(
     folder already holds the final checkpoint, the model gets that state and no step runs.
     """
     directory = Path(directory)
-    optimizer = make_optimizer(config.optimizer())
+    optimizer = make_optimizer(config.optimizer.for_steps(config.num_steps))
     graphdef, state, shardings = init_train_state(model, optimizer, mesh, seed=seed)
     step = make_train_step(graphdef, objective, optimizer, shardings, mesh)
-    checkpointer = Checkpointer(directory / "checkpoints", save_every=config.checkpoint_every, keep=1)
+    checkpointer = Checkpointer.from_config(directory / "checkpoints", config.checkpoint)
     logger = MetricsLogger(directory, description) if is_main_process() else None
     try:
         result = run_training(step, state, batches, num_steps=config.num_steps, seed=seed,

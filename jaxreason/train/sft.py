@@ -16,19 +16,12 @@ from jaxreason.data.sft_data import SFTDataset, read_jsonl
 from jaxreason.models.lora import DEFAULT_TARGETS, LoRAParam, add_lora
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
-from jaxreason.train.checkpoint import Checkpointer
+from jaxreason.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxreason.train.loop import LoopResult, run_training
 from jaxreason.train.metrics import MetricsLogger
 from jaxreason.train.objectives import sft_objective
 from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
 from jaxreason.train.step import init_train_state, make_train_step
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 50  # steps between saves; 0 saves only at the end and on SIGTERM
-    keep: int = 3
-    async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +51,7 @@ class SFTConfig:
     num_steps: int = 100
     seed: int = 0
     save_model: bool = True  # write a Hugging Face folder to run_dir/model at the end
-    optimizer: OptimizerConfig = OptimizerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()  # its schedule spans num_steps unless total_steps is set
     mesh: sharding.MeshConfig = sharding.MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     lora: LoRAConfig | None = None  # null: train every parameter
@@ -88,13 +81,10 @@ def run_sft(config: SFTConfig) -> LoopResult:
         rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 1))
         add_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets, rngs=rngs)
         trainable = LoRAParam
-    optimizer = make_optimizer(config.optimizer)
+    optimizer = make_optimizer(config.optimizer.for_steps(config.num_steps))
     graphdef, state, shardings = init_train_state(model, optimizer, mesh, trainable, seed=config.seed)
     step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh, config.grad_accum_steps)
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", save_every=config.checkpoint.every, keep=config.checkpoint.keep,
-        async_save=config.checkpoint.async_save,
-    )
+    checkpointer = Checkpointer.from_config(run_dir / "checkpoints", config.checkpoint)
     logger = MetricsLogger(run_dir, "sft") if main_process else None
     try:
         result = run_training(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from jaxreason.algorithms import rest_mcts
+from jaxreason.algorithms.registry import load_algorithm_config
 from jaxreason.algorithms.rest_mcts import RestMCTSConfig, run_rest_mcts
 from jaxreason.cli import main
-from jaxreason.config import load_config
 from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, TraceStore
 
 CONFIG = "configs/rest_mcts/arith_tiny.yaml"
@@ -21,7 +21,7 @@ SHORT = [
     # One-addition problems, so that the shortened SFT already solves some and every stage has data.
     "problems.options={min_ops: 1, max_ops: 1, max_operand: 12, max_factor: 2, ops: '+', check_steps: true}",
     "problems.gold=48", "problems.warmup=8", "problems.train=16", "problems.test=4",
-    "iterations=2", "sft.num_steps=200", "sft.batch_size=8", "sft.max_len=64", "sft.learning_rate=0.01",
+    "iterations=2", "sft.num_steps=200", "sft.batch_size=8", "sft.max_len=64", "sft.optimizer.learning_rate=0.01",
     "warmup.num_rollouts=2", "warmup.max_new_tokens=32",
     "prm_train.num_steps=4", "prm_train.batch_size=8", "prm_train.max_len=64",
     "policy_train.num_steps=4", "policy_train.batch_size=8", "policy_train.max_len=64",
@@ -46,7 +46,8 @@ def _without_timings(path):
 
 
 def _config(run_dir, *extra) -> RestMCTSConfig:
-    return load_config(RestMCTSConfig, CONFIG, [*SHORT, f"run_dir={run_dir}", *extra])
+    _, config = load_algorithm_config(CONFIG, [*SHORT, f"run_dir={run_dir}", *extra])
+    return config
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 import jax
 from flax import nnx
 
+from jaxreason.algorithms.registry import load_algorithm_config
 from jaxreason.cli import main
-from jaxreason.config import load_config
 from jaxreason.models.lora import LoRAParam
 from jaxreason.models.spec import build_model
 from jaxreason.train.checkpoint import Checkpointer
@@ -114,7 +114,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, env):
     assert Checkpointer(run_dir / "checkpoints").steps() == [last]
     assert not (run_dir / "model").exists()  # an interrupted run exports no model
 
-    config = load_config(SFTConfig, CONFIG, [*TINY, f"run_dir={run_dir}", f"num_steps={last + 2}", "save_model=false"])
+    _, config = load_algorithm_config(CONFIG, [*TINY, f"run_dir={run_dir}", f"num_steps={last + 2}",
+                                               "save_model=false"])
     resumed = run_sft(config)
     assert resumed.step == last + 2 and len(resumed.history) == 2 and not resumed.interrupted
     assert int(resumed.state.step) == last + 2
@@ -125,9 +126,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, env):
 
 
 def test_lora_trains_only_adapters_and_resumes(tmp_path):
-    def config(run_dir, steps):
-        return load_config(SFTConfig, CONFIG, [*TINY, "lora.rank=4", "lora.targets=[q, v, down]", "checkpoint.every=3",
-                                               "save_model=false", f"run_dir={run_dir}", f"num_steps={steps}"])
+    def config(run_dir, steps):  # total_steps set: a run stopped early by fewer num_steps keeps the schedule
+        return load_algorithm_config(CONFIG, [*TINY, "lora.rank=4", "lora.targets=[q, v, down]", "checkpoint.every=3",
+                                              "save_model=false", f"run_dir={run_dir}", f"num_steps={steps}",
+                                              "optimizer.total_steps=200"])[1]
 
     assert config(tmp_path, 6).lora == LoRAConfig(rank=4, alpha=16.0, targets=("q", "v", "down"))
     straight = run_sft(config(tmp_path / "straight", 6))
