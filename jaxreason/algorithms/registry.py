@@ -67,6 +67,8 @@ def algorithm_names() -> list[str]:
 def get_algorithm(name: str) -> Algorithm:
     if name not in _registry and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
+        if name not in _registry:  # a bug, not a user error: keep the traceback
+            raise RuntimeError(f"{_BUILTIN[name]} does not register algorithm {name!r}")
     if name not in _registry:
         raise ValueError(f"unknown algorithm {name!r} (known: {', '.join(algorithm_names())})")
     return _registry[name]
