@@ -3,7 +3,7 @@
 Same budget for every engine: B problems, `--simulations` expansions per problem, K candidate steps sampled
 per expansion (each up to `--step-tokens` tokens, stopping at the step delimiter), the PRM scoring each new
 node. Engines:
-  (a) jaxreason, all B problems in one jitted `mcts` call;
+  (a) jaxreason, all B problems in one jitted `search_trees` call;
   (b) jaxreason, one problem at a time (the same compiled program with B = 1);
   (c) a straightforward Python MCTS (UCT) that calls transformers' `generate` (torch) once per expansion, K
       return sequences, and a torch value head for each node;
@@ -12,9 +12,13 @@ node. Engines:
 Every engine samples from the model's full distribution at the same temperature (no top-k, no top-p), so the
 engines build trees of the same statistics. Each engine runs in its own subprocess, its timed runs repeated
 (`--repeats`, median), so that no engine's threads outlive its turn. (a) runs over a mesh of one CPU device
-per core (`--xla_force_host_platform_device_count`, the batch split over them, see `mcts(mesh=...)`); (b)
+per core (`--xla_force_host_platform_device_count`, the batch split over them, see `search_trees(mesh=...)`); (b)
 searches a single problem, which does not split, on one device using every core; (c) and (d) are timed at
 each `--torch-threads` setting and reported at their fastest.
+jaxreason searches with ReST-MCTS*'s UCT as (c) and (d) do: unvisited children first by prior, mctx's running-mean
+backup, no roll-forward (`unvisited="prior", backup="running_mean", rollout_steps=0`), c = 1. With
+`--compilation-cache DIR`, (a) reads and writes JAX's persistent compilation cache there: a second run with the
+same folder shows (a)'s first call with its program read back from disk.
 Reported: nodes/s (simulations per second) and generated tokens/s, and the ratios a/c, a/d and a/b.
 
     python benchmarks/search.py --model tiny      # a small random Llama (char tokenizer), weights shared by both
@@ -60,16 +64,19 @@ def _models(name: str, dtype: str = "float32"):
 
 
 def _setup(args):
-    from jaxreason.search.mcts import MCTSConfig
+    from jaxreason.sampling import SamplingConfig
+    from jaxreason.search import MCTSConfig
     from jaxreason.tasks import get_task
 
     policy, prm, tokenizer = _models(args.model, args.dtype)
     task = get_task("arith")
     problems = task.problems("test", n=args.problems, seed=0)
+    sampling = SamplingConfig(max_new_tokens=args.step_tokens, temperature=1.0,
+                              shrink_at=tuple(float(f) for f in args.shrink_at.split(",") if f))
+    # The rule (c) and (d) implement: UCT with unvisited children first, running-mean values, no roll-forward.
     config = MCTSConfig(rule="rest_mcts", num_simulations=args.simulations, num_candidates=args.candidates,
-                        max_depth=6, max_step_tokens=args.step_tokens, temperature=1.0, chat=False,
-                        expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")),
-                        decode_shrink=tuple(float(f) for f in args.decode_shrink.split(",") if f),
+                        max_depth=6, sampling=sampling, c=1.0, unvisited="prior", backup="running_mean",
+                        rollout_steps=0, expansion_sizes=tuple(float(f) for f in args.expansion_sizes.split(",")),
                         prefill_packing=tuple(float(f) for f in args.prefill_packing.split(",") if f))
     return policy, prm, tokenizer, task, problems, config
 
@@ -79,10 +86,18 @@ def run_jax(args, one_at_a_time: bool) -> dict:
     started without the device-per-core flag, so its mesh has one device."""
     import jax
 
-    from jaxreason.search.mcts import mcts
+    from jaxreason.compilation_cache import enable_compilation_cache
+    from jaxreason.search import search_trees
     from jaxreason.sharding import MeshConfig, make_mesh
+    from jaxreason.verifiers import ValueVerifier
 
+    if args.compilation_cache and args.engine == "a_batched":
+        enable_compilation_cache(args.compilation_cache)
+    cache_hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: cache_hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
     policy, prm, tokenizer, task, problems, config = _setup(args)
+    verifier = ValueVerifier(prm)
     if one_at_a_time:
         batches, mesh = [[p] for p in problems[: args.single_problems]], None
     else:
@@ -91,16 +106,19 @@ def run_jax(args, one_at_a_time: bool) -> dict:
     def once():
         start, nodes, tokens = time.perf_counter(), 0, 0
         for i, batch in enumerate(batches):
-            result, _ = mcts(policy, prm, tokenizer, task, batch, config, jax.random.key(i + 1), mesh=mesh)
+            result, _ = search_trees(batch, policy=policy, verifier=verifier, tokenizer=tokenizer, task=task,
+                                     config=config, key=jax.random.key(i + 1), mesh=mesh)
             nodes += len(batch) * config.num_simulations
             tokens += result.total_tokens
         return {"seconds": time.perf_counter() - start, "nodes": nodes, "tokens": tokens}
 
     start = time.perf_counter()
-    mcts(policy, prm, tokenizer, task, batches[0], config, jax.random.key(0), mesh=mesh)  # compile (then cached)
+    search_trees(batches[0], policy=policy, verifier=verifier, tokenizer=tokenizer, task=task, config=config,
+                 key=jax.random.key(0), mesh=mesh)  # compile (then cached)
     first_call = time.perf_counter() - start
     runs = [once() for _ in range(args.repeats)]
-    return {**_median(runs), "first_call_s": first_call, "devices": 1 if mesh is None else mesh.size}
+    return {**_median(runs), "first_call_s": first_call, "devices": 1 if mesh is None else mesh.size,
+            "compilation_cache_hits": len(cache_hits)}
 
 
 def run_torch(args, per_candidate: bool, threads: int) -> dict:
@@ -127,7 +145,7 @@ def run_torch(args, per_candidate: bool, threads: int) -> dict:
 
     def generate(ids, n):
         with torch.no_grad():  # top_k=0: the full distribution, as jaxreason samples (transformers' default is 50)
-            out = model.generate(torch.tensor([ids]), do_sample=True, temperature=config.temperature, top_k=0,
+            out = model.generate(torch.tensor([ids]), do_sample=True, temperature=config.sampling.temperature, top_k=0,
                                  top_p=1.0, max_new_tokens=config.max_step_tokens, num_return_sequences=n,
                                  stop_strings=[delimiter], tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
         return out[:, len(ids):].tolist()
@@ -219,20 +237,22 @@ def main():
     # Longer first calls.
     parser.add_argument("--expansion-sizes", help="MCTSConfig.expansion_sizes for (a) and (b) (default: by model, "
                         "tiny 1,0.875,0.75,0.625,0.5,0.375, smollm2 1,0.75,0.5)")
-    parser.add_argument("--decode-shrink", help="MCTSConfig.decode_shrink for (a) and (b) ('' for none; default: "
-                        "by model, tiny none, smollm2 0.75,0.5,0.25)")
+    parser.add_argument("--shrink-at", "--decode-shrink", dest="shrink_at", help="MCTSConfig.sampling.shrink_at for "
+                        "(a) and (b) ('' for none; default: by model, tiny none, smollm2 0.75,0.5,0.25)")
     parser.add_argument("--prefill-packing", help="MCTSConfig.prefill_packing for (a) and (b) ('' for none; "
                         "default: by model, tiny none, smollm2 0.25,0.5,0.75)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute and weight dtype of every engine (jax and torch alike)")
     parser.add_argument("--one-device", action="store_true",
                         help="also time (a) on one device using every core (a1), and print a/a1")
+    parser.add_argument("--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache for (a) in "
+                        "DIR (jaxreason.compilation_cache); run twice with the same DIR to time a warm first call")
     parser.add_argument("--engine", choices=(*ENGINES, ONE_DEVICE), help=argparse.SUPPRESS)
     parser.add_argument("--engine-threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tuned = {"tiny": ("1,0.875,0.75,0.625,0.5,0.375", "", ""),
              "smollm2": ("1,0.75,0.5", "0.75,0.5,0.25", "0.25,0.5,0.75")}[args.model]
-    for name, default in zip(("expansion_sizes", "decode_shrink", "prefill_packing"), tuned):
+    for name, default in zip(("expansion_sizes", "shrink_at", "prefill_packing"), tuned):
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.engine:
@@ -256,10 +276,12 @@ def main():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
           f"steps <= {args.step_tokens} tokens, {args.dtype}; expansion sizes {args.expansion_sizes}, decode shrink "
-          f"{args.decode_shrink or 'none'}, prefill packing {args.prefill_packing or 'none'}; (c), (d) timed on "
+          f"{args.shrink_at or 'none'}, prefill packing {args.prefill_packing or 'none'}; (c), (d) timed on "
           f"{args.torch_problems} problems; median of {args.repeats}")
     for name, r in results.items():
-        setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s" if "devices" in r else
+        cache = (f", compilation cache {args.compilation_cache} ({r['compilation_cache_hits']} hits)"
+                 if name == "a_batched" and args.compilation_cache else "")
+        setting = (f"{r['devices']} device(s); first call {r['first_call_s']:.1f} s{cache}" if "devices" in r else
                    f"{r['threads']} torch thread(s), by threads {r['seconds_by_threads']}")
         print(f"  {name:<16} {r['nodes_per_s']:9.2f} nodes/s  {r['tokens_per_s']:9.1f} gen. tokens/s  "
               f"({r['nodes']} nodes, {r['tokens']} tokens, {r['seconds']:.2f} s; {setting})")

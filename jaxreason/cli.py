@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     # ModuleNotFoundError is a package that is not installed; other ImportErrors are bugs and keep their traceback.
     try:
+        from jaxreason.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache()  # later runs read the compiled programs back (JAXREASON_CACHE_DIR=off: no)
         args.run(args)
     except (ValueError, OSError, ModuleNotFoundError) as e:
         print(f"jaxreason {args.command}: error: {_one_line(e)}", file=sys.stderr)

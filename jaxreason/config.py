@@ -61,16 +61,23 @@ def read_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return raw, source
 
 
-def from_dict(cls: type[T], raw: dict[str, Any], source: str, prefix: str = "") -> T:
-    """Builds dataclass `cls` from a nested dict; unknown or mistyped keys raise ValueError naming them."""
+def from_dict(cls: type[T], raw: dict[str, Any], source: str, prefix: str = "", base: T | None = None) -> T:
+    """Builds dataclass `cls` from a nested dict; unknown or mistyped keys raise ValueError naming them.
+
+    A key left out keeps `base`'s value (default: the class default), and a mapping given for a field whose
+    default is a config of its own overrides that default's fields one by one: `sampling: {max_new_tokens: 32}`
+    keeps the rest of the field's default sampling settings, not those of a bare `SamplingConfig()`.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown key {prefix + unknown[0]!r} (known: {', '.join(sorted(fields))})")
-    kwargs = {}
+    kwargs = {} if base is None else {name: getattr(base, name) for name in fields}
     for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, source, prefix + name)
+        default = kwargs.get(name, fields[name].default)
+        kwargs[name] = _coerce(hints[name], value, source, prefix + name,
+                               default if dataclasses.is_dataclass(default) else None)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -81,7 +88,7 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _coerce(hint, value, source: str, key: str):
+def _coerce(hint, value, source: str, key: str, default=None):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -92,14 +99,14 @@ def _coerce(hint, value, source: str, key: str):
             if option is type(None):
                 continue
             try:
-                return _coerce(option, value, source, key)
+                return _coerce(option, value, source, key, default if isinstance(default, option) else None)
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0])
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ValueError(f"{source}: {key} must be a mapping, got {value!r}")
-        return from_dict(hint, value, source, key + ".")
+        return from_dict(hint, value, source, key + ".", default if isinstance(default, hint) else None)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             value = [value]

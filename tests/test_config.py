@@ -174,3 +174,14 @@ def test_file_errors(tmp_path):
     assert f"{path}: invalid YAML" in _error(Outer, path)
     assert "top level must be a mapping" in _error(Outer, _yaml(tmp_path, "- 1\n- 2\n"))
     assert load_config(Outer, _yaml(tmp_path, "", "empty.yaml"), ["size=2"]) == Outer(size=2)
+
+
+def test_a_partial_mapping_keeps_the_fields_default_settings():
+    """`sampling: {max_new_tokens: 32}` changes that field of the default sampling settings, not the others."""
+    from jaxreason.search.config import BaselineConfig
+    from jaxreason.train.fit import FitConfig
+
+    config = from_dict(BaselineConfig, {"sampling": {"max_new_tokens": 32}}, "x.yaml")
+    assert config.sampling.max_new_tokens == 32
+    assert config.sampling.temperature == BaselineConfig().sampling.temperature == 0.7
+    assert from_dict(FitConfig, {"checkpoint": {"every": 10}}, "x.yaml").checkpoint.keep == 1

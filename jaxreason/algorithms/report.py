@@ -14,13 +14,15 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-EM_METHODS = ("greedy", "self_consistency")  # what ReST-EM is evaluated with (it has no PRM)
 _LABELS = {"greedy": "greedy", "self_consistency": "self-consistency", "best_of_n": "best-of-N (PRM)",
-           "weighted_best_of_n": "weighted best-of-N", "beam_search": "PRM beam search", "mcts": "MCTS* (PRM)"}
+           "weighted_vote": "weighted vote (PRM)", "weighted_best_of_n": "weighted best-of-N",
+           "random_pick": "random pick", "pass_at_n": "pass@N", "beam_search": "PRM beam search",
+           "mcts": "MCTS* (PRM)"}
+_RULES = ("self_consistency", "best_of_n", "weighted_vote", "random_pick", "pass_at_n")
 
 
 def collect_metrics(stages: dict[str, Any], num_problems: int) -> dict:
-    """Per-iteration held-out accuracies and token budgets from the stage log."""
+    """Per-iteration held-out results and budgets from the stage log."""
     iterations = []
     t = 0
     while f"eval_{t}" in stages:
@@ -29,7 +31,7 @@ def collect_metrics(stages: dict[str, Any], num_problems: int) -> dict:
             "iteration": t,
             "rest_mcts": ev["rest_mcts"],
             # Iteration 0: both methods start from the same policy_0.
-            "rest_em": ev["rest_em"] if t else {m: v for m, v in ev["rest_mcts"].items() if m in EM_METHODS},
+            "rest_em": ev["rest_em"] if t else _without_verifier(ev["rest_mcts"]),
             "search": stages.get(f"search_{t}"),
             "rest_em_sample": stages.get(f"rest_em_sample_{t}"),
         })
@@ -37,9 +39,43 @@ def collect_metrics(stages: dict[str, Any], num_problems: int) -> dict:
     return {"num_test_problems": num_problems, "iterations": iterations}
 
 
+def _without_verifier(ev: dict) -> dict:
+    """What of policy_0's evaluation needs no verifier (ReST-EM's view of iteration 0)."""
+    out = {m: row for m, row in ev.items() if m not in ("verification", "mcts", "best_of_n", "weighted_best_of_n",
+                                                          "beam_search")}
+    v = ev.get("verification")
+    if v:
+        out["verification"] = {**{k: x for k, x in v.items() if k not in ("auc", "first_error", "selection")},
+                               "selection": {n: {r: a for r, a in rules.items()
+                                                 if r in ("self_consistency", "random_pick", "pass_at_n")}
+                                             for n, rules in v["selection"].items()}}
+    return out
+
+
 def standard_error(accuracy: float, n: int) -> float:
     """Binomial standard error of an accuracy measured on n problems."""
     return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(n, 1))
+
+
+def headline(ev: dict) -> dict[str, float]:
+    """The figures a run is judged by, from one evaluation: every method's accuracy, and at the largest n the
+    selection rules' (`<rule>@<n>`), the PRM's AUC and first-error F1."""
+    out = {m: row["accuracy"] for m, row in ev.items() if m != "verification"}
+    v = ev.get("verification")
+    if v:
+        n = max(v["selection"], key=int)
+        out |= {f"{rule}@{n}": a for rule, a in v["selection"][n].items()}
+        if v.get("auc") is not None:
+            out["prm_auc"] = v["auc"]
+        if (v.get("first_error") or {}).get("f1") is not None:
+            out["first_error_f1"] = v["first_error"]["f1"]
+    return out
+
+
+def _label(key: str) -> str:
+    rule, _, n = key.partition("@")
+    return {"prm_auc": "PRM AUC", "first_error_f1": "first-error F1"}.get(key, _LABELS.get(rule, rule)
+                                                                           + (f"@{n}" if n else ""))
 
 
 def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> dict:
@@ -50,62 +86,113 @@ def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> d
     its = metrics["iterations"]
     if not its:
         return metrics
+    last = its[-1]
     _plot_iterations(its, run_dir / "accuracy_per_iteration.png")
-    _plot_compute(its[-1]["rest_mcts"], run_dir / "accuracy_vs_tokens.png", its[-1]["iteration"])
+    _plot_selection(last["rest_mcts"], run_dir / "accuracy_vs_n.png", last["iteration"])
+    _plot_compute(last["rest_mcts"], run_dir / "accuracy_vs_tokens.png", last["iteration"])
 
-    methods = list(its[0]["rest_mcts"])
-    em_methods = [m for m in methods if m in its[-1]["rest_em"]]
-    sizes = {m: row.get("problems", n) for m, row in its[0]["rest_mcts"].items()}  # older runs: all n
+    mcts_keys = list(headline(its[0]["rest_mcts"]))
+    em_keys = list(headline(its[-1]["rest_em"]))
+    sizes = {m: row.get("problems", n) for m, row in its[0]["rest_mcts"].items()}
     subsets = ", ".join(f"{_LABELS.get(m, m)} on the first {k}" for m, k in sizes.items() if k != n)
     lines = [
         "# ReST-MCTS* run report", "",
         f"Task `{config['problems']['task']}`, {n} held-out problems" + (f" ({subsets})" if subsets else "")
-        + f", {config['problems']['train']} self-training "
-        f"problems, {len(its) - 1} of {config['iterations']} iterations finished, seed {config['seed']}.", "",
-        "## Held-out accuracy per iteration", "",
-        "| iteration | " + " | ".join(f"ReST-MCTS* {_LABELS.get(m, m)}" for m in methods) + " | "
-        + " | ".join(f"ReST-EM {_LABELS.get(m, m)}" for m in em_methods)
-        + " | search tokens | ReST-EM tokens | train solved (MCTS* / ReST-EM) |",
-        "|" + " --- |" * (len(methods) + len(em_methods) + 4),
+        + f", {config['problems']['train']} self-training problems, {len(its) - 1} of {config['iterations']} "
+        f"iterations finished, seed {config['seed']}. Selection rules (`rule@n`) choose among n of the N samples "
+        "drawn per held-out problem (averaged over subsets of n); random pick is the mean sample accuracy.", "",
+        "## Held-out results per iteration", "",
+        "| iteration | " + " | ".join(f"ReST-MCTS* {_label(k)}" for k in mcts_keys) + " | "
+        + " | ".join(f"ReST-EM {_label(k)}" for k in em_keys)
+        + " | search tokens (generated / verifier) | ReST-EM tokens | train problems solved (MCTS* / ReST-EM) |",
+        "|" + " --- |" * (len(mcts_keys) + len(em_keys) + 4),
     ]
     for it in its:
         search, em = it["search"] or {}, it["rest_em_sample"] or {}
+        ours, theirs = headline(it["rest_mcts"]), headline(it["rest_em"])
+        solved = ("-" if not search else
+                  f"{search['trees_with_correct_leaf']} / {round(em.get('train_accuracy', float('nan')) * config['problems']['train'])}")
         lines.append(
-            f"| {it['iteration']} | " + " | ".join(f"{it['rest_mcts'][m]['accuracy']:.3f}" for m in methods) + " | "
-            + " | ".join(f"{it['rest_em'][m]['accuracy']:.3f}" for m in em_methods)
-            + f" | {search.get('generated_tokens', '-')} | {em.get('generated_tokens', '-')} | "
-            + (f"{search['train_accuracy']:.3f} / {em.get('train_accuracy', float('nan')):.3f}" if search else "-")
-            + " |")
-    first, last = its[0], its[-1]
+            f"| {it['iteration']} | " + " | ".join(_cell(ours.get(k)) for k in mcts_keys) + " | "
+            + " | ".join(_cell(theirs.get(k)) for k in em_keys)
+            + f" | {search.get('generated_tokens', '-')} / {search.get('verifier_tokens', '-')}"
+            + f" | {em.get('generated_tokens', '-')} | {solved} |")
+    first = its[0]
     lines += ["", "## Change from policy_0 to the last iteration", ""]
     for name, key in (("ReST-MCTS*", "rest_mcts"), ("ReST-EM", "rest_em")):
-        for m in (em_methods if key == "rest_em" else methods):
-            a0, a1 = first[key][m]["accuracy"], last[key][m]["accuracy"]
-            k = sizes[m]
-            lines.append(f"- {name} {_LABELS.get(m, m)}: {a0:.3f} -> {a1:.3f} ({100 * (a1 - a0):+.1f} points; "
-                         f"binomial standard error of each figure about {100 * standard_error(a1, k):.1f} points"
-                         + (f", {k} problems" if k != n else "") + ")")
+        a0s, a1s = headline(first[key]), headline(last[key])
+        for k in a1s:
+            if k in a0s and k not in ("prm_auc", "first_error_f1"):
+                size = sizes.get(k.partition("@")[0], sizes.get("verification", n))
+                lines.append(f"- {name} {_label(k)}: {a0s[k]:.3f} -> {a1s[k]:.3f} ({100 * (a1s[k] - a0s[k]):+.1f} "
+                             f"points; binomial standard error of each figure about "
+                             f"{100 * standard_error(a1s[k], size):.1f} points on {size} problems)")
+    v = last["rest_mcts"].get("verification")
+    if v:
+        lines += ["", f"## Verifier quality (iteration {last['iteration']})", "",
+                  f"PRM AUC on correct against incorrect samples: {_cell(v.get('auc'))}."]
+        fe = v.get("first_error")
+        if fe:
+            lines.append(f"First wrong step found (first step scored below the threshold): {_cell(fe['erroneous'])} "
+                         f"of solutions with one; no step flagged: {_cell(fe['error_free'])} of those without; "
+                         f"F1 {_cell(fe['f1'])}.")
+        rules = list(next(iter(v["selection"].values())))
+        lines += ["", "| n | " + " | ".join(_LABELS.get(r, r) for r in rules) + " | generated tokens per problem |",
+                  "|" + " --- |" * (len(rules) + 2)]
+        for size, row in v["selection"].items():
+            lines.append(f"| {size} | " + " | ".join(_cell(row[r]) for r in rules)
+                         + f" | {int(size) * v['tokens_per_sample']:.1f} |")
     lines += ["", "ReST-EM samples whole solutions with the same number of generated tokens as that iteration's "
               "MCTS* search spent on the same training problems, and trains its policy by the same rule.", "",
               f"## Accuracy against generated tokens (iteration {last['iteration']})", "",
-              "| method | accuracy | generated tokens per problem |", "| --- | --- | --- |"]
+              "| method | accuracy | generated tokens per problem | verifier tokens per problem |",
+              "| --- | --- | --- | --- |"]
     for m, row in last["rest_mcts"].items():
-        lines.append(f"| {_LABELS.get(m, m)} | {row['accuracy']:.3f} | {row['tokens_per_problem']:.1f} |")
+        if m != "verification":
+            lines.append(f"| {_LABELS.get(m, m)} | {row['accuracy']:.3f} | {row['tokens_per_problem']:.1f} | "
+                         f"{row.get('verifier_tokens_per_problem', 0):.1f} |")
     lines += ["", "![accuracy per iteration](accuracy_per_iteration.png)",
+              "![accuracy against N](accuracy_vs_n.png)",
               "![accuracy against generated tokens](accuracy_vs_tokens.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return metrics
 
 
+def _cell(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _plot_iterations(its: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [it["iteration"] for it in its]
     for key, name, style in (("rest_mcts", "ReST-MCTS*", "-o"), ("rest_em", "ReST-EM", "--s")):
-        for m in its[-1][key]:
-            ax.plot(x, [it[key][m]["accuracy"] for it in its], style, label=f"{name} {_LABELS.get(m, m)}")
+        for k in headline(its[-1][key]):
+            if k in ("prm_auc", "first_error_f1") or k.startswith(("pass_at_n", "random_pick")):
+                continue
+            ax.plot(x, [headline(it[key]).get(k, np.nan) for it in its], style, label=f"{name} {_label(k)}")
     ax.set_xlabel("self-training iteration")
     ax.set_ylabel("held-out accuracy")
     ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_selection(ev: dict, path: Path, iteration: int) -> None:
+    """Accuracy against the number of samples N per selection rule."""
+    v = ev.get("verification")
+    if not v:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = sorted(v["selection"], key=int)
+    for rule in v["selection"][sizes[0]]:
+        ax.plot([int(s) for s in sizes], [v["selection"][s][rule] for s in sizes], "-o", label=_LABELS.get(rule, rule))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples per problem N")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"selecting among N samples, policy and PRM of iteration {iteration}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -113,25 +200,35 @@ def _plot_iterations(its: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_compute(rows: dict, path: Path, iteration: int) -> None:
+def _plot_compute(ev: dict, path: Path, iteration: int) -> None:
+    """Accuracy against generated tokens: the selection rules' curves over N and each method's point."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, row in rows.items():
-        ax.scatter(row["tokens_per_problem"], row["accuracy"], s=40)
-        ax.annotate(_LABELS.get(m, m), (row["tokens_per_problem"], row["accuracy"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+    v = ev.get("verification")
+    if v:
+        sizes = sorted(v["selection"], key=int)
+        for rule in v["selection"][sizes[0]]:
+            if rule == "pass_at_n":
+                continue
+            ax.plot([int(s) * v["tokens_per_sample"] for s in sizes], [v["selection"][s][rule] for s in sizes], "-o",
+                    ms=3, label=_LABELS.get(rule, rule))
+    for m, row in ev.items():
+        if m == "verification":
+            continue
+        ax.scatter(row["tokens_per_problem"], row["accuracy"], s=60, marker="*", zorder=3, label=_LABELS.get(m, m))
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"test-time methods, policy and PRM of iteration {iteration}")
+    ax.set_title(f"test-time compute, policy and PRM of iteration {iteration}")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def seed_summary(run_dirs: list[str | Path]) -> str:
-    """Markdown: per seed and as mean +- standard deviation over seeds, the held-out accuracy of policy_0 and
-    of the last iteration for each method, from each run folder's metrics.json."""
+    """Markdown: per seed and as mean +- standard deviation over seeds, each headline figure of policy_0 and of
+    the last iteration for both methods, from each run folder's metrics.json."""
     runs = []
     for d in run_dirs:
         path = Path(d) / "metrics.json"
@@ -139,14 +236,18 @@ def seed_summary(run_dirs: list[str | Path]) -> str:
             raise FileNotFoundError(f"{path}: no metrics (has the run evaluated anything?)")
         seed = json.loads((Path(d) / "config.json").read_text())["seed"]
         runs.append((seed, json.loads(path.read_text())["iterations"]))
-    rows = ["| method | " + " | ".join(f"seed {s}" for s, _ in runs) + " | mean change +- std |",
-            "| --- |" + " --- |" * (len(runs) + 1)]
+    rows = ["| figure | " + " | ".join(f"seed {s}" for s, _ in runs) + " | last iteration, mean +- std | "
+            "change from policy_0, mean +- std |", "| --- |" + " --- |" * (len(runs) + 2)]
     for key, name in (("rest_mcts", "ReST-MCTS*"), ("rest_em", "ReST-EM")):
-        for m in runs[0][1][-1][key]:
-            first = np.array([its[0][key][m]["accuracy"] for _, its in runs])
-            last = np.array([its[-1][key][m]["accuracy"] for _, its in runs])
+        for k in headline(runs[0][1][-1][key]):
+            first = np.array([headline(its[0][key]).get(k, np.nan) for _, its in runs])
+            last = np.array([headline(its[-1][key]).get(k, np.nan) for _, its in runs])
             cells = " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(first, last))
             change = 100 * (last - first)
-            spread = change.std(ddof=1) if len(runs) > 1 else 0.0
-            rows.append(f"| {name} {_LABELS.get(m, m)} | {cells} | {change.mean():+.1f} +- {spread:.1f} points |")
+            rows.append(f"| {name} {_label(k)} | {cells} | {last.mean():.3f} +- {_std(last):.3f} | "
+                        f"{change.mean():+.1f} +- {_std(change):.1f} points |")
     return "\n".join(rows) + "\n"
+
+
+def _std(x: np.ndarray) -> float:
+    return float(x.std(ddof=1)) if len(x) > 1 else 0.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 from jaxreason import sharding
-from jaxreason.algorithms.report import EM_METHODS, write_report
+from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
+from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
 from jaxreason.algorithms.stages import StageLog
@@ -39,15 +41,22 @@ from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch, value_batch
 from jaxreason.data.trace_store import (FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, Trace,
                                         TraceStore)
+from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import pad_token_id, prompt_ids
-from jaxreason.search.baselines import BaselineConfig
-from jaxreason.search.mcts import MCTSConfig, mcts
-from jaxreason.search.run import METHODS, Budget, run
+from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
+from jaxreason.search.mcts import search_trees
+from jaxreason.search.methods import method_names, needs_verifier, run
 from jaxreason.tasks import get_task
 from jaxreason.tasks.base import Problem, Task
+from jaxreason.verifiers.base import Verifier
+from jaxreason.verifiers.batch import score_solutions
+from jaxreason.verifiers.checker import TaskCheckVerifier
+from jaxreason.verifiers.evaluation import evaluate_verifier
+from jaxreason.verifiers.positions import StepSplitter
+from jaxreason.verifiers.value import ValueVerifier
 from jaxreason.train.fit import FitConfig, fit
 from jaxreason.train.objectives import sft_objective, value_objective
 
@@ -69,35 +78,58 @@ class ProblemsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WarmupConfig:
+    """PRM_0's data: one sampled solution per warm-up problem, M rollouts from each of its step prefixes."""
+
     num_rollouts: int = 4  # M completions per prefix
-    max_new_tokens: int = 64
-    temperature: float = 0.7
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.7)
     max_steps: int = 8
+    # Every rollout is also a labelled whole solution (its last step's target: its correctness): M more training
+    # solutions per prefix from what was sampled anyway.
+    rollout_traces: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class RestEMConfig:
     enabled: bool = True
     samples_per_round: int = 4
-    temperature: float = 0.7
-    max_new_tokens: int = 64
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.7)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationConfig:
+    """How well the PRM verifies, on held-out problems: `num_samples` solutions per problem (drawn with
+    `evaluation.baseline.sampling`), scored by the PRM; from them, at each n in `sizes`, best-of-n, weighted
+    vote, self-consistency, random pick and pass@n (each averaged over subsets of n of the samples), the AUC of
+    the PRM's score on correct against incorrect solutions, and (for tasks with process labels) how often the
+    first step it scores below `first_error_threshold` is the first wrong step."""
+
+    num_samples: int = 8
+    sizes: tuple[int, ...] = (1, 2, 4, 8)
+    first_error_threshold: float = 0.5
+
+    def __post_init__(self):
+        if not self.sizes or not all(1 <= n <= self.num_samples for n in self.sizes):
+            raise ValueError(f"verification.sizes must lie in [1, num_samples={self.num_samples}], got {self.sizes}")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation of each iteration's policy (ReST-EM's: greedy and self-consistency only)."""
+    """Held-out evaluation after every iteration: the test-time `methods` (ReST-EM's policy: those that need no
+    verifier) and the verification block (`VerificationConfig`; ReST-EM's: its samples' self-consistency)."""
 
-    methods: tuple[str, ...] = ("greedy", "self_consistency", "best_of_n", "mcts")
+    methods: tuple[str, ...] = ("greedy", "mcts")
     baseline: BaselineConfig = BaselineConfig()
     mcts: MCTSConfig | None = None  # None: the search settings
-    # {method: n}: that method is evaluated on the first n held-out problems only (an expensive method on a
-    # subset, the cheap ones on all `problems.test`); every method not named gets all of them.
+    verification: VerificationConfig = VerificationConfig()
+    # {method or "verification": n}: evaluated on the first n held-out problems only (an expensive method on a
+    # subset, the cheap ones on all `problems.test`); everything not named gets all of them.
     num_problems: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [m for m in (*self.methods, *self.num_problems) if m not in METHODS]
+        known = (*method_names(), "verification")
+        unknown = [m for m in (*self.methods, *self.num_problems) if m not in known]
         if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {unknown[0]!r}; known: {', '.join(known)}")
         bad = {m: n for m, n in self.num_problems.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1}
         if bad:
             raise ValueError(f"num_problems must be positive integers, got {bad}")
@@ -115,10 +147,21 @@ class RestMCTSConfig:
     warmup: WarmupConfig = WarmupConfig()
     prm_train: FitConfig = FitConfig()
     prm_loss: str = "mse"  # mse | bce
+    prm_aggregation: str = "last"  # how the PRM's step scores make a solution's score: last | min | product
+    # What guides the search and scores the held-out samples: "prm", the PRM this run trains (the method); or
+    # "task_check", the task's own process labels blurred by `task_check_noise` (`TaskCheckVerifier`), for
+    # experiments on how good a verifier must be (the PRM is trained and exported all the same).
+    guide: str = "prm"
+    task_check_noise: float = 0.0
+    # Which tree nodes get value targets: "finished_paths", those on a path to a finished solution (the
+    # reference); "all_nodes", every node (an expanded node with no finished descendant gets its nearest
+    # ancestor's distance and a negative target).
+    value_targets: str = "finished_paths"
     policy_train: FitConfig = FitConfig()
     policy_from_base: bool = True  # train policy_t from policy_0 (else continue from policy_{t-1})
     accumulate: bool = True  # policy data: correct traces of all iterations so far (else the latest only)
     prm_threshold: float | None = None  # keep only correct traces the PRM scores at least this high
+    keep_models: int = 0  # exported iterations kept in models/ (policy_<t>, prm_<t>); 0: all
     search: MCTSConfig = MCTSConfig()
     rest_em: RestEMConfig = RestEMConfig()
     evaluation: EvalConfig = EvalConfig()
@@ -129,13 +172,13 @@ class RestMCTSConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.prm_loss not in ("mse", "bce"):
             raise ValueError(f"prm_loss must be 'mse' or 'bce', got {self.prm_loss!r}")
+        if self.guide not in ("prm", "task_check"):
+            raise ValueError(f"guide must be 'prm' or 'task_check', got {self.guide!r}")
+        if self.value_targets not in ("finished_paths", "all_nodes"):
+            raise ValueError(f"value_targets must be 'finished_paths' or 'all_nodes', got {self.value_targets!r}")
         too_many = {m: n for m, n in self.evaluation.num_problems.items() if n > self.problems.test}
         if too_many:
             raise ValueError(f"evaluation.num_problems {too_many} exceeds problems.test = {self.problems.test}")
-
-
-class RunInterrupted(RuntimeError):
-    """A training stage was stopped by SIGTERM after checkpointing; `--resume` continues it."""
 
 
 @dataclasses.dataclass
@@ -226,18 +269,21 @@ def _loop(r: _Run, policy) -> None:
     base = _snapshot(policy)
     prm = ValueModel(policy.config, rngs=nnx.Rngs(c.seed))  # its own backbone, initialised from policy_0's
     nnx.update(prm.transformer, _snapshot(policy.transformer))
+    verifier = ValueVerifier(prm, aggregation=c.prm_aggregation) if c.guide == "prm" else TaskCheckVerifier(
+        r.task, r.tokenizer, [*r.pool, *r.test], noise=c.task_check_noise, seed=c.seed)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))
     r.train_model("prm_0", prm, value_objective(c.prm_loss), r.traces([0], FLAG_ROLLOUT), c.prm_train, value_data)
-    r.stages.run("eval_0", lambda: {"rest_mcts": _evaluate(r, policy, prm, c.evaluation.methods), "rest_em": None})
+    r.stages.run("eval_0", lambda: {"rest_mcts": _evaluate(r, policy, verifier), "rest_em": None})
+    _export(r, 0, policy, prm)
     write_report(r.run_dir, to_dict(c), r.stages.results)
 
     em_policy = _copy_of(policy, base)
     for t in range(1, c.iterations + 1):
         since = 1 if c.accumulate else t
-        search = r.stages.run(f"search_{t}", lambda: _search(r, policy, prm, t))
+        search = r.stages.run(f"search_{t}", lambda: _search(r, policy, verifier, t))
         r.train_model(f"prm_{t}", prm, value_objective(c.prm_loss),
                       r.traces([0], FLAG_ROLLOUT) + r.traces(range(1, t + 1), FLAG_SEARCH), c.prm_train, value_data)
-        correct = _above_threshold(r, prm, _unique(r.traces(range(since, t + 1), FLAG_SEARCH | FLAG_CORRECT)))
+        correct = _above_threshold(r, verifier, _unique(r.traces(range(since, t + 1), FLAG_SEARCH | FLAG_CORRECT)))
         if c.policy_from_base:
             policy = _copy_of(policy, base)
         r.train_model(f"policy_{t}", policy, sft_objective, correct, c.policy_train, policy_data)
@@ -250,9 +296,9 @@ def _loop(r: _Run, policy) -> None:
                           _unique(r.traces(range(since, t + 1), FLAG_BASELINE | FLAG_CORRECT)), c.policy_train,
                           policy_data)
         r.stages.run(f"eval_{t}", lambda: {
-            "rest_mcts": _evaluate(r, policy, prm, c.evaluation.methods),
-            "rest_em": _evaluate(r, em_policy, None, [m for m in c.evaluation.methods if m in EM_METHODS])
-            if c.rest_em.enabled else None})
+            "rest_mcts": _evaluate(r, policy, verifier),
+            "rest_em": _evaluate(r, em_policy, None) if c.rest_em.enabled else None})
+        _export(r, t, policy, prm)
         write_report(r.run_dir, to_dict(c), r.stages.results)
 
 
@@ -280,26 +326,30 @@ def _warmup_data(r: _Run, policy) -> dict:
     problems, ids = r.slice("warmup")
     traces, generated = rollout_value_traces(
         policy, r.tokenizer, r.task, problems, ids, num_rollouts=w.num_rollouts, key=r.key_for("warmup"),
-        sampling=SamplingConfig(max_new_tokens=w.max_new_tokens, temperature=w.temperature),
-        max_steps=w.max_steps, chat=r.config.chat)
+        sampling=w.sampling, max_steps=w.max_steps, chat=r.config.chat, rollout_traces=w.rollout_traces)
     r.append_once("warmup_data", traces, 0, FLAG_ROLLOUT)
     targets = np.concatenate([t.step_values for t in traces]) if traces else np.zeros(0)
-    return {"traces": len(traces), "generated_tokens": generated,
+    targets = targets[~np.isnan(targets)]
+    return {"traces": len(traces), "targets": len(targets), "generated_tokens": generated,
             "mean_target": float(targets.mean()) if len(targets) else None}
 
 
-def _search(r: _Run, policy, prm, t: int) -> dict:
+def _search(r: _Run, policy, verifier: Verifier, t: int) -> dict:
     """MCTS* over the training problems; value samples from every tree with a correct leaf go to the store."""
     problems, ids = r.slice("train")
-    search = dataclasses.replace(r.config.search, chat=r.config.chat)
-    result, trees = mcts(policy, prm, r.tokenizer, r.task, problems, search, r.key_for(f"search_{t}"), mesh=r.mesh)
+    result, trees = search_trees(problems, policy=policy, verifier=verifier, tokenizer=r.tokenizer, task=r.task,
+                                 config=r.config.search, key=r.key_for(f"search_{t}"), chat=r.config.chat,
+                                 mesh=r.mesh)
     samples: list[Trace] = []
+    finished_only = r.config.value_targets == "finished_paths"
     for problem, pid, tree in zip(problems, ids, trees):
-        samples += tree_value_traces(tree, lambda path, p=problem: r.task.is_correct(p, path.text), pid, t)
+        samples += tree_value_traces(tree, lambda path, p=problem: r.task.is_correct(p, path.text), pid, t,
+                                     finished_only=finished_only)
     r.append_once(f"search_{t}", samples, t, FLAG_SEARCH)
-    return {"generated_tokens": result.total_tokens, "train_accuracy": result.accuracy,
-            "trees_with_correct_leaf": len({s.problem_id for s in samples}), "value_traces": len(samples),
-            "correct_traces": sum(bool(s.flags & FLAG_CORRECT) for s in samples), "seconds": round(result.seconds, 1)}
+    return {"generated_tokens": result.total_tokens, "verifier_tokens": result.total_verifier_tokens,
+            "train_accuracy": result.accuracy, "trees_with_correct_leaf": len({s.problem_id for s in samples}),
+            "value_traces": len(samples), "correct_traces": sum(bool(s.flags & FLAG_CORRECT) for s in samples),
+            "seconds": round(result.seconds, 1)}
 
 
 def _rest_em_sample(r: _Run, policy, t: int, token_budget: int) -> dict:
@@ -307,29 +357,55 @@ def _rest_em_sample(r: _Run, policy, t: int, token_budget: int) -> dict:
     problems, ids = r.slice("train")
     traces, generated = sample_solutions(
         policy, r.tokenizer, r.task, problems, ids, token_budget=token_budget, samples_per_round=e.samples_per_round,
-        sampling=SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature),
-        key=r.key_for(f"rest_em_{t}"), iteration=t, chat=r.config.chat)
+        sampling=e.sampling, key=r.key_for(f"rest_em_{t}"), iteration=t, chat=r.config.chat)
     r.append_once(f"rest_em_sample_{t}", traces, t, FLAG_BASELINE)
     solved = {tr.problem_id for tr in traces if tr.flags & FLAG_CORRECT}
     return {"generated_tokens": generated, "samples": len(traces), "train_accuracy": len(solved) / len(problems)}
 
 
-def _evaluate(r: _Run, policy, prm, methods: Sequence[str]) -> dict:
-    """{method: {accuracy, problems, tokens_per_problem, seconds}} on the held-out problems (the first
-    `evaluation.num_problems[method]` of them where set), the same keys and problems every iteration."""
+def _evaluate(r: _Run, policy, verifier: Verifier | None) -> dict:
+    """{method: {accuracy, problems, tokens_per_problem, verifier_tokens_per_problem, seconds}} on the held-out
+    problems (the first `evaluation.num_problems[method]` of them where set), the same keys and problems every
+    iteration, and {"verification": ...} (`_verification`). Without a verifier (ReST-EM's policy) only the methods
+    that need none run."""
     ev = r.config.evaluation
-    chat = r.config.chat  # one switch for every prompt of the run
-    budget = Budget(baseline=dataclasses.replace(ev.baseline, chat=chat),
-                    mcts=dataclasses.replace(ev.mcts or r.config.search, chat=chat))
+    budget = Budget(baseline=ev.baseline, mcts=ev.mcts or r.config.search)
     out = {}
-    for method in methods:
+    for method in ev.methods:
+        if verifier is None and needs_verifier(method):
+            continue
         problems = r.test[:ev.num_problems.get(method, len(r.test))]
-        result = run(problems, policy, prm, method=method, budget=budget, tokenizer=r.tokenizer, task=r.task,
-                     key=r.key_for(f"eval_{method}"), mesh=r.mesh)
+        result = run(method, problems, policy=policy, verifier=verifier, tokenizer=r.tokenizer, task=r.task,
+                     budget=budget, key=r.key_for(f"eval_{method}"), chat=r.config.chat, mesh=r.mesh)
         out[method] = {"accuracy": result.accuracy, "problems": len(problems),
-                       "tokens_per_problem": result.total_tokens / len(problems), "seconds": round(result.seconds, 1)}
+                       "tokens_per_problem": result.total_tokens / len(problems),
+                       "verifier_tokens_per_problem": result.total_verifier_tokens / len(problems),
+                       "seconds": round(result.seconds, 1)}
         log.info("eval %s: accuracy %.3f", method, result.accuracy)
+    out["verification"] = _verification(r, policy, verifier)
     return out
+
+
+def _verification(r: _Run, policy, verifier: Verifier | None) -> dict:
+    """N held-out samples per problem and what selecting among them gives (`VerificationConfig`)."""
+    ev, v = r.config.evaluation, r.config.evaluation.verification
+    return evaluate_verifier(policy, verifier, r.tokenizer, r.task,
+                             r.test[:ev.num_problems.get("verification", len(r.test))], sampling=ev.baseline.sampling,
+                             num_samples=v.num_samples, sizes=v.sizes, key=r.key_for("eval_verification"),
+                             chat=r.config.chat, first_error_threshold=v.first_error_threshold)
+
+
+def _export(r: _Run, t: int, policy, prm: ValueModel) -> None:
+    """Iteration t's policy and PRM as Hugging Face folders, `models/policy_<t>` and `models/prm_<t>` (an
+    existing folder was written by an earlier run of the same iteration and stays)."""
+    for name, model, save in (("policy", policy, save_pretrained), ("prm", prm, save_value_model)):
+        folder = r.run_dir / "models" / f"{name}_{t}"
+        if not folder.exists():
+            save(model, folder=folder, tokenizer=r.tokenizer)  # save_pretrained takes (model, tokenizer, folder)
+    keep = r.config.keep_models
+    for name in ("policy", "prm"):
+        for old in range(t - keep + 1 if keep else 0):
+            shutil.rmtree(r.run_dir / "models" / f"{name}_{old}", ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers
@@ -346,17 +422,14 @@ def _unique(traces: list[Trace]) -> list[Trace]:
     return out
 
 
-def _above_threshold(r: _Run, prm: ValueModel, traces: list[Trace]) -> list[Trace]:
+def _above_threshold(r: _Run, verifier: Verifier, traces: list[Trace]) -> list[Trace]:
     """The traces whose whole solution the PRM scores >= `prm_threshold` (all of them when it is unset)."""
     if r.config.prm_threshold is None or not traces:
         return traces
-    scores = []
-    for start in range(0, len(traces), 64):
-        batch = value_batch(traces[start:start + 64], r.config.prm_train.max_len, r.pad_id)
-        values = np.asarray(prm.values(jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"])))
-        last = batch["attention_mask"].sum(1) - 1
-        scores += values[np.arange(len(last)), last].tolist()
-    return [t for t, s in zip(traces, scores) if s >= r.config.prm_threshold]
+    scored = score_solutions(verifier, [t.tokens[:t.prompt_len] for t in traces],
+                             [t.tokens[t.prompt_len:] for t in traces],
+                             StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id)
+    return [t for t, s in zip(traces, scored.scores) if s >= r.config.prm_threshold]
 
 
 def _snapshot(module: nnx.Module) -> nnx.State:
@@ -393,3 +466,16 @@ def _setup(config: RestMCTSConfig, tokenizer, resume: bool) -> _Run:
     return _Run(config=config, run_dir=run_dir, task=task, tokenizer=tokenizer,
                 mesh=sharding.make_mesh(config.mesh), stages=StageLog(run_dir), store=TraceStore(store_path, "a"),
                 pool=pool, test=task.problems("test", n=p.test, seed=config.seed), key=jax.random.key(config.seed))
+
+
+# ---------------------------------------------------------------- `algorithm: rest_mcts` for `jaxreason train`
+
+
+def _summary(config: RestMCTSConfig, metrics: dict) -> str:
+    last = metrics["iterations"][-1]
+    accuracy = ", ".join(f"{m} {row['accuracy']:.3f}" for m, row in last["rest_mcts"].items() if "accuracy" in row)
+    return (f"rest_mcts: iteration {last['iteration']} held-out accuracy: {accuracy}\n"
+            f"report: {config.run_dir}/report.md")
+
+
+register_algorithm("rest_mcts", RestMCTSConfig, run_rest_mcts, summarize=_summary)

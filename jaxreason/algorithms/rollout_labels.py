@@ -17,20 +17,9 @@ from jaxreason.data.trace_store import FLAG_CORRECT, FLAG_ROLLOUT, Trace
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.continuations import sample_continuations
 from jaxreason.sampling.generate import SamplingConfig
-from jaxreason.sampling.prompts import pad_token_id, prompt_ids
+from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
 from jaxreason.tasks.base import Problem, Task
-
-
-def step_ends(tokens: Sequence[int], tokenizer, delimiter: str, max_steps: int) -> np.ndarray:
-    """[S] one past the last token of each step of a solution: a step ends on the token whose text contains
-    the delimiter (as the search's stop table decides), and the solution's last token ends the last step.
-    Past `max_steps` the rest joins the last step."""
-    ends = [i + 1 for i, t in enumerate(tokens) if delimiter in tokenizer.decode([int(t)])]
-    if not ends or ends[-1] != len(tokens):
-        ends.append(len(tokens))
-    if len(ends) > max_steps:
-        ends = ends[: max_steps - 1] + ends[-1:]
-    return np.asarray(ends, np.int32)
+from jaxreason.verifiers.positions import StepSplitter
 
 
 def rollout_value_traces(
@@ -46,19 +35,25 @@ def rollout_value_traces(
     iteration: int = 0,
     max_steps: int = 8,
     chat: bool = False,
+    rollout_traces: bool = False,
 ) -> tuple[list[Trace], int]:
-    """One labelled trace per problem whose sampled solution has at least one step; and the tokens generated."""
-    eos_ids = tuple(sorted({*policy.config.eos_token_ids, tokenizer.eos_token_id} - {None}))
+    """One labelled trace per problem whose sampled solution has at least one step; and the tokens generated.
+
+    A solution stays as generated, its EOS included, and its steps are cut by the one rule
+    (`jaxreason.verifiers.positions`), so every target sits where the PRM is later read. With `rollout_traces`,
+    every rollout is a labelled trace too: a whole solution (the prefix, then the rollout) whose last step's
+    target is its correctness and whose other steps have none (NaN), M more labelled solutions per prefix at
+    no extra sampling.
+    """
+    stop_ids = eos_ids(tokenizer, policy.config)
     pad = pad_token_id(tokenizer)
+    split = StepSplitter(tokenizer, task.step_delimiter)
     solution_key, rollout_key = jax.random.split(key)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
-    solutions = sample_continuations(policy, prompts, solution_key, sampling, eos_ids=eos_ids, pad_id=pad,
+    solutions = sample_continuations(policy, prompts, solution_key, sampling, eos_ids=stop_ids, pad_id=pad,
                                      description="warm-up solutions")
     generated = sum(len(s) for s in solutions)
-    # Drop a trailing EOS: it is not part of the text a step is made of.
-    solutions = [s[:-1] if len(s) and int(s[-1]) in eos_ids else s for s in solutions]
-    ends = [step_ends(s, tokenizer, task.step_delimiter, max_steps) if len(s) else np.zeros(0, np.int32)
-            for s in solutions]
+    ends = [split(s, max_steps) for s in solutions]
 
     # Every proper step prefix of every solution, M times.
     prefixes, owners = [], []
@@ -66,15 +61,26 @@ def rollout_value_traces(
         for step, end in enumerate(e[:-1]):
             prefixes += [prompt + solution[:end].tolist()] * num_rollouts
             owners += [(b, step)] * num_rollouts
-    completions = sample_continuations(policy, prefixes, rollout_key, sampling, eos_ids=eos_ids, pad_id=pad,
+    completions = sample_continuations(policy, prefixes, rollout_key, sampling, eos_ids=stop_ids, pad_id=pad,
                                        description="warm-up rollouts")
     generated += sum(len(c) for c in completions)
 
     hits = [np.zeros(len(e), np.float32) for e in ends]
+    traces = []
     for (b, step), prefix, completion in zip(owners, prefixes, completions):
         text = tokenizer.decode(prefix[len(prompts[b]):] + completion.tolist(), skip_special_tokens=True)
-        hits[b][step] += task.is_correct(problems[b], text)
-    traces = []
+        correct = task.is_correct(problems[b], text)
+        hits[b][step] += correct
+        if rollout_traces and len(completion):
+            solution = np.concatenate([np.asarray(prefix[len(prompts[b]):], np.int32), completion])
+            e = split(solution, max_steps) + len(prompts[b])
+            values = np.full(len(e), np.nan, np.float32)
+            values[-1] = float(correct)
+            traces.append(Trace(
+                problem_id=int(problem_ids[b]), iteration=iteration,
+                tokens=np.asarray(prefix + completion.tolist(), np.int32), prompt_len=len(prompts[b]),
+                step_ends=e, step_values=values, reward=float(correct),
+                flags=FLAG_ROLLOUT | (FLAG_CORRECT if correct else 0)))
     for b, (problem, prompt, solution, e) in enumerate(zip(problems, prompts, solutions, ends)):
         if not len(e):
             continue

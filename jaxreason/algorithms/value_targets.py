@@ -14,6 +14,11 @@ where m_k + 1 = d_k (m_k: the steps still needed after node k's step; the public
 step on a shortest correct path closes 1/d of the gap to 1, a correct leaf's value is exactly 1, and a step off
 every correct path loses as much as it would have gained, clipped at 0. A tree with no correct leaf gives no
 targets: there is nothing to measure distance to.
+
+With `finished_only` (the reference's rule: its value samples recurse only into children whose distance is
+known, and a distance reaches a node only from a finished leaf below it), a node on no path to a finished
+solution, correct or not, gets no target: an expanded partial solution whose subtree never finished says
+nothing yet about whether it leads anywhere.
 """
 
 from __future__ import annotations
@@ -60,10 +65,12 @@ def reasoning_distances(
 
 
 def value_targets(
-    parent: Int[np.ndarray, "N"], correct_leaf: Bool[np.ndarray, "N"]
+    parent: Int[np.ndarray, "N"], correct_leaf: Bool[np.ndarray, "N"],
+    finished_leaf: Bool[np.ndarray, "N"] | None = None,
 ) -> Float[np.ndarray, "N"] | None:
     """[N] float32 each node's value target v_k (module docstring; the root's is 0), or None if no node is a
-    correct leaf. parent, correct_leaf: as in `reasoning_distances`."""
+    correct leaf. parent, correct_leaf: as in `reasoning_distances`. finished_leaf: [N] the node is a finished
+    solution (correct or not); when given, a node with no finished leaf at or below it gets NaN (no target)."""
     found = _distances(parent, correct_leaf)
     if found is None:
         return None
@@ -73,11 +80,17 @@ def value_targets(
     for k in range(1, len(d)):
         up = v[parent[k]]
         v[k] = max(up + (1.0 - up) / d[k] * sign[k], 0.0)
+    if finished_leaf is not None:
+        reaches = np.asarray(finished_leaf, bool).copy()
+        for k in range(len(parent) - 1, 0, -1):  # children before parents
+            reaches[parent[k]] |= reaches[k]
+        v[~reaches] = np.nan
     return v.astype(np.float32)
 
 
 def tree_value_traces(
-    traces: TreeTraces, is_correct: Callable[[SearchPath], bool], problem_id: int, iteration: int
+    traces: TreeTraces, is_correct: Callable[[SearchPath], bool], problem_id: int, iteration: int,
+    finished_only: bool = True,
 ) -> list[Trace]:
     """One `Trace` per leaf path of a search tree, in node order, with the tree's value targets per step.
 
@@ -85,6 +98,8 @@ def tree_value_traces(
       solutions (finished candidates never expanded: children of their last node, as in the paper's tree,
       where every sampled step is a child) form the tree; a leaf is a node with no child in it.
     is_correct: whether a finished path has the gold answer (called on terminal paths only).
+    finished_only: only nodes on a path to a finished solution get targets (`value_targets`); the others'
+      steps carry NaN, and a leaf with no target on its path gives no trace.
     Each node's target is given once, in the first trace that passes through it; later traces carry NaN
     for that step (no target), so a shared prefix is not trained once per leaf below it. reward and
     FLAG_CORRECT say whether the leaf is a correct finished solution. Returns [] when none is correct.
@@ -96,8 +111,9 @@ def tree_value_traces(
     steps_of += [[row[int(n)] for n in p.nodes[1:-1]] + [len(traces.paths) + i]
                  for i, p in enumerate(traces.sampled_solutions)]
     parent = np.array([steps[-2] if len(steps) > 1 else (0 if steps else -1) for steps in steps_of])
-    correct = np.array([bool(p.terminal[-1]) and bool(is_correct(p)) for p in paths])
-    values = value_targets(parent, correct)
+    finished = np.array([bool(p.terminal[-1]) for p in paths])
+    correct = np.array([f and bool(is_correct(p)) for f, p in zip(finished, paths)])
+    values = value_targets(parent, correct, finished if finished_only else None)
     if values is None:
         return []
     has_child = np.zeros(len(paths), bool)
@@ -106,10 +122,13 @@ def tree_value_traces(
     out = []
     for leaf in np.flatnonzero(~has_child):
         path, steps = paths[leaf], np.array(steps_of[leaf], int)
+        step_values = np.where(given[steps], np.nan, values[steps]).astype(np.float32)
+        given[steps] = True
+        if np.isnan(step_values).all() and not correct[leaf]:
+            continue  # nothing to learn from this path
         out.append(Trace(
             problem_id=problem_id, iteration=iteration, tokens=path.tokens, prompt_len=path.prompt_len,
-            step_ends=path.step_ends, step_values=np.where(given[steps], np.nan, values[steps]).astype(np.float32),
+            step_ends=path.step_ends, step_values=step_values,
             reward=float(correct[leaf]), flags=FLAG_SEARCH | (FLAG_CORRECT if correct[leaf] else 0),
         ))
-        given[steps] = True
     return out

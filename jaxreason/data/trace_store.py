@@ -43,6 +43,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from jaxreason.verifiers.positions import score_position
+
 FLAG_CORRECT = 1 << 0  # the final answer is correct
 FLAG_SEARCH = 1 << 1  # produced by tree search
 FLAG_BASELINE = 1 << 2  # produced by baseline sampling
@@ -339,8 +341,8 @@ def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[s
         ends = np.asarray(trace.step_ends)
         values = np.asarray(trace.step_values, np.float32)
         kept = (ends <= max_len) & ~np.isnan(values)
-        value_targets[b, ends[kept] - 1] = values[kept]
-        value_mask[b, ends[kept] - 1] = 1
+        value_targets[b, score_position(ends[kept])] = values[kept]
+        value_mask[b, score_position(ends[kept])] = 1
     return {
         "tokens": tokens,
         "attention_mask": attention_mask,

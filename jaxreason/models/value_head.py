@@ -29,14 +29,18 @@ class ValueModel(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: bool = False,
+        head_init: float = 0.3,
         rngs: nnx.Rngs,
     ):
+        """`head_init`: the head's initial weights are N(0, (head_init / sqrt(E))^2), so every value starts near
+        0.5 but the backbone gets gradient from the first step (a zero head passes it none, and a PRM fitted
+        from a copy of the policy then sits on a plateau for hundreds of steps); 0 gives the zero head."""
         self.config = config
         self.transformer = backbone or Transformer(
             config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
         )
-        # Zero-initialised head: every prefix starts at value 0.5, no prior preference.
-        self.head = nnx.Param(jnp.zeros((config.hidden_size,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+        head = head_init / config.hidden_size ** 0.5 * jax.random.normal(rngs.params(), (config.hidden_size,))
+        self.head = nnx.Param(head.astype(param_dtype), out_sharding=("embed",), eager_sharding=False)
         self.bias = nnx.Param(jnp.zeros((), param_dtype), out_sharding=(), eager_sharding=False)
 
     def __call__(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from jaxreason.models.kv_cache import KVCache, PrefixGrid
 from jaxreason.models.llama import CausalLM
+from jaxreason.sampling.buckets import batch_sizes, put_rows
 from jaxreason.sampling.stopping import StopTable, init_stop_buffer, update_stop_buffer
 
 
@@ -283,19 +283,8 @@ def sample_from_cache(
         state = state.take_rows(keep)
         grid = PrefixGrid.of(index, batch, k)
         state = decode(state, cache, row_keys[index], limit[index], live_above=after, grid=grid)
-        out = jax.tree.map(lambda full, part: full.at[index].set(part), out, state.outputs())
+        out = put_rows(out, index, state.outputs())
     return out
-
-
-def batch_sizes(batch: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
-    """`batch` and these fractions of it, rounded up, descending and distinct: the batch sizes to compile for.
-
-    Below 8 rows only `batch`: a step's cost hardly depends on its rows there, and each size is another copy of
-    the step in the program (compile time).
-    """
-    if batch < 8:
-        return (batch,)
-    return tuple(sorted({batch, *(math.ceil(f * batch) for f in fractions)}, reverse=True))
 
 
 def _decode(model: CausalLM, state: _LoopState, prefix: KVCache, row_keys: PRNGKeyArray, limit: Int[Array, "R"],

@@ -39,6 +39,15 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool = False, multi
     return pad_left(ids, pad_token_id(tokenizer), multiple)
 
 
+def eos_ids(tokenizer, model_config) -> tuple[int, ...]:
+    """The ids that end a solution, the one rule every sampler uses: the tokenizer's EOS and the model config's
+    (an instruct model's end-of-turn token, say), sorted."""
+    ids = {int(i) for i in model_config.eos_token_ids}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+
 def pad_token_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:

@@ -1,12 +1,18 @@
-"""The mctx adapter for step-level reasoning search: `root_fn` and `recurrent_fn` driven by a policy and a PRM.
+"""The mctx adapter for step-level reasoning search: `root_fn` and `recurrent_fn` driven by a policy and a
+verifier.
 
 Creating a node samples its K candidate next steps in one batched call, so the node's prior logits (the
 candidates' length-normalised log-probabilities) are known when `recurrent_fn` returns. The prompts' keys and
 values are computed once per search (`encode_prompts`); a node's prefill covers only its steps, on top of a
-copy of its prompt's cache, and its K samples decode from that one shared prefix. Taking action k appends
-candidate k to the partial solution; the PRM scores the result. A step that ends the solution (final-answer
-marker, EOS, depth or length limit) makes a terminal node: its score goes into `reward` with discount 0, and
-an expansion below it changes nothing and backs up the same score again.
+copy of its prompt's cache, and its K samples decode from that one shared prefix. The verifier scores each
+candidate as it is sampled: the value of the child that taking it creates. Taking action k appends candidate k
+to the partial solution. A step that ends the solution (final-answer marker, EOS, depth or length limit) makes
+a terminal node: its score goes into `reward` with discount 0, and an expansion below it changes nothing and
+backs up the same score again.
+
+As ReST-MCTS*'s reference expansion does, creating a node also visits its best child (by value), rolled
+forward `rollout_steps` greedy steps when that is on, and the node's value is that child's
+(`ExpansionSpec.visit_best_child`; the child becomes a node of its own only when a later simulation takes it).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.packing import Packing
-from jaxreason.sampling.generate import SamplingConfig, batch_sizes, sample_from_cache
+from jaxreason.sampling.alignment import right_align
+from jaxreason.sampling.buckets import batch_sizes, put_rows, smallest_fit
+from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
 from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
 from jaxreason.search.actions import ActionSpace
-from jaxreason.search.node import NodeState
-from jaxreason.search.scoring import candidate_values, prefix_values, right_align
-from jaxreason.search.selection import INVALID_LOGIT
+from jaxreason.search.node import NO_SLOT, NodeState
+from jaxreason.search.selection import INVALID_LOGIT, is_valid_action
+from jaxreason.verifiers.base import combine, initial_score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +43,21 @@ class ExpansionSpec:
     """Static sizes and sampling settings of one search program."""
 
     max_len: int  # L: prompt + all steps
-    max_step_tokens: int  # S: one step (template included)
     max_depth: int  # D: steps from the root; a node at this depth is terminal
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=48, temperature=0.7)  # max_new_tokens: S, one step
     prompt_width: int = 0  # P: room for the longest prompt (0: max_len); a longer prompt keeps its last P tokens
-    temperature: float = 0.7
-    top_p: float = 1.0
     rollout_steps: int = 0  # ReST-MCTS*'s greedy roll-forward length r (0: off)
     rollout_alpha: float = 0.5  # V <- (1 - alpha) V + alpha * max V along the roll
     pad_id: int = 0
     eos_ids: tuple[int, ...] = ()
-    prm_shares_backbone: bool = False  # the PRM's value is read from the policy's prefill (no second pass)
+    verifier_shares_backbone: bool = False  # step scores read from the policy's hidden states (no second pass)
     expansion_sizes: tuple[float, ...] = (1.0, 0.75, 0.5)  # fractions of the batch an expansion is compiled for
-    decode_shrink: tuple[float, ...] = ()  # SamplingConfig.shrink_at of the candidates' decode
     prefill_packing: tuple[float, ...] = ()  # fractions of a padded prefill its real tokens are packed into
+    visit_best_child: bool = True  # a new node's best child is visited at once and gives the node its value
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.sampling.max_new_tokens
 
 
 @struct.dataclass
@@ -65,6 +75,37 @@ class Prompts:
     length: Int[Array, "B"]
     cache: KVCache
     last_hidden: Float[Array, "B E"]
+
+
+@struct.dataclass
+class Expansion:
+    """The K candidate next steps of a batch of partial solutions, sampled and scored in one expansion.
+
+    Attributes:
+      candidates: [B, K, S] each candidate, left-aligned (an action type's template first).
+      candidate_len: [B, K] real tokens of each candidate.
+      prior_logits: [B, K] length-normalised log-probability; `INVALID_LOGIT` where there is no candidate (a row
+        not expanded, no room left, a duplicate of an earlier slot).
+      ends: [B, K] the candidate ends the solution (EOS or the final-answer marker).
+      step_scores: [B, K] the verifier's step score of the partial solution followed by the candidate.
+      generated_tokens: [B] tokens sampled.
+      verifier_tokens: [B] tokens the verifier read.
+    """
+
+    candidates: Int[Array, "B K S"]
+    candidate_len: Int[Array, "B K"]
+    prior_logits: Float[Array, "B K"]
+    ends: Bool[Array, "B K"]
+    step_scores: Float[Array, "B K"]
+    generated_tokens: Int[Array, "B"]
+    verifier_tokens: Int[Array, "B"]
+
+    @classmethod
+    def empty(cls, batch: int, like: Expansion, pad_id: int) -> Expansion:
+        """`batch` rows with no candidates, shaped as `like`'s."""
+        zeros = jax.tree.map(lambda x: jnp.zeros((batch, *x.shape[1:]), x.dtype), like)
+        return zeros.replace(candidates=jnp.full_like(zeros.candidates, pad_id),
+                             prior_logits=jnp.full_like(zeros.prior_logits, INVALID_LOGIT))
 
 
 @struct.dataclass
@@ -88,20 +129,20 @@ def build_step_tables(tokenizer, action_space: ActionSpace, step_delimiter: str,
 
 
 class StepSearch:
-    """Builds the root and recurrent functions for a policy/PRM pair over one action space.
+    """Builds the root and recurrent functions for a policy/verifier pair over one action space.
 
-    `params` passed to mctx is `(policy_state, prm_state)`; the graph definitions are fixed here. A search
+    `params` passed to mctx is `(policy_state, verifier_state)`; the graph definitions are fixed here. A search
     split over devices sees its own rows only: `first_row` (traced) is the index of its first row in the whole
     batch of `total_rows` (static; None: this search's own batch), so that every row draws the random numbers
     it would draw in one unsplit search.
     """
 
-    def __init__(self, policy_graphdef, prm_graphdef, action_space: ActionSpace, spec: ExpansionSpec,
+    def __init__(self, policy_graphdef, verifier_graphdef, action_space: ActionSpace, spec: ExpansionSpec,
                  tables: StepTables, first_row: Int[Array, ""] | int = 0, total_rows: int | None = None):
         self.first_row = first_row
         self.total_rows = total_rows
         self.policy_graphdef = policy_graphdef
-        self.prm_graphdef = prm_graphdef
+        self.verifier_graphdef = verifier_graphdef
         self.space = action_space
         self.spec = spec
         self.tables = tables
@@ -140,61 +181,48 @@ class StepSearch:
         hidden, cache = policy.transformer(prompt, mask, cache=cache)
         return Prompts(tokens=tokens, length=prompt_len, cache=cache, last_hidden=hidden[:, -1])
 
-    def _expand_nodes(self, policy, prm, key, prompts: Prompts, tokens, length, expand, at_root: bool = False):
-        """The K candidate steps after each partial solution in `expand` [B], with their PRM values.
+    def _expand(self, policy, verifier, key, prompts: Prompts, tokens, length, expand,
+                at_root: bool = False) -> Expansion:
+        """The K candidate steps after each partial solution in `expand` [B], with their step scores.
 
-        Rows outside `expand` (terminal nodes, copies below them) get no candidates: length 0, an invalid prior,
-        value 0. In a search many simulations end on a terminal node, so the rows to expand are gathered into
-        the smallest of a few batch sizes that holds them (`spec.expansion_sizes`) instead of paying for a full
-        prefill and decode. Within that, the program holds one copy of the expansion per width of the steps part
+        Rows outside `expand` (terminal nodes, copies below them) get no candidates (`Expansion.empty`). In a
+        search many simulations end on a terminal node, so the rows to expand are gathered into the smallest of
+        a few batch sizes that holds them (`spec.expansion_sizes`) instead of paying for a full prefill and
+        decode. Within that, the program holds one copy of the expansion per width of the steps part
         (`_widths`) and runs the narrowest that fits the longest row. A row's samples depend on its own index
         only, so the gathering changes no result. `at_root` (static): no row has steps yet, so the only size and
         width compiled are all rows and the narrowest width (what the switches would pick).
-
-        Returns candidates [B, K, S], lengths [B, K], prior logits [B, K], ends-solution [B, K], the number of
-        generated tokens [B] and the candidates' values [B, K].
         """
         b = tokens.shape[0]
         sizes = (b,) if at_root else batch_sizes(b, self.spec.expansion_sizes)
         widths = self._widths()[:1] if at_root else self._widths()
         order = jnp.argsort(~expand, stable=True)  # the rows to expand first, in their order
         longest = jnp.max(jnp.where(expand, length - prompts.length, 1))
-        width_index = jnp.minimum(jnp.sum(jnp.asarray(widths[:-1]) < longest), len(widths) - 1)
 
-        def at_size(size):
-            if size == b:
-                rows, sub = jnp.arange(b), (prompts, tokens, length)
-            else:
-                rows = order[:size]
-                sub = (_take_prompts(prompts, rows), tokens[rows], length[rows])
-            branches = [lambda w=w: self._expand_at_width(policy, prm, key, *sub, ~expand[rows], rows, b, w)
-                        for w in widths]
-            out = jax.lax.switch(width_index, branches)
+        def at_size(size: int) -> Expansion:
+            rows = jnp.arange(b) if size == b else order[:size]
+            sub = (prompts, tokens, length) if size == b else (_take_prompts(prompts, rows), tokens[rows],
+                                                               length[rows])
+            out = smallest_fit(widths, longest, lambda w: self._expand_at_width(
+                policy, verifier, key, *sub, ~expand[rows], rows, b, w))
             if size == b:
                 return out
             # Scatter back; the padding rows past the expanded ones must not overwrite anything.
-            target = jnp.where(expand[rows], rows, b)
-            empty = (jnp.full_like(out[0], self.spec.pad_id, shape=(b, *out[0].shape[1:])),
-                     *(jnp.zeros((b, *x.shape[1:]), x.dtype) for x in out[1:]))
-            return tuple(e.at[target].set(x, mode="drop") for e, x in zip(empty, out))
+            return put_rows(Expansion.empty(b, out, self.spec.pad_id), jnp.where(expand[rows], rows, b), out)
 
-        size_index = jnp.sum(jnp.asarray(sizes[1:]) >= jnp.sum(expand))  # sizes are descending
-        cand, lens, logp, ends, generated, values = jax.lax.switch(
-            size_index, [lambda s=s: at_size(s) for s in sizes])
-        logp = jnp.where(expand[:, None], logp, INVALID_LOGIT)
-        return cand, lens, logp, ends, generated, values
+        out = smallest_fit(sizes, jnp.sum(expand), at_size)
+        return out.replace(prior_logits=jnp.where(expand[:, None], out.prior_logits, INVALID_LOGIT))
 
-    def _expand_at_width(self, policy, prm, key, prompts: Prompts, tokens, length, skip, rows, batch: int,
-                         width: int):
-        """`_expand_nodes` for a batch of b partial solutions whose steps fit in `width` tokens.
+    def _expand_at_width(self, policy, verifier, key, prompts: Prompts, tokens, length, skip, rows, batch: int,
+                         width: int) -> Expansion:
+        """`_expand` for a batch of b partial solutions whose steps fit in `width` tokens.
 
         The partial solutions are rows `rows` [b] of the search's `batch`; a row's random draws depend on its
         index in the whole batch (see `first_row`), not on which rows are expanded with it. Rows in `skip` get
         no candidates. The steps after the prompt (their last `width` tokens, left-padded) are prefilled once on
         top of the prompt's cached keys and values; each action type's template runs on top of that, and its
-        samples continue from there, sharing it. A candidate's value is the PRM's score of the partial solution
-        followed by it: read from the sampler's last hidden state when the PRM shares the policy's backbone,
-        else one PRM pass over the prefix with the K candidates on top (`candidate_values`).
+        samples continue from there, sharing it. A candidate's step score is read from the sampler's last hidden
+        state when the verifier's value head shares the policy's backbone, else by `verifier.extend_scores`.
         """
         spec, b = self.spec, tokens.shape[0]
         p = self._prompt_width
@@ -217,36 +245,37 @@ class StepSearch:
                 logits = logits[:, -1]
             else:
                 logits, group_cache = last_logits, cache
-            config = SamplingConfig(max_new_tokens=spec.max_step_tokens - t, temperature=spec.temperature,
-                                    top_p=spec.top_p, shrink_at=spec.decode_shrink)
+            config = dataclasses.replace(spec.sampling, max_new_tokens=spec.max_step_tokens - t)
             n = action.num_samples
             total = self.total_rows or batch
             keys = jax.random.split(jax.random.fold_in(key, g), total * n).reshape(total, n)[self.first_row + rows]
             keys = keys.reshape(b * n)
-            room = tokens.shape[1] - length - t  # a candidate never overflows its row: it is cut to fit
+            space = tokens.shape[1] - length - t  # a candidate never overflows its row: it is cut to fit
             out = sample_from_cache(policy, logits, group_cache, keys, config, eos_ids=spec.eos_ids,
                                     pad_id=spec.pad_id,
                                     stop_table=self.tables.step_end if action.until_step_end else None,
-                                    samples_per_prompt=n, skip=skip | (room < 1), max_tokens=room)
+                                    samples_per_prompt=n, skip=skip | (space < 1), max_tokens=space)
             new = out.tokens.reshape(b, n, -1)
             cand = jnp.concatenate([jnp.broadcast_to(template, (b, n, t)), new], axis=-1)
             lens = out.lengths.reshape(b, n)
             logp = out.logprobs.reshape(b, n, -1).sum(-1) / jnp.maximum(lens, 1)  # length-normalised
-            logp = jnp.where((room < 1)[:, None], INVALID_LOGIT, logp)  # not even the template fits
+            logp = jnp.where((space < 1)[:, None], INVALID_LOGIT, logp)  # not even the template fits
             ended_eos = jnp.isin(jnp.take_along_axis(new, jnp.maximum(lens - 1, 0)[..., None], -1)[..., 0],
                                  jnp.asarray(spec.eos_ids or (-1,)))
             last_hidden = out.last_hidden.reshape(b, n, -1)
             groups.append((cand, t + lens, logp, ended_eos, last_hidden, jnp.sum(lens, axis=1)))
         cand, lens, logp, ended_eos, last_hidden = (jnp.concatenate([g[i] for g in groups], axis=1)
                                                     for i in range(5))
-        generated = sum(g[5] for g in groups)
-        if spec.prm_shares_backbone:
-            values = jax.nn.sigmoid(prm.logits_from_hidden(last_hidden))
+        if spec.verifier_shares_backbone:
+            scores, read = verifier.from_hidden(last_hidden), jnp.zeros((b,), jnp.int32)
         else:
-            values = candidate_values(prm, *right_align(tokens, length, spec.pad_id, p + width), cand, lens)
-        ends = ended_eos | self._contains_answer(cand)
-        logp = jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp)
-        return cand, lens, logp, ends, generated, values
+            scores = verifier.extend_scores(tokens, length, cand, lens, width=p + width)
+            read = jnp.where(skip, 0, verifier.extend_cost(length, lens, width=p + width))
+        return Expansion(
+            candidates=cand, candidate_len=lens,
+            prior_logits=jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp),
+            ends=ended_eos | self._contains_answer(cand), step_scores=scores,
+            generated_tokens=sum(g[5] for g in groups), verifier_tokens=read.astype(jnp.int32))
 
     def _prefill(self, policy, steps: Int[Array, "B W"], mask: Int[Array, "B W"], cache: KVCache):
         """The steps' forward pass on top of the prompts' cache: hidden states [B, W, E] and the cache.
@@ -259,11 +288,9 @@ class StepSearch:
         if not self.spec.prefill_packing:
             return policy.transformer(steps, mask, cache=cache)
         b, w = steps.shape
-        capacities = sorted({math.ceil(f * b * w) for f in self.spec.prefill_packing} | {b * w})
-        index = jnp.sum(jnp.asarray(capacities[:-1]) < jnp.sum(mask))
-        return jax.lax.switch(index, [
-            lambda c=c: policy.transformer(steps, mask, cache=cache, packing=Packing.of(mask, c))
-            for c in capacities])
+        capacities = {math.ceil(f * b * w) for f in self.spec.prefill_packing} | {b * w}
+        return smallest_fit(capacities, jnp.sum(mask), lambda c: policy.transformer(
+            steps, mask, cache=cache, packing=Packing.of(mask, c)))
 
     def _contains_answer(self, cand: Int[Array, "B K S"]) -> Bool[Array, "B K"]:
         b, k, s = cand.shape
@@ -280,48 +307,66 @@ class StepSearch:
 
     # -- nodes ------------------------------------------------------------------------------------------
 
-    def _new_node(self, policy, prm, key, prompts, tokens, length, step_ends, depth, node_type, terminal, value,
-                  live, at_root: bool = False):
-        """A NodeState with its candidates; priors are invalid where the node is terminal.
+    def _new_node(self, policy, verifier, key, prompts, tokens, length, step_ends, depth, node_type, terminal,
+                  score, live, own_value, at_root: bool = False):
+        """A NodeState with its candidates, its prior logits (invalid where the node is terminal) and the value
+        it backs up.
 
+        `score` [B] is the node's own score; `own_value` [B] the value it backs up when it does not visit its
+        best child (spec.visit_best_child off and no roll-forward) or has none (a terminal node: its score).
         Rows outside `live` (copies below a terminal node, replaced by the caller) are not expanded.
         """
-        cand, cand_len, logp, ends, generated, cand_values = self._expand_nodes(
-            policy, prm, key, prompts, tokens, length, live & ~terminal, at_root)
-        prior = jnp.where(self.validity[node_type], logp, INVALID_LOGIT)
+        spec = self.spec
+        ex = self._expand(policy, verifier, key, prompts, tokens, length, live & ~terminal, at_root)
+        prior = jnp.where(self.validity[node_type], ex.prior_logits, INVALID_LOGIT)
+        values = combine(score[:, None], ex.step_scores, verifier.aggregation)
+        valid = is_valid_action(prior)
+        best = jnp.argmax(jnp.where(valid, values, -jnp.inf), axis=1).astype(jnp.int32)
+        has_best = jnp.any(valid, axis=1) & ~terminal
+        rows = jnp.arange(best.shape[0])
+        best_value, generated, read = values[rows, best], ex.generated_tokens, ex.verifier_tokens
+        if spec.rollout_steps:
+            rolled, roll_generated, roll_read = self._rolled_value(
+                policy, verifier, key, prompts, tokens, length, depth, ex, values, best, has_best)
+            best_value = jnp.where(has_best, rolled, best_value)
+            generated, read = generated + roll_generated, read + roll_read
+        visits_child = spec.visit_best_child or spec.rollout_steps > 0
+        value = jnp.where(has_best & visits_child, best_value, jnp.where(terminal, score, own_value))
+        phantom = has_best & spec.visit_best_child
         node = NodeState(
             tokens=tokens, length=length, prompt_len=prompts.length, step_ends=step_ends, depth=depth,
-            node_type=node_type, terminal=terminal, terminal_value=jnp.where(terminal, value, 0.0),
-            candidates=cand, candidate_len=cand_len, candidate_ends=ends, candidate_values=cand_values,
-            generated_tokens=generated,
+            node_type=node_type, terminal=terminal, score=score, terminal_value=jnp.where(terminal, score, 0.0),
+            candidates=ex.candidates, candidate_len=ex.candidate_len, candidate_ends=ex.ends,
+            candidate_values=values, rolled_slot=jnp.where(phantom, best, NO_SLOT),
+            rolled_value=jnp.where(phantom, best_value, 0.0), generated_tokens=generated, verifier_tokens=read,
         )
-        return node, prior
+        return node, prior, value
 
     def root_fn(self, params, key, prompts: Prompts) -> mctx.RootFnOutput:
-        """Root nodes: the prompts (`encode_prompts`; tokens [B, L], L = spec.max_len)."""
-        policy, prm = self._models(params)
+        """Root nodes: the prompts (`encode_prompts`; tokens [B, L], L = spec.max_len). A root that does not
+        visit its best child backs up the verifier's value of the prompt alone."""
+        policy, verifier = self._models(params)
         b = prompts.length.shape[0]
-        if self.spec.prm_shares_backbone:
-            value = jax.nn.sigmoid(prm.logits_from_hidden(prompts.last_hidden))
+        if self.spec.verifier_shares_backbone:
+            prompt_value = verifier.from_hidden(prompts.last_hidden)
         else:
-            value = prefix_values(prm, *right_align(prompts.tokens, prompts.length, self.spec.pad_id,
-                                                    self._prompt_width))
-        node, prior = self._new_node(
-            policy, prm, key, prompts, prompts.tokens, prompts.length,
+            prompt, mask = right_align(prompts.tokens, prompts.length, self.spec.pad_id, self._prompt_width)
+            prompt_value = verifier.values_at(prompt, mask, jnp.full((b, 1), prompt.shape[1] - 1))[:, 0]
+        node, prior, value = self._new_node(
+            policy, verifier, key, prompts, prompts.tokens, prompts.length,
             jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
-            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool), value, jnp.ones((b,), bool),
-            at_root=True,
+            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool),
+            jnp.full((b,), initial_score(verifier.aggregation)), jnp.ones((b,), bool), prompt_value, at_root=True,
         )
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
     def recurrent_fn(self, params, key, action: Int[Array, "B"], parent: NodeState, prompts: Prompts):
         """Takes candidate `action` at each parent: the child node, its reward/discount/value and priors.
 
-        The child's value is its candidate's, scored when the parent was expanded. mctx calls this with four
+        The child's score is its candidate's, scored when the parent was expanded. mctx calls this with four
         arguments: bind `prompts` first (`functools.partial(..., prompts=prompts)`).
         """
-        policy, prm = self._models(params)
-        spec = self.spec
+        policy, verifier = self._models(params)
         rows = jnp.arange(action.shape[0])
         tokens, length, depth, ends = self._take_step(
             parent.tokens, parent.length, parent.depth, parent.candidates[rows, action],
@@ -330,24 +375,21 @@ class StepSearch:
         stay = parent.terminal
         # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
         terminal = ends | stay
-        value = parent.candidate_values[rows, action]
-        child, prior = self._new_node(
-            policy, prm, key, prompts, tokens, length, step_ends, depth, self.slot_types[action], terminal, value,
-            ~stay,
+        score = parent.candidate_values[rows, action]
+        child, prior, value = self._new_node(
+            policy, verifier, key, prompts, tokens, length, step_ends, depth, self.slot_types[action], terminal,
+            score, ~stay, score,
         )
-        if spec.rollout_steps:
-            rolled, roll_tokens = self._rolled_value(policy, prm, key, prompts, child, value)
-            value = jnp.where(terminal, value, rolled)
-            child = child.replace(generated_tokens=child.generated_tokens + jnp.where(terminal, 0, roll_tokens))
         # Below a terminal node nothing changes: the same node and score are backed up again. The copy keeps
         # generated_tokens = 0 (nothing was sampled for it), so summing over nodes counts each token once.
         child = jax.tree.map(lambda p, c: jnp.where(_expand(stay, c), p, c), parent, child)
-        child = child.replace(generated_tokens=jnp.where(stay, 0, child.generated_tokens))
-        score = jnp.where(stay, parent.terminal_value, value)
+        child = child.replace(generated_tokens=jnp.where(stay, 0, child.generated_tokens),
+                              verifier_tokens=jnp.where(stay, 0, child.verifier_tokens))
+        value = jnp.where(stay, parent.terminal_value, value)
         # A terminal edge carries its score as reward with discount 0; its node value is the score too, so
         # the node's running mean stays equal to it.
-        out = mctx.RecurrentFnOutput(reward=jnp.where(terminal, score, 0.0), discount=jnp.where(terminal, 0.0, 1.0),
-                                     prior_logits=prior, value=score)
+        out = mctx.RecurrentFnOutput(reward=jnp.where(terminal, value, 0.0), discount=jnp.where(terminal, 0.0, 1.0),
+                                     prior_logits=prior, value=value)
         return out, child
 
     def _take_step(self, tokens: Int[Array, "B L"], length: Int[Array, "B"], depth: Int[Array, "B"],
@@ -363,42 +405,50 @@ class StepSearch:
         ends = finishes | (depth >= self.spec.max_depth) | (step_len >= room)
         return jax.vmap(_append)(tokens, length, step, kept), length + kept, depth, ends
 
-    def _rolled_value(self, policy, prm, key, prompts: Prompts, node: NodeState, value: Float[Array, "B"]):
-        """ReST-MCTS*'s greedy roll-forward from a new node: r steps, each taking the PRM's best valid candidate
-        (the node's own K first, then freshly sampled ones), and V <- (1 - alpha) V + alpha * max V along the roll.
+    def _rolled_value(self, policy, verifier, key, prompts: Prompts, tokens, length, depth, ex: Expansion,
+                      values: Float[Array, "B K"], best: Int[Array, "B"], has_best: Bool[Array, "B"]):
+        """ReST-MCTS*'s greedy roll-forward from each node's best child: r steps, each taking the best of K
+        freshly sampled candidates by value, and the child's value V <- (1 - alpha) V + alpha * max V along the
+        roll (V unchanged when the child ends the solution).
 
-        Returns the rolled value [B] and the tokens sampled for the roll [B] (part of the search's budget).
+        Returns the rolled values [B] and the tokens the roll sampled [B] and its verifier read [B].
         """
         spec = self.spec
-        rows = jnp.arange(node.length.shape[0])
-
-        def take_best(tokens, length, depth, node_type, cand, cand_len, ends, values, done, best):
-            values = jnp.where(self.validity[node_type], values, -1.0)
-            pick = jnp.argmax(values, axis=1)
-            best = jnp.where(done, best, jnp.maximum(best, values[rows, pick]))
-            taken, taken_len, depth, ends = self._take_step(
-                tokens, length, depth, cand[rows, pick], cand_len[rows, pick], ends[rows, pick])
-            tokens = jnp.where(done[:, None], tokens, taken)
-            length = jnp.where(done, length, taken_len)
-            done = done | ends
-            node_type = jnp.where(done, node_type, self.slot_types[pick])
-            return tokens, length, depth, node_type, done, best
+        rows = jnp.arange(best.shape[0])
+        tokens, length, depth, done = self._take_step(tokens, length, depth, ex.candidates[rows, best],
+                                                      ex.candidate_len[rows, best], ex.ends[rows, best])
+        start_value = values[rows, best]
+        done = done | ~has_best
+        node_type = self.slot_types[best]
 
         def roll(i, carry):
-            (tokens, length, depth, node_type, done, best), generated = carry
-            cand, cand_len, _, ends, sampled, values = self._expand_nodes(
-                policy, prm, jax.random.fold_in(key, 1000 + i), prompts, tokens, length, ~done)
-            generated = generated + jnp.where(done, 0, sampled)
-            return take_best(tokens, length, depth, node_type, cand, cand_len, ends, values, done, best), generated
+            tokens, length, depth, node_type, score, done, most, generated, read = carry
+            step = self._expand(policy, verifier, jax.random.fold_in(key, 1000 + i), prompts, tokens, length, ~done)
+            generated, read = generated + step.generated_tokens, read + step.verifier_tokens
+            step_values = combine(score[:, None], step.step_scores, verifier.aggregation)
+            valid = is_valid_action(jnp.where(self.validity[node_type], step.prior_logits, INVALID_LOGIT))
+            pick = jnp.argmax(jnp.where(valid, step_values, -jnp.inf), axis=1)
+            moves = ~done & jnp.any(valid, axis=1)
+            most = jnp.where(moves, jnp.maximum(most, step_values[rows, pick]), most)
+            taken, taken_len, taken_depth, ends = self._take_step(
+                tokens, length, depth, step.candidates[rows, pick], step.candidate_len[rows, pick],
+                step.ends[rows, pick])
+            tokens = jnp.where(moves[:, None], taken, tokens)
+            length, depth = jnp.where(moves, taken_len, length), jnp.where(moves, taken_depth, depth)
+            score = jnp.where(moves, step_values[rows, pick], score)
+            node_type = jnp.where(moves, self.slot_types[pick], node_type)
+            return tokens, length, depth, node_type, score, done | ends | ~moves, most, generated, read
 
-        first = take_best(node.tokens, node.length, node.depth, node.node_type, node.candidates, node.candidate_len,
-                          node.candidate_ends, node.candidate_values, node.terminal, jnp.zeros_like(value))
-        (*_, best), generated = jax.lax.fori_loop(1, spec.rollout_steps, roll, (first, jnp.zeros_like(node.length)))
-        return (1 - spec.rollout_alpha) * value + spec.rollout_alpha * best, generated
+        zeros = jnp.zeros_like(length)
+        carry = (tokens, length, depth, node_type, start_value, done, jnp.zeros_like(start_value), zeros, zeros)
+        *_, most, generated, read = jax.lax.fori_loop(0, spec.rollout_steps, roll, carry)
+        ended = ex.ends[rows, best] | ~has_best
+        rolled = (1 - spec.rollout_alpha) * start_value + spec.rollout_alpha * most
+        return jnp.where(ended, start_value, rolled), generated, read
 
     def _models(self, params):
-        policy_state, prm_state = params
-        return nnx.merge(self.policy_graphdef, policy_state), nnx.merge(self.prm_graphdef, prm_state)
+        policy_state, verifier_state = params
+        return nnx.merge(self.policy_graphdef, policy_state), nnx.merge(self.verifier_graphdef, verifier_state)
 
 
 def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[Array, "L"]:

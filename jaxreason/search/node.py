@@ -9,6 +9,9 @@ from __future__ import annotations
 import chex
 from jaxtyping import Array, Bool, Float, Int
 
+NO_SLOT = -1
+"""`NodeState.rolled_slot` of a node whose best child was not visited on its creation."""
+
 
 @chex.dataclass(frozen=True)
 class NodeState:
@@ -22,13 +25,20 @@ class NodeState:
       depth: [B] number of steps taken from the root (the root has depth 0).
       node_type: [B] index of the action type that created the node (`ActionSpace.root_type` at the root).
       terminal: [B] the last step ended the solution (final answer, EOS, or the depth/length limit).
-      terminal_value: [B] the value a terminal node backs up (the PRM's score of the finished solution).
+      score: [B] the verifier's score of the partial solution (its step scores under the verifier's
+        aggregation; at the root, before any step, the aggregation's starting value).
+      terminal_value: [B] the value a terminal node backs up (its score); 0 for other nodes.
       candidates: [B, K, S] the K candidate next steps (slot k = action k), each left-aligned.
       candidate_len: [B, K] real tokens of each candidate.
       candidate_ends: [B, K] taking the candidate ends the solution.
-      candidate_values: [B, K] the PRM's score of the partial solution followed by each candidate: the value
-        of the child that taking it creates.
+      candidate_values: [B, K] the score of the partial solution followed by each candidate: the value of the
+        child that taking it creates.
+      rolled_slot: [B] the best candidate, visited (and rolled forward) when the node was created, as the
+        reference's expansion visits the best new child; `NO_SLOT` when none was (a terminal node, or mctx's
+        running-mean backup).
+      rolled_value: [B] that child's value after the roll-forward; 0 when `rolled_slot` is `NO_SLOT`.
       generated_tokens: [B] tokens sampled to create this node's candidates (and its roll-forward).
+      verifier_tokens: [B] tokens the verifier read to score them (0 when it reads the policy's hidden states).
     """
 
     tokens: Int[Array, "B L"]
@@ -38,9 +48,13 @@ class NodeState:
     depth: Int[Array, "B"]
     node_type: Int[Array, "B"]
     terminal: Bool[Array, "B"]
+    score: Float[Array, "B"]
     terminal_value: Float[Array, "B"]
     candidates: Int[Array, "B K S"]
     candidate_len: Int[Array, "B K"]
     candidate_ends: Bool[Array, "B K"]
     candidate_values: Float[Array, "B K"]
+    rolled_slot: Int[Array, "B"]
+    rolled_value: Float[Array, "B"]
     generated_tokens: Int[Array, "B"]
+    verifier_tokens: Int[Array, "B"]

@@ -38,7 +38,8 @@ class SearchPath:
     With d the number of steps:
       nodes: [d + 1] node indices, the root first.
       actions: [d] candidate slot taken at each step.
-      values: [d + 1] each node's search value (mctx `node_values`: running mean of the backed-up values).
+      values: [d + 1] each node's search value (mctx `node_values`, after the search's backup).
+      scores: [d + 1] each node's verifier score (`NodeState.score`; the root's is the aggregation's start).
       visits: [d + 1] each node's visit count.
       qvalues: [d] each edge's Q: reward + discount * value of the child.
       terminal: [d + 1] whether each node ends the solution.
@@ -52,6 +53,7 @@ class SearchPath:
     nodes: np.ndarray
     actions: np.ndarray
     values: np.ndarray
+    scores: np.ndarray
     visits: np.ndarray
     qvalues: np.ndarray
     terminal: np.ndarray
@@ -88,8 +90,8 @@ class TreeTraces:
     terminals: the paths that end at terminal nodes (the finished solutions), in node-index order; each
       one's `terminal_value` is its score.
     sampled_solutions: finished solutions that are a reported non-terminal node's valid candidate never taken
-      (no node, so no PRM score): the node's path plus that step, with `nodes` ending in -1, NaN value and Q,
-      0 visits and `terminal_value` None. In node-index order, then slot order.
+      (no node): the node's path plus that step, with `nodes` ending in -1, its score the candidate's value,
+      NaN search value and Q, 0 visits and `terminal_value` None. In node-index order, then slot order.
     """
 
     paths: tuple[SearchPath, ...]
@@ -136,6 +138,7 @@ def _path(t: mctx.Tree, b: int, nodes: np.ndarray, edge_q: np.ndarray) -> Search
         nodes=nodes,
         actions=t.action_from_parent[b, nodes[1:]],
         values=t.node_values[b, nodes],
+        scores=emb.score[b, nodes],
         visits=t.node_visits[b, nodes],
         qvalues=edge_q[b, nodes[1:]],
         terminal=emb.terminal[b, nodes],
@@ -155,6 +158,7 @@ def _sampled_solution(t: mctx.Tree, b: int, node: SearchPath, slot: int) -> Sear
         nodes=np.append(node.nodes, -1),
         actions=np.append(node.actions, slot),
         values=np.append(node.values, np.nan),
+        scores=np.append(node.scores, emb.candidate_values[b, n, slot]),
         visits=np.append(node.visits, 0),
         qvalues=np.append(node.qvalues, np.nan),
         terminal=np.append(node.terminal, True),

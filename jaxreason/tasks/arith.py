@@ -29,6 +29,7 @@ import random
 import re
 
 from jaxreason.tasks.base import Problem, register_task
+from jaxreason.tasks.math_answers import answers_equal
 from jaxreason.tasks.procedural import ProceduralTask, content_id
 
 _MULDIV = ("*", "/")
@@ -44,6 +45,29 @@ def equation_holds(line: str) -> bool:
     if op == "/":
         return b != 0 and a % b == 0 and a // b == c
     return {"+": a + b, "-": a - b, "*": a * b}[op] == c
+
+
+def evaluate(items: list) -> int | None:
+    """The value of [n, op, n, op, ...] with the usual precedence (* and / first, each level left to right), or
+    None when a division is inexact or by zero."""
+    items = list(items)
+    for level in (_MULDIV, ("+", "-")):
+        i = 1
+        while i < len(items):
+            if items[i] in level:
+                a, op, b = items[i - 1], items[i], items[i + 1]
+                if op == "/" and (b == 0 or a % b):
+                    return None
+                items[i - 1:i + 2] = [{"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]]
+            else:
+                i += 2
+    return items[0]
+
+
+def expression_items(question: str) -> list:
+    """[n, op, n, ...] of a question "What is <expression>?"."""
+    expression = question.removeprefix("What is ").removesuffix("?").split()
+    return [int(x) if i % 2 == 0 else x for i, x in enumerate(expression)]
 
 
 class ArithTask(ProceduralTask):
@@ -73,6 +97,30 @@ class ArithTask(ProceduralTask):
         lines = [line for line in completion.split(self.step_delimiter) if line.strip()]
         steps = [line for line in lines if not self.is_final_step(line)]
         return all(equation_holds(line) for line in steps)
+
+    def first_wrong_step(self, problem: Problem, steps) -> int | None:
+        """The first step that is not a true equation reducing one adjacent operation of what is left of the
+        expression without changing its value (so "12 + 7 = 19" first, in 12 + 7 * 3, is wrong), or a final
+        answer line that is not the fully reduced value; None when every step is right."""
+        items = expression_items(problem.question)
+        value = evaluate(items)
+        for i, step in enumerate(steps):
+            if self.is_final_step(step):
+                done = len(items) == 1 and answers_equal(self.extract_answer(step), str(items[0]))
+                return None if done else i
+            match = _EQUATION.fullmatch(step)
+            if match is None or not equation_holds(step):
+                return i
+            a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+            for j in range(1, len(items), 2):
+                if (items[j - 1], items[j], items[j + 1]) == (a, op, b):
+                    reduced = items[:j - 1] + [c] + items[j + 2:]
+                    if evaluate(reduced) == value:
+                        items = reduced
+                        break
+            else:
+                return i
+        return None
 
     def sample(self, rng: random.Random) -> Problem:
         while True:

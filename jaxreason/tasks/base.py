@@ -64,6 +64,20 @@ class Task(abc.ABC):
         """Whether `step` is the final-answer line, which makes its search node terminal."""
         return step.strip().startswith(self.answer_prefix.strip())
 
+    def split_steps(self, completion: str) -> list[str]:
+        """The completion's steps as the verifiers cut it: one per delimiter, and what follows the last."""
+        steps = completion.split(self.step_delimiter)
+        return steps[:-1] if len(steps) > 1 and steps[-1] == "" else steps
+
+    def first_wrong_step(self, problem: Problem, steps: Sequence[str]) -> int | None:
+        """Process label: the index of the first wrong step (None when every step is right), for tasks that can
+        check steps; others raise NotImplementedError (`has_process_labels` says which)."""
+        raise NotImplementedError(f"task {self.name!r} has no process labels")
+
+    @property
+    def has_process_labels(self) -> bool:
+        return type(self).first_wrong_step is not Task.first_wrong_step
+
 
 _FACTORIES: dict[str, Callable[..., Task]] = {}
 

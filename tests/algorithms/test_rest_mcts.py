@@ -13,6 +13,10 @@ from jaxreason.algorithms.registry import load_algorithm_config
 from jaxreason.algorithms.rest_mcts import RestMCTSConfig, run_rest_mcts
 from jaxreason.cli import main
 from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, TraceStore
+from jaxreason.models import load_value_model
+from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.search.command import value_model_folder
+from jaxreason.verifiers import SELECTION_RULES
 
 CONFIG = "configs/rest_mcts/arith_tiny.yaml"
 SHORT = [
@@ -22,12 +26,13 @@ SHORT = [
     "problems.options={min_ops: 1, max_ops: 1, max_operand: 12, max_factor: 2, ops: '+', check_steps: true}",
     "problems.gold=48", "problems.warmup=8", "problems.train=16", "problems.test=4",
     "iterations=2", "sft.num_steps=200", "sft.batch_size=8", "sft.max_len=64", "sft.optimizer.learning_rate=0.01",
-    "warmup.num_rollouts=2", "warmup.max_new_tokens=32",
+    "warmup.num_rollouts=2", "warmup.sampling.max_new_tokens=32",
     "prm_train.num_steps=4", "prm_train.batch_size=8", "prm_train.max_len=64",
     "policy_train.num_steps=4", "policy_train.batch_size=8", "policy_train.max_len=64",
-    "search.num_simulations=8", "search.num_candidates=3", "search.max_depth=3", "search.max_step_tokens=16",
-    "rest_em.max_new_tokens=32", "evaluation.methods=[greedy,self_consistency,mcts]",
-    "evaluation.baseline.num_samples=2", "evaluation.baseline.max_new_tokens=32",
+    "search.num_simulations=8", "search.num_candidates=3", "search.max_depth=3", "search.sampling.max_new_tokens=16",
+    "rest_em.sampling.max_new_tokens=32", "evaluation.methods=[greedy,self_consistency,mcts]",
+    "evaluation.baseline.num_samples=2", "evaluation.baseline.sampling.max_new_tokens=32",
+    "evaluation.verification.num_samples=2", "evaluation.verification.sizes=[1,2]",
     "evaluation.num_problems={mcts: 2}",  # the expensive method on a subset of the held-out problems
 ]
 STAGES = ["sft", "warmup_data", "prm_0", "eval_0"] + [
@@ -65,15 +70,30 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
     its = metrics["iterations"]
     assert [it["iteration"] for it in its] == [0, 1, 2]
     for it in its:
-        assert set(it["rest_mcts"]) == {"greedy", "self_consistency", "mcts"}
-        assert set(it["rest_em"]) == {"greedy", "self_consistency"}
-        for row in it["rest_mcts"].values():
-            assert 0 <= row["accuracy"] <= 1 and row["tokens_per_problem"] > 0
+        assert set(it["rest_mcts"]) == {"greedy", "self_consistency", "mcts", "verification"}
+        assert set(it["rest_em"]) == {"greedy", "self_consistency", "verification"}  # no verifier for ReST-EM
+        for ev in (it["rest_mcts"], it["rest_em"]):
+            for method, row in ev.items():
+                if method == "verification":
+                    continue
+                assert 0 <= row["accuracy"] <= 1 and row["tokens_per_problem"] > 0
+                assert (row["verifier_tokens_per_problem"] > 0) == (method == "mcts"), (method, row)
         assert {m: row["problems"] for m, row in it["rest_mcts"].items()} == {
-            "greedy": 4, "self_consistency": 4, "mcts": 2}
+            "greedy": 4, "self_consistency": 4, "mcts": 2, "verification": 4}
         assert {row["problems"] for row in it["rest_em"].values()} == {4}
+        # N = 2 held-out samples per problem; every selection rule at n = 1 and 2, the verifier's only with a PRM
+        verification, em_verification = it["rest_mcts"]["verification"], it["rest_em"]["verification"]
+        assert verification["samples"] == em_verification["samples"] == 2
+        assert verification["verifier_tokens_per_sample"] > 0 and "auc" in verification
+        assert "auc" not in em_verification
+        for v, rules in ((verification, set(SELECTION_RULES)),
+                         (em_verification, {"self_consistency", "random_pick", "pass_at_n"})):
+            assert set(v["selection"]) == {"1", "2"}
+            for accuracies in v["selection"].values():
+                assert set(accuracies) == rules and all(0 <= a <= 1 for a in accuracies.values())
     for t in (1, 2):  # ReST-EM spends the search's budget: one full round, then only what the budget needs
         search, em = stages[f"search_{t}"], stages[f"rest_em_sample_{t}"]
+        assert search["verifier_tokens"] > 0
         assert em["generated_tokens"] >= search["generated_tokens"]
         if em["samples"] > 16 * 2:
             assert em["generated_tokens"] - search["generated_tokens"] < 64 * 32  # < 64 samples of <= 32 tokens
@@ -81,7 +101,7 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
     report = (finished / "report.md").read_text()
     assert "| iteration |" in report and "ReST-EM" in report and "points" in report
     assert "4 held-out problems (MCTS* (PRM) on the first 2)" in report
-    for png in ("accuracy_per_iteration.png", "accuracy_vs_tokens.png"):
+    for png in ("accuracy_per_iteration.png", "accuracy_vs_n.png", "accuracy_vs_tokens.png"):
         assert (finished / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A stage with no examples (a search that found no correct leaf) trains nothing and saves nothing.
     trained = [name for name in STAGES if name.split("_")[0] in ("sft", "prm", "policy", "rest") and
@@ -90,9 +110,21 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
     for name in trained:
         assert any((finished / name / "checkpoints").iterdir()), name
 
+    # Every iteration's policy and PRM exported as Hugging Face folders; the search command finds the newest PRM.
+    assert sorted(p.name for p in (finished / "models").iterdir()) == [
+        f"{name}_{t}" for name in ("policy", "prm") for t in (0, 1, 2)]
+    for t in (0, 1, 2):
+        assert (finished / "models" / f"policy_{t}" / "config.json").exists()
+    assert value_model_folder(finished) == finished / "models" / "prm_2"
+    prm, tokenizer = load_value_model(finished / "models" / "prm_2")
+    assert prm.config.hidden_size == 32 and tokenizer.encode("1 + 2") == build_char_tokenizer().encode("1 + 2")
+
     with TraceStore(finished / "traces") as store:
         rollouts = store.read(store.select(iteration=0, flags_all=FLAG_ROLLOUT))
         assert len(rollouts) == stages["warmup_data"]["traces"] > 0
+        # Warm-up solutions stay as generated, EOS included: the last step ends on the last token.
+        assert all(r.step_ends[-1] == len(r.tokens) for r in rollouts)
+        assert any(r.tokens[-1] == build_char_tokenizer().eos_token_id for r in rollouts)
         for t in (1, 2):
             search = store.read(store.select(iteration=t, flags_all=FLAG_SEARCH))
             assert len(search) == stages[f"search_{t}"]["value_traces"]
@@ -110,6 +142,15 @@ def test_eval_subset_sizes_are_checked(tmp_path):
         _config(tmp_path, "evaluation.num_problems={mcst: 2}")
     with pytest.raises(ValueError, match="positive integers"):
         _config(tmp_path, "evaluation.num_problems={mcts: 0}")
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="value_targets"):
+        _config(tmp_path, "value_targets=leaves")
+    with pytest.raises(ValueError, match="verification.sizes"):
+        _config(tmp_path, "evaluation.verification.sizes=[1,4]")  # more than num_samples=2
+    with pytest.raises(ValueError, match="unknown method 'tree_search'"):
+        _config(tmp_path, "evaluation.methods=[greedy,tree_search]")
 
 
 def test_existing_run_needs_resume(finished):
@@ -146,8 +187,10 @@ def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypa
 def test_report_command_summarises_seeds(finished, capsys):
     main(["report", str(finished), str(finished)])
     out = capsys.readouterr().out
-    assert out.startswith("| method | seed 0 | seed 0 | mean change +- std |")
-    assert "ReST-MCTS* greedy" in out and "ReST-EM self-consistency" in out and "+- 0.0 points" in out
+    assert out.startswith("| figure | seed 0 | seed 0 | last iteration, mean +- std | change from policy_0, mean "
+                          "+- std |")
+    assert "| ReST-MCTS* greedy |" in out and "| ReST-EM self-consistency |" in out and "+- 0.0 points |" in out
+    assert "| ReST-MCTS* best-of-N (PRM)@2 |" in out  # the selection rules at the largest n
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(finished / "missing")])
     assert exit_info.value.code == 2

@@ -24,8 +24,10 @@ def test_values_per_position_and_padding_invariant():
     assert bool(jnp.all((v > 0) & (v < 1)))
 
 
-def test_fresh_head_is_neutral():
-    np.testing.assert_allclose(ValueModel(CONFIG, rngs=nnx.Rngs(0)).values(jnp.ones((1, 3), jnp.int32)), 0.5)
+def test_fresh_head_is_near_neutral():
+    ids = jnp.asarray(np.arange(60).reshape(3, 20) % 50)
+    np.testing.assert_allclose(ValueModel(CONFIG, rngs=nnx.Rngs(0)).values(ids), 0.5, atol=0.25)
+    np.testing.assert_allclose(ValueModel(CONFIG, head_init=0.0, rngs=nnx.Rngs(0)).values(ids), 0.5)
 
 
 def test_shared_backbone_trains_with_the_policy():
@@ -35,6 +37,5 @@ def test_shared_backbone_trains_with_the_policy():
     before = np.asarray(policy(jnp.ones((1, 4), jnp.int32)))
     optimizer = nnx.Optimizer(prm, optax.sgd(0.1), wrt=nnx.Param)
     loss = lambda m: jnp.mean((m(jnp.ones((1, 4), jnp.int32)) - 1.0) ** 2)
-    for _ in range(2):  # the zero head passes no gradient to the backbone on the first step
-        optimizer.update(prm, nnx.grad(loss)(prm))
+    optimizer.update(prm, nnx.grad(loss)(prm))  # the random head passes gradient to the backbone at once
     assert not np.allclose(np.asarray(policy(jnp.ones((1, 4), jnp.int32))), before)

@@ -11,6 +11,11 @@ discount 0, any other node reward 0 and discount 1; below a terminal node expans
 embedding, reward = terminal_value, discount 0, every slot invalid). A terminal node's value (thrown away by
 mctx, since the discount is 0) is its score too, so its search value stays equal to its score.
 
+With `visit_best_child` (the real search's setting under `backup="children_mean"`), creating a non-terminal
+node also visits its best child by value, as ReST-MCTS*'s expansion does: `rolled_slot` names it, `rolled_value`
+is its value (no roll-forward here) and the node backs up that value instead of its own. Without it,
+`rolled_slot` is `NO_SLOT` and the node backs up its own value: the search before the reference's rule.
+
 Batch row b searches table b, given through `params`.
 """
 
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import mctx
 import numpy as np
 
-from jaxreason.search.node import NodeState
+from jaxreason.search.node import NO_SLOT, NodeState
 from jaxreason.search.selection import INVALID_LOGIT, run_mcts
 
 K = 3
@@ -33,6 +38,10 @@ NUM_TABLE_NODES = (K ** (DEPTH + 1) - 1) // (K - 1)
 PROMPT = (1, 7)
 STEP_TOKEN = 100
 PAD = 0
+OLD_RULE = {"unvisited": "prior", "backup": "running_mean"}
+"""The rule before ReST-MCTS*'s reference behaviour: unvisited children first by prior, mctx's running mean."""
+REFERENCE_RULE = {"unvisited": "value", "backup": "children_mean"}
+"""ReST-MCTS*'s reference behaviour (`MCTSConfig`'s defaults)."""
 
 
 @chex.dataclass(frozen=True)
@@ -134,14 +143,18 @@ def reachable(table: Table) -> list[int]:
     return sorted(nodes)
 
 
-def _node_state(tables: Table, node, tokens, length, depth, step_ends) -> NodeState:
-    """The NodeState of table node `node` [B] with the given path so far."""
+def _node_state(tables: Table, node, tokens, length, depth, step_ends, visit_best_child: bool):
+    """The NodeState of table node `node` [B] with the given path so far, and the value it backs up [B]."""
     rows = jnp.arange(node.shape[0])
     children = child_id(node[:, None], jnp.arange(K))  # [B, K]
     valid = tables.logits[rows, node] > INVALID_LOGIT / 2
     safe_children = jnp.where(valid, children, 0)
     terminal = tables.terminal[rows, node]
-    return NodeState(
+    score = tables.value[rows, node]
+    values = jnp.where(valid, tables.value[rows[:, None], safe_children], 0.0)
+    best = jnp.argmax(jnp.where(valid, values, -jnp.inf), axis=1).astype(jnp.int32)
+    visits_best = jnp.any(valid, axis=1) & ~terminal & visit_best_child
+    state = NodeState(
         tokens=tokens,
         length=length,
         prompt_len=jnp.full_like(length, len(PROMPT)),
@@ -149,22 +162,28 @@ def _node_state(tables: Table, node, tokens, length, depth, step_ends) -> NodeSt
         depth=depth,
         node_type=jnp.zeros_like(length),
         terminal=terminal,
-        terminal_value=jnp.where(terminal, tables.value[rows, node], 0.0),
+        score=score,
+        terminal_value=jnp.where(terminal, score, 0.0),
         candidates=jnp.where(valid, STEP_TOKEN + safe_children, PAD)[:, :, None],
         candidate_len=valid.astype(jnp.int32),
         candidate_ends=valid & tables.terminal[rows[:, None], safe_children],
-        candidate_values=jnp.where(valid, tables.value[rows[:, None], safe_children], 0.0),
+        candidate_values=values,
+        rolled_slot=jnp.where(visits_best, best, NO_SLOT),
+        rolled_value=jnp.where(visits_best, values[rows, best], 0.0),
         generated_tokens=valid.sum(-1).astype(jnp.int32),
+        verifier_tokens=jnp.zeros_like(length),
     )
+    return state, jnp.where(visits_best, values[rows, best], score)
 
 
-def root_fn(tables: Table) -> mctx.RootFnOutput:
+def root_fn(tables: Table, visit_best_child: bool = False) -> mctx.RootFnOutput:
     batch = tables.value.shape[0]
     tokens = jnp.zeros((batch, len(PROMPT) + DEPTH), jnp.int32).at[:, : len(PROMPT)].set(jnp.array(PROMPT))
     zeros = jnp.zeros(batch, jnp.int32)
     length = jnp.full(batch, len(PROMPT), jnp.int32)
-    state = _node_state(tables, zeros, tokens, length, zeros, jnp.zeros((batch, DEPTH), jnp.int32))
-    return mctx.RootFnOutput(prior_logits=tables.logits[:, 0], value=tables.value[:, 0], embedding=state)
+    state, value = _node_state(tables, zeros, tokens, length, zeros, jnp.zeros((batch, DEPTH), jnp.int32),
+                               visit_best_child)
+    return mctx.RootFnOutput(prior_logits=tables.logits[:, 0], value=value, embedding=state)
 
 
 def current_node(state: NodeState):
@@ -177,19 +196,20 @@ def _per_row(mask, x):
     return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
-def recurrent_fn(tables: Table, rng_key, action, parent: NodeState):
+def recurrent_fn(tables: Table, rng_key, action, parent: NodeState, visit_best_child: bool = False):
     del rng_key  # a table has no randomness
     rows = jnp.arange(action.shape[0])
     # Below a terminal node the id runs off the table: clipped, and the result is discarded there.
     node = jnp.minimum(child_id(current_node(parent), action), NUM_TABLE_NODES - 1)
     length = parent.length + 1
-    child = _node_state(
+    child, value = _node_state(
         tables,
         node,
         parent.tokens.at[rows, parent.length].set(parent.candidates[rows, action, 0], mode="drop"),
         length,
         parent.depth + 1,
         parent.step_ends.at[rows, parent.depth].set(length, mode="drop"),
+        visit_best_child,
     )
     state = jax.tree.map(lambda p, c: jnp.where(_per_row(parent.terminal, p), p, c), parent, child)
     ended = state.terminal  # a new terminal node, or the same terminal node again
@@ -197,26 +217,34 @@ def recurrent_fn(tables: Table, rng_key, action, parent: NodeState):
         reward=jnp.where(ended, state.terminal_value, 0.0),
         discount=jnp.where(ended, 0.0, 1.0),
         prior_logits=jnp.where(ended[:, None], INVALID_LOGIT, tables.logits[rows, node]),
-        value=jnp.where(ended, state.terminal_value, tables.value[rows, node]),
+        value=jnp.where(ended, state.terminal_value, value),
     )
     return output, state
 
 
 @functools.cache
-def searcher(rule: str, num_simulations: int, max_depth: int | None = None, gumbel_scale: float = 1.0):
-    """A jitted search `(tables, rng_key, c) -> mctx.Tree`, one per configuration (jit caches the shapes)."""
+def searcher(rule: str, num_simulations: int, max_depth: int | None = None, gumbel_scale: float = 1.0, *,
+             unvisited: str, backup: str):
+    """A jitted search `(tables, rng_key, c) -> mctx.Tree`, one per configuration (jit caches the shapes).
+
+    `unvisited` and `backup` as `MCTSConfig`'s (`OLD_RULE`, `REFERENCE_RULE`); as in the real search, a new node
+    visits its best child exactly when the backup is "children_mean".
+    """
+    visit_best_child = backup == "children_mean"
 
     @jax.jit
     def search(tables: Table, rng_key, c):
         return run_mcts(
             tables,
             rng_key,
-            root_fn(tables),
-            recurrent_fn,
+            root_fn(tables, visit_best_child),
+            functools.partial(recurrent_fn, visit_best_child=visit_best_child),
             rule=rule,
             num_simulations=num_simulations,
             max_depth=max_depth,
             c=c,
+            unvisited=unvisited,
+            backup=backup,
             gumbel_scale=gumbel_scale,
         )
 

@@ -1,5 +1,8 @@
-"""Search correctness on synthetic tables (tests/search/synthetic.py): ReST-MCTS* on mctx against a pure-Python
-reference, the best answer found, the terminal and invalid-slot conventions, and batch = separate searches."""
+"""Search correctness on synthetic tables (tests/search/synthetic.py): the rule before the reference's
+(unvisited children first by prior, mctx's running mean) on mctx against a pure-Python reference of it, the best
+answer found, the terminal and invalid-slot conventions, and batch = separate searches, the last three under
+every rule, ReST-MCTS*'s reference rule (`MCTSConfig`'s defaults) included. The reference rule itself is checked
+against a transcription of the reference in test_reference_mcts_star.py."""
 
 import math
 
@@ -13,12 +16,15 @@ from jaxreason.search.traces import extract_traces
 
 SIMS = 64
 KEY = jax.random.key(0)
-# rule -> (searcher arguments, c) for the rules' runs below; Gumbel without noise so that it is deterministic.
+# name -> (searcher arguments, c, settings) for the rules' runs below; Gumbel without noise so that it is deterministic.
+# "rest_mcts" is the old rule (the python reference below); "rest_mcts_reference" ReST-MCTS*'s reference rule.
 CONFIGS = {
-    "rest_mcts": (("rest_mcts", SIMS), 1.0),
-    "muzero": (("muzero", 2 * SIMS), 1.25),
-    "gumbel": (("gumbel", SIMS, None, 0.0), 1.0),
+    "rest_mcts": (("rest_mcts", SIMS), 1.0, S.OLD_RULE),
+    "rest_mcts_reference": (("rest_mcts", SIMS), 1.0, S.REFERENCE_RULE),
+    "muzero": (("muzero", 2 * SIMS), 1.25, S.OLD_RULE),
+    "gumbel": (("gumbel", SIMS, None, 0.0), 1.0, S.OLD_RULE),
 }
+REST_MCTS = ("rest_mcts", "rest_mcts_reference")
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +36,15 @@ def tables() -> S.Table:
 @pytest.fixture(scope="module")
 def trees(tables) -> dict:
     """The host tree of each rule's search over all rows."""
-    return {rule: jax.device_get(S.searcher(*args)(tables, KEY, c)) for rule, (args, c) in CONFIGS.items()}
+    return {name: jax.device_get(S.searcher(*args, **rule)(tables, KEY, c))
+            for name, (args, c, rule) in CONFIGS.items()}
 
 
 def reference_rest_mcts(table: S.Table, num_simulations: int, c: float) -> dict[str, np.ndarray]:
-    """ReST-MCTS* in plain Python on one table, with mctx's bookkeeping: node i + 1 is created by simulation i;
-    a node's value is the running mean of its own value and every value backed up through it; the backed-up
-    value is reward + discount * (value from below); below a terminal node an expansion makes a copy of it."""
+    """The old rule (unvisited="prior", backup="running_mean") in plain Python on one table, with mctx's
+    bookkeeping: node i + 1 is created by simulation i; a node's value is the running mean of its own value and
+    every value backed up through it; the backed-up value is reward + discount * (value from below); below a
+    terminal node an expansion makes a copy of it."""
     n, k = num_simulations + 1, S.K
     visits = np.zeros(n, int)
     values = np.zeros(n)
@@ -103,7 +111,7 @@ def table_nodes(tree, b: int) -> np.ndarray:
 
 @pytest.mark.parametrize("c", [0.5, 1.0, 2.0])
 def test_rest_mcts_matches_reference(tables, c):
-    tree = jax.device_get(S.searcher("rest_mcts", SIMS)(tables, KEY, c))
+    tree = jax.device_get(S.searcher("rest_mcts", SIMS, **S.OLD_RULE)(tables, KEY, c))
     for b in range(tables.value.shape[0]):
         ref = reference_rest_mcts(S.row(tables, b), SIMS, c)
         for name in ("children_visits", "node_visits", "parents", "children_index"):
@@ -124,8 +132,9 @@ def test_finds_the_best_answer_of_the_hand_made_table(trees, rule):
         assert path.terminal_value == pytest.approx(S.FIXED[S.FIXED_BEST][0])
 
 
-def test_rest_mcts_finds_the_best_answer_of_every_table(tables, trees):
-    for b, traces in enumerate(extract_traces(trees["rest_mcts"])):
+@pytest.mark.parametrize("name", REST_MCTS)
+def test_rest_mcts_finds_the_best_answer_of_every_table(tables, trees, name):
+    for b, traces in enumerate(extract_traces(trees[name])):
         table = S.row(tables, b)
         answers = [n for n in S.reachable(table) if table.terminal[n]]
         found = [int(p.tokens[-1]) - S.STEP_TOKEN for p in traces.terminals]
@@ -157,7 +166,7 @@ def test_terminal_nodes_are_absorbing(tables, trees, rule):
                 copies += 1
                 for leaf in jax.tree.leaves(emb):
                     np.testing.assert_array_equal(leaf[b, n], leaf[b, p])
-                if rule == "rest_mcts":
+                if rule in REST_MCTS:
                     assert a == 0  # every slot of a terminal node is invalid
     assert copies > 0  # the case was exercised
 
@@ -173,14 +182,14 @@ def test_invalid_slots_are_never_selected(tables, trees, rule):
             assert (tree.children_visits[b, n, invalid] == 0).all()
 
 
-@pytest.mark.parametrize("rule", ["rest_mcts", "gumbel"])
+@pytest.mark.parametrize("rule", [*REST_MCTS, "gumbel"])
 def test_batch_equals_separate_searches(tables, trees, rule):
     """mctx splits the simulation keys by batch size, so only the deterministic rules (ReST-MCTS*, Gumbel
     MuZero without noise, on a table that ignores its key) can match row by row; MuZero's Dirichlet noise
     and tie-break noise depend on the batch size."""
-    args, c = CONFIGS[rule]
+    args, c, settings = CONFIGS[rule]
     batched = jax.tree.leaves(trees[rule])
     for b in range(tables.value.shape[0]):
-        single = jax.tree.leaves(jax.device_get(S.searcher(*args)(S.stack([S.row(tables, b)]), KEY, c)))
+        single = jax.tree.leaves(jax.device_get(S.searcher(*args, **settings)(S.stack([S.row(tables, b)]), KEY, c)))
         for x, y in zip(batched, single, strict=True):
             np.testing.assert_array_equal(x[b], y[0], err_msg=f"row {b}")

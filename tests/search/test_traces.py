@@ -1,5 +1,5 @@
-"""Trace extraction: a hand-checked ReST-MCTS* tree on the hand-made table, consistency with the tables on a
-batch, and trees cut by max_depth."""
+"""Trace extraction: a hand-checked tree of the old rule on the hand-made table, and consistency with the tables
+on a batch and on trees cut by max_depth, under the old rule and ReST-MCTS*'s reference rule."""
 
 import jax
 import numpy as np
@@ -28,11 +28,12 @@ def table_path(actions) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hand_tree():
-    """9 greedy (c = 0) ReST-MCTS* simulations on the hand-made table. Worked by hand:
+    """9 greedy (c = 0) simulations of the old rule (unvisited children first by prior, running-mean backup) on
+    the hand-made table. Worked by hand:
     sims 0-1 expand both root slots (t1 0.4, t2 0.7 by prior order); greedy Q then stays in t2: its slots by
     prior t8 (terminal 0.2), t7 (0.8), t9 (0.6); then t7's slots t23 (0.6), t24 (0.1) by prior; t9's one slot
     t28 (terminal 0.7); the last simulation reaches terminal t28 and expands its copy, node 9."""
-    return S.searcher("rest_mcts", 9)(S.stack([S.fixed_table()]), KEY, 0.0)
+    return S.searcher("rest_mcts", 9, **S.OLD_RULE)(S.stack([S.fixed_table()]), KEY, 0.0)
 
 
 def test_hand_checked_tree(hand_tree):
@@ -134,15 +135,20 @@ def tables():
     return S.stack([S.fixed_table()] + [S.random_table(seed) for seed in range(7)])
 
 
-def test_traces_of_a_batch(tables):
-    tree = S.searcher("rest_mcts", 64)(tables, KEY, 1.0)
+RULES = {"old": S.OLD_RULE, "reference": S.REFERENCE_RULE}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_traces_of_a_batch(tables, rule):
+    tree = S.searcher("rest_mcts", 64, **RULES[rule])(tables, KEY, 1.0)
     check_consistent(tables, tree, extract_traces(tree))
 
 
-def test_traces_with_max_depth_cut(tables):
+@pytest.mark.parametrize("rule", list(RULES))
+def test_traces_with_max_depth_cut(tables, rule):
     """With max_depth = 2 a simulation that reaches a depth-2 node expands it again in place (mctx overwrites
     it and adds a visit): it is still reported once, as a leaf."""
-    tree = S.searcher("rest_mcts", 24, 2)(tables, KEY, 1.0)
+    tree = S.searcher("rest_mcts", 24, 2, **RULES[rule])(tables, KEY, 1.0)
     host = jax.device_get(tree)
     re_expanded = (host.node_visits > 1 + host.children_visits.sum(-1)) & (host.embeddings.depth == 2)
     assert re_expanded.any()  # the case was exercised (copies below terminal nodes have depth <= 1 here)

@@ -103,3 +103,29 @@ def test_check_steps_rejects_a_right_answer_reached_through_a_wrong_step():
     for p in task.problems("train", n=20):
         assert task.is_correct(p, task.format_solution(p.solution_steps, p.answer))
     assert equation_holds("12 / 4 = 3") and not equation_holds("12 / 5 = 2") and not equation_holds("3 - 5 = -2")
+
+
+def test_first_wrong_step_is_the_process_label():
+    task = ArithTask()
+    problem = Problem(id="p", question="What is 12 + 7 * 3 - 5?", answer="28")
+    cases = {
+        "7 * 3 = 21\n12 + 21 = 33\n33 - 5 = 28\nThe answer is 28": None,
+        "7 * 3 = 21\n21 - 5 = 16\n12 + 16 = 28\nThe answer is 28": None,  # another valid order
+        "12 + 7 = 19\n19 * 3 = 57\n57 - 5 = 52\nThe answer is 52": 0,  # true equation, wrong precedence
+        "7 * 3 = 22\n12 + 22 = 34\n34 - 5 = 29\nThe answer is 29": 0,  # false equation
+        "7 * 3 = 21\n12 + 21 = 33\nThe answer is 33": 2,  # answers before the expression is reduced
+        "7 * 3 = 21\n12 + 21 = 33\n33 - 5 = 28\nThe answer is 27": 3,
+        "7 * 3 = 21\nhello": 1,
+        "7 * 3 = 21\n": None,  # unfinished, nothing wrong yet
+    }
+    for completion, want in cases.items():
+        assert task.first_wrong_step(problem, task.split_steps(completion)) == want, completion
+    assert task.has_process_labels
+
+
+def test_evaluate_uses_the_usual_precedence():
+    from jaxreason.tasks.arith import evaluate, expression_items
+
+    assert evaluate(expression_items("What is 12 + 7 * 3 - 5?")) == 28
+    assert evaluate([8, "/", 3]) is None
+    assert evaluate([9, "-", 4, "-", 2]) == 3
