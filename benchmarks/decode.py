@@ -118,10 +118,11 @@ def main():
     jx, pt = results["jax"], results["torch"]
     print(f"SmolLM2-135M decode, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"sampling, {args.dtype}, median of {args.repeats}")
-    print(f"  jaxreason     {jx['tokens_per_s']:8.1f} tokens/s  ({jx['seconds']:.2f} s; compile {jx['compile_seconds']:.1f} s; "
-          f"peak RSS {jx['peak_rss_mb']:.0f} MB; backend {jx['backend']})")
-    print(f"  transformers  {pt['tokens_per_s']:8.1f} tokens/s  ({pt['seconds']:.2f} s; first call {pt['warmup_seconds']:.1f} s; "
-          f"peak RSS {pt['peak_rss_mb']:.0f} MB; torch threads {pt['threads']})")
+    print(f"  jaxreason     {jx['tokens_per_s']:8.1f} tokens/s  ({jx['seconds']:.2f} s; "
+          f"compile {jx['compile_seconds']:.1f} s; peak RSS {jx['peak_rss_mb']:.0f} MB; backend {jx['backend']})")
+    print(f"  transformers  {pt['tokens_per_s']:8.1f} tokens/s  ({pt['seconds']:.2f} s; "
+          f"first call {pt['warmup_seconds']:.1f} s; peak RSS {pt['peak_rss_mb']:.0f} MB; "
+          f"torch threads {pt['threads']})")
     print(f"  ratio jaxreason / transformers: {jx['tokens_per_s'] / pt['tokens_per_s']:.2f}x")
     print(json.dumps(results))
 

@@ -16,8 +16,9 @@ Each engine runs in its own subprocess so that its peak memory (max RSS) is its 
 timed (jaxreason's first step includes compilation; the compile time printed is what jax records for
 tracing, lowering and XLA compilation); the figures are from the median of `--steps` timed steps, and the
 fastest step is printed too (on a shared CPU it is the less noisy estimate of what an engine can do). torch
-uses its default thread count (one per core) unless `--torch-threads` says otherwise. The loss and gradient norm of step 1 (same weights, same batch) are
-printed for both and must agree to ~1e-3 relative, or the run fails: otherwise the comparison is worthless.
+uses its default thread count (one per core) unless `--torch-threads` says otherwise. The loss and gradient norm
+of step 1 (same weights, same batch) are printed for both and must agree to ~1e-3 relative, or the run
+fails: otherwise the comparison is worthless.
 
 FLOPs per step (the usual dense-transformer estimate, forward + backward = 3 x forward):
     6 * N * B * T  +  12 * L * E * T^2 * B
@@ -37,6 +38,7 @@ noisy: medians.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -166,7 +168,7 @@ def run_torch(args) -> dict:
         torch.set_num_threads(args.torch_threads)
     a = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.float32)
     b = torch.randn(MATMUL_N, MATMUL_N, dtype=torch.float32)
-    mm_times, _ = _timed(lambda: torch.matmul(a, b), 1, 10)
+    mm_times, _ = _timed(functools.partial(torch.matmul, a, b), 1, 10)
     matmul_flops = 2 * MATMUL_N**3 / statistics.median(mm_times[1:])
     del a, b
 

@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -14,3 +16,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxreason-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. Each XLA CPU executable holds memory mappings of its
+    own, and one process that keeps all the suite's programs alive runs past the kernel's map limit
+    (vm.max_map_count, 65530 by default), which kills it in mmap; the persistent cache reloads what a later
+    module shares."""
+    yield
+    import jax
+
+    jax.clear_caches()

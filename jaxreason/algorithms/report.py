@@ -14,9 +14,9 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-_LABELS = {"greedy": "greedy", "self_consistency": "self-consistency", "best_of_n": "best-of-N (PRM)",
-           "weighted_vote": "weighted vote (PRM)", "weighted_best_of_n": "weighted best-of-N",
-           "random_pick": "random pick", "pass_at_n": "pass@N", "beam_search": "PRM beam search",
+_LABELS = {"greedy": "greedy", "self_consistency": "self-consistency", "best_of_n": "PRM best-of",
+           "weighted_vote": "PRM-weighted vote", "weighted_best_of_n": "PRM-weighted best-of-N",
+           "random_pick": "random pick", "pass_at_n": "pass", "beam_search": "PRM beam search",
            "mcts": "MCTS* (PRM)"}
 _RULES = ("self_consistency", "best_of_n", "weighted_vote", "random_pick", "pass_at_n")
 
@@ -110,8 +110,8 @@ def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> d
     for it in its:
         search, em = it["search"] or {}, it["rest_em_sample"] or {}
         ours, theirs = headline(it["rest_mcts"]), headline(it["rest_em"])
-        solved = ("-" if not search else
-                  f"{search['trees_with_correct_leaf']} / {round(em.get('train_accuracy', float('nan')) * config['problems']['train'])}")
+        em_solved = round(em["train_accuracy"] * config["problems"]["train"]) if "train_accuracy" in em else "-"
+        solved = f"{search['trees_with_correct_leaf']} / {em_solved}" if search else "-"
         lines.append(
             f"| {it['iteration']} | " + " | ".join(_cell(ours.get(k)) for k in mcts_keys) + " | "
             + " | ".join(_cell(theirs.get(k)) for k in em_keys)
@@ -133,8 +133,8 @@ def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> d
                   f"PRM AUC on correct against incorrect samples: {_cell(v.get('auc'))}."]
         fe = v.get("first_error")
         if fe:
-            lines.append(f"First wrong step found (first step scored below the threshold): {_cell(fe['erroneous'])} "
-                         f"of solutions with one; no step flagged: {_cell(fe['error_free'])} of those without; "
+            lines.append(f"First wrong step found (the first step the PRM scores down): {_cell(fe['erroneous'])} "
+                         f"of solutions with one; no step scored down: {_cell(fe['error_free'])} of those without; "
                          f"F1 {_cell(fe['f1'])}.")
         rules = list(next(iter(v["selection"].values())))
         lines += ["", "| n | " + " | ".join(_LABELS.get(r, r) for r in rules) + " | generated tokens per problem |",

@@ -39,8 +39,7 @@ from jaxreason.algorithms.value_targets import tree_value_traces
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch, value_batch
-from jaxreason.data.trace_store import (FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, Trace,
-                                        TraceStore)
+from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, Trace, TraceStore
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.models.value_head import ValueModel
@@ -51,14 +50,14 @@ from jaxreason.search.mcts import search_trees
 from jaxreason.search.methods import method_names, needs_verifier, run
 from jaxreason.tasks import get_task
 from jaxreason.tasks.base import Problem, Task
+from jaxreason.train.fit import FitConfig, fit
+from jaxreason.train.objectives import sft_objective, value_objective
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.checker import TaskCheckVerifier
 from jaxreason.verifiers.evaluation import evaluate_verifier
 from jaxreason.verifiers.positions import StepSplitter
 from jaxreason.verifiers.value import ValueVerifier
-from jaxreason.train.fit import FitConfig, fit
-from jaxreason.train.objectives import sft_objective, value_objective
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,12 @@ class VerificationConfig:
     `evaluation.baseline.sampling`), scored by the PRM; from them, at each n in `sizes`, best-of-n, weighted
     vote, self-consistency, random pick and pass@n (each averaged over subsets of n of the samples), the AUC of
     the PRM's score on correct against incorrect solutions, and (for tasks with process labels) how often the
-    first step it scores below `first_error_threshold` is the first wrong step."""
+    first step it scores down is the first wrong step: below the step before it (ReST-MCTS*'s values grow with
+    progress, so a wrong step is a drop), or below `first_error_threshold` when set."""
 
     num_samples: int = 8
     sizes: tuple[int, ...] = (1, 2, 4, 8)
-    first_error_threshold: float = 0.5
+    first_error_threshold: float | None = None
 
     def __post_init__(self):
         if not self.sizes or not all(1 <= n <= self.num_samples for n in self.sizes):
@@ -260,8 +260,8 @@ def run_rest_mcts(config: RestMCTSConfig, resume: bool = False) -> dict:
 def _loop(r: _Run, policy) -> None:
     c = r.config
     eos = r.tokenizer.eos_token_id
-    policy_data = lambda traces: sft_batch(traces, c.policy_train.max_len, r.pad_id, eos)  # noqa: E731
-    value_data = lambda traces: value_batch(traces, c.prm_train.max_len, r.pad_id)  # noqa: E731
+    policy_data = lambda traces: sft_batch(traces, c.policy_train.max_len, r.pad_id, eos)
+    value_data = lambda traces: value_batch(traces, c.prm_train.max_len, r.pad_id)
 
     if c.sft is not None:  # a weak but non-zero start: SFT on a few gold solutions
         r.train_model("sft", policy, sft_objective, _gold_traces(r), c.sft,

@@ -53,8 +53,8 @@ def _distances(parent: np.ndarray, correct_leaf: np.ndarray) -> tuple[np.ndarray
 
 
 def reasoning_distances(
-    parent: Int[np.ndarray, "N"], correct_leaf: Bool[np.ndarray, "N"]
-) -> Int[np.ndarray, "N"] | None:
+    parent: Int[np.ndarray, " N"], correct_leaf: Bool[np.ndarray, " N"]
+) -> Int[np.ndarray, " N"] | None:
     """[N] each node's reasoning distance d (module docstring), or None if no node is a correct leaf.
 
     parent: [N] each node's parent index, -1 for the root (node 0); a parent's index is below its child's.
@@ -65,9 +65,9 @@ def reasoning_distances(
 
 
 def value_targets(
-    parent: Int[np.ndarray, "N"], correct_leaf: Bool[np.ndarray, "N"],
-    finished_leaf: Bool[np.ndarray, "N"] | None = None,
-) -> Float[np.ndarray, "N"] | None:
+    parent: Int[np.ndarray, " N"], correct_leaf: Bool[np.ndarray, " N"],
+    finished_leaf: Bool[np.ndarray, " N"] | None = None,
+) -> Float[np.ndarray, " N"] | None:
     """[N] float32 each node's value target v_k (module docstring; the root's is 0), or None if no node is a
     correct leaf. parent, correct_leaf: as in `reasoning_distances`. finished_leaf: [N] the node is a finished
     solution (correct or not); when given, a node with no finished leaf at or below it gets NaN (no target)."""

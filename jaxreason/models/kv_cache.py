@@ -43,10 +43,10 @@ class KVCache:
     def max_len(self) -> int:
         return self.mask.shape[1]
 
-    def num_real_tokens(self) -> Int[Array, "B"]:
+    def num_real_tokens(self) -> Int[Array, " B"]:
         return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
 
-    def take_rows(self, rows: Int[Array, "R"]) -> KVCache:
+    def take_rows(self, rows: Int[Array, " R"]) -> KVCache:
         """The cache of rows `rows` (gathered, in that order)."""
         return self.replace(k=self.k[:, rows], v=self.v[:, rows], mask=self.mask[rows])
 
@@ -71,10 +71,10 @@ class PrefixGrid:
     """
 
     rows: Int[Array, "P R"]
-    slots: Int[Array, "B"]
+    slots: Int[Array, " B"]
 
     @classmethod
-    def of(cls, slots: Int[Array, "B"], num_prefix_rows: int, samples: int) -> PrefixGrid:
+    def of(cls, slots: Int[Array, " B"], num_prefix_rows: int, samples: int) -> PrefixGrid:
         """The grid of batch rows at `slots` (distinct, each below num_prefix_rows x samples)."""
         b = slots.shape[0]
         rows = jnp.full((num_prefix_rows * samples,), b, jnp.int32).at[slots].set(jnp.arange(b, dtype=jnp.int32))
@@ -84,7 +84,7 @@ class PrefixGrid:
     def samples(self) -> int:
         return self.rows.shape[1]
 
-    def prefix_rows(self) -> Int[Array, "B"]:
+    def prefix_rows(self) -> Int[Array, " B"]:
         """The prefix row each batch row continues."""
         return self.slots // self.samples
 

@@ -80,7 +80,7 @@ def _dot_backward(spec, residuals, grad):
 _dot.defvjp(_dot_forward, _dot_backward)
 
 
-def rope_frequencies(config: ModelConfig) -> Float[Array, "head_dim/2"]:
+def rope_frequencies(config: ModelConfig) -> Float[Array, " head_dim/2"]:
     """Inverse RoPE frequencies, with Llama 3 scaling when configured (as transformers computes them)."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
@@ -100,7 +100,7 @@ def rope_frequencies(config: ModelConfig) -> Float[Array, "head_dim/2"]:
 
 
 def apply_rope(
-    x: Float[Array, "B T H D"], positions: Int[Array, "B T"], inv_freq: Float[Array, "D/2"]
+    x: Float[Array, "B T H D"], positions: Int[Array, "B T"], inv_freq: Float[Array, " D/2"]
 ) -> Float[Array, "B T H D"]:
     """Rotates halves (x[:D/2], x[D/2:]) as in the Hugging Face Llama layout."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
@@ -158,8 +158,8 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "B T E"],
         positions: Int[Array, "B T"],
-        inv_freq: Float[Array, "D/2"],
-        query_slots: Int[Array, "T"],
+        inv_freq: Float[Array, " D/2"],
+        query_slots: Int[Array, " T"],
         key_mask: Bool[Array, "B S"],
         cache_kv: tuple[Float[Array, "B K S D"], Float[Array, "B K S D"]] | None,
         cache_index: Int[Array, ""] | None,

@@ -24,7 +24,7 @@ class Packing:
       shape: (B, T), static.
     """
 
-    index: Int[Array, "N"]
+    index: Int[Array, " N"]
     shape: tuple[int, int] = struct.field(pytree_node=False)
 
     @classmethod

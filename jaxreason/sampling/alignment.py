@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 
-def right_align(tokens: Int[Array, "B L"], length: Int[Array, "B"], pad_id: int = 0, width: int | None = None,
-                start: Int[Array, "B"] | int = 0):
+def right_align(tokens: Int[Array, "B L"], length: Int[Array, " B"], pad_id: int = 0, width: int | None = None,
+                start: Int[Array, " B"] | int = 0):
     """Left-aligned rows (real tokens first) -> left-padded rows (real tokens last) and their mask.
 
     `width` (default L) is the output width; a row longer than it keeps its last `width` tokens. Only the

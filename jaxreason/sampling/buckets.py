@@ -40,11 +40,11 @@ def smallest_fit(sizes: Sequence[int], needed: Int[Array, ""], run: Callable[[in
     return jax.lax.switch(index, [functools.partial(run, s) for s in sizes])
 
 
-def take_rows(tree: T, rows: Int[Array, "R"]) -> T:
+def take_rows(tree: T, rows: Int[Array, " R"]) -> T:
     """Rows `rows` of every leaf (leading axis)."""
     return jax.tree.map(lambda x: x[rows], tree)
 
 
-def put_rows(full: T, rows: Int[Array, "R"], part: T) -> T:
+def put_rows(full: T, rows: Int[Array, " R"], part: T) -> T:
     """`full` with row rows[i] of every leaf replaced by row i of `part`; an index past the end is dropped."""
     return jax.tree.map(lambda f, p: f.at[rows].set(p, mode="drop"), full, part)

@@ -63,12 +63,12 @@ class GenerateOutput:
 
     tokens: Int[Array, "B N"]
     logprobs: Float[Array, "B N"]
-    lengths: Int[Array, "B"]
-    stopped: Bool[Array, "B"]
+    lengths: Int[Array, " B"]
+    stopped: Bool[Array, " B"]
     last_hidden: Float[Array, "B E"]
 
 
-def sample_logits(logits: Float[Array, "V"], key: PRNGKeyArray, config: SamplingConfig) -> Int[Array, ""]:
+def sample_logits(logits: Float[Array, " V"], key: PRNGKeyArray, config: SamplingConfig) -> Int[Array, ""]:
     """Draws one token id from one row of logits with temperature, top-k and top-p (nucleus) filtering."""
     if config.temperature == 0:
         return jnp.argmax(logits).astype(jnp.int32)
@@ -85,7 +85,7 @@ def sample_logits(logits: Float[Array, "V"], key: PRNGKeyArray, config: Sampling
 _DRAW_BLOCK = 256
 
 
-def draw_categorical(key: PRNGKeyArray, logits: Float[Array, "V"]) -> Int[Array, ""]:
+def draw_categorical(key: PRNGKeyArray, logits: Float[Array, " V"]) -> Int[Array, ""]:
     """One token id drawn with probability softmax(logits), by inverting the CDF in two levels.
 
     A block of 256 ids is picked by its share of the mass, then an id within it: two uniform draws per row,
@@ -98,7 +98,7 @@ def draw_categorical(key: PRNGKeyArray, logits: Float[Array, "V"]) -> Int[Array,
     weights = jnp.pad(weights, (0, blocks * _DRAW_BLOCK - v)).reshape(blocks, _DRAW_BLOCK)
     u = jax.random.uniform(key, (2,))
 
-    def invert(w: Float[Array, "N"], u: Float[Array, ""]) -> Int[Array, ""]:
+    def invert(w: Float[Array, " N"], u: Float[Array, ""]) -> Int[Array, ""]:
         cdf = jnp.cumsum(w)
         index = jnp.sum(cdf <= u * cdf[-1])
         # u * total can round up to the total: stay on the last entry with mass.
@@ -108,7 +108,7 @@ def draw_categorical(key: PRNGKeyArray, logits: Float[Array, "V"]) -> Int[Array,
     return (block * _DRAW_BLOCK + invert(weights[block], u[1])).astype(jnp.int32)
 
 
-def nucleus_threshold(probs: Float[Array, "V"], top_p: float) -> Float[Array, ""]:
+def nucleus_threshold(probs: Float[Array, " V"], top_p: float) -> Float[Array, ""]:
     """The largest probability t such that the tokens with probability >= t carry mass >= top_p.
 
     Bisection on t instead of sorting the vocabulary: 32 vectorised passes are much cheaper than a 50k-way
@@ -175,9 +175,9 @@ class _LoopState:
     cache: KVCache
     tokens: Int[Array, "B N"]
     logprobs: Float[Array, "B N"]
-    lengths: Int[Array, "B"]
-    done: Bool[Array, "B"]
-    stopped: Bool[Array, "B"]
+    lengths: Int[Array, " B"]
+    done: Bool[Array, " B"]
+    stopped: Bool[Array, " B"]
     last_hidden: Float[Array, "B E"]
     stop_buffer: object
 
@@ -185,7 +185,7 @@ class _LoopState:
         return GenerateOutput(tokens=self.tokens, logprobs=self.logprobs, lengths=self.lengths, stopped=self.stopped,
                               last_hidden=self.last_hidden)
 
-    def take_rows(self, rows: Int[Array, "R"]) -> _LoopState:
+    def take_rows(self, rows: Int[Array, " R"]) -> _LoopState:
         """The state of rows `rows` (gathered, in that order)."""
         return jax.tree.map(lambda x: x[rows], self.replace(step=None, cache=None)).replace(
             step=self.step, cache=self.cache.take_rows(rows))
@@ -209,7 +209,7 @@ def sample(
     pad_id: int = 0,
     stop_table: StopTable | None = None,
     samples_per_prompt: int = 1,
-    skip: Bool[Array, "B"] | None = None,
+    skip: Bool[Array, " B"] | None = None,
 ) -> GenerateOutput:
     """The pure sampling program (call it inside your own jit; `generate` is its jitted wrapper).
 
@@ -240,8 +240,8 @@ def sample_from_cache(
     pad_id: int = 0,
     stop_table: StopTable | None = None,
     samples_per_prompt: int = 1,
-    skip: Bool[Array, "B"] | None = None,
-    max_tokens: Int[Array, "B"] | None = None,
+    skip: Bool[Array, " B"] | None = None,
+    max_tokens: Int[Array, " B"] | None = None,
 ) -> GenerateOutput:
     """`sample` after the prefill: continues from each row's next-token `logits` and its filled `cache`.
 
@@ -287,7 +287,7 @@ def sample_from_cache(
     return out
 
 
-def _decode(model: CausalLM, state: _LoopState, prefix: KVCache, row_keys: PRNGKeyArray, limit: Int[Array, "R"],
+def _decode(model: CausalLM, state: _LoopState, prefix: KVCache, row_keys: PRNGKeyArray, limit: Int[Array, " R"],
             *, config: SamplingConfig, eos_ids, pad_id, stop_table, live_above: int,
             grid: PrefixGrid | None = None) -> _LoopState:
     """Decode steps until every row is done, the step limit, or no more than `live_above` rows live.

@@ -54,10 +54,10 @@ class StopTable:
     """
 
     token_bytes: UInt8[Array, "V W"]
-    token_len: Int[Array, "V"]
-    token_hit: Bool[Array, "V"]
+    token_len: Int[Array, " V"]
+    token_hit: Bool[Array, " V"]
     stop_bytes: UInt8[Array, "S L"]
-    stop_len: Int[Array, "S"]
+    stop_len: Int[Array, " S"]
 
 
 def token_byte_strings(tokenizer) -> list[bytes]:
@@ -191,8 +191,8 @@ def init_stop_buffer(table: StopTable, batch: int) -> Int[Array, "B H"]:
 
 
 def update_stop_buffer(
-    table: StopTable, buffer: Int[Array, "B H"], tokens: Int[Array, "B"]
-) -> tuple[Int[Array, "B H"], Bool[Array, "B"]]:
+    table: StopTable, buffer: Int[Array, "B H"], tokens: Int[Array, " B"]
+) -> tuple[Int[Array, "B H"], Bool[Array, " B"]]:
     """Appends each row's new token and reports whether it completes a stop string.
 
     Args:

@@ -13,6 +13,7 @@ from jaxreason.search.methods import MethodResult, compare, method_names, needs_
 from jaxreason.search.traces import SearchPath, TreeTraces, extract_traces
 
 __all__ = [
-    "ActionSpace", "ActionType", "BaselineConfig", "batched_trees", "Budget", "MCTSConfig", "MethodResult", "SearchPath", "TreeTraces",
-    "compare", "extract_traces", "method_names", "needs_verifier", "register_method", "run", "search_trees",
+    "ActionSpace", "ActionType", "BaselineConfig", "Budget", "MCTSConfig", "MethodResult", "SearchPath", "TreeTraces",
+    "batched_trees", "compare", "extract_traces", "method_names", "needs_verifier", "register_method", "run",
+    "search_trees",
 ]

@@ -23,7 +23,7 @@ from jaxtyping import Array, Int
 from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, sample
 from jaxreason.sampling.prompts import decode_completions, eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import build_stop_table
-from jaxreason.search.config import BaselineConfig, Budget
+from jaxreason.search.config import Budget
 from jaxreason.search.methods import MethodResult, register_method
 from jaxreason.search.votes import best_of, majority_vote, weighted_vote
 from jaxreason.tasks.base import Problem, Task

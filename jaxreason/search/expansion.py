@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ class Prompts:
     """
 
     tokens: Int[Array, "B L"]
-    length: Int[Array, "B"]
+    length: Int[Array, " B"]
     cache: KVCache
     last_hidden: Float[Array, "B E"]
 
@@ -86,7 +87,7 @@ class Expansion:
       candidate_len: [B, K] real tokens of each candidate.
       prior_logits: [B, K] length-normalised log-probability; `INVALID_LOGIT` where there is no candidate (a row
         not expanded, no room left, a duplicate of an earlier slot).
-      ends: [B, K] the candidate ends the solution (EOS or the final-answer marker).
+      candidate_ends: [B, K] the candidate ends the solution (EOS or the final-answer marker).
       step_scores: [B, K] the verifier's step score of the partial solution followed by the candidate.
       generated_tokens: [B] tokens sampled.
       verifier_tokens: [B] tokens the verifier read.
@@ -95,10 +96,10 @@ class Expansion:
     candidates: Int[Array, "B K S"]
     candidate_len: Int[Array, "B K"]
     prior_logits: Float[Array, "B K"]
-    ends: Bool[Array, "B K"]
+    candidate_ends: Bool[Array, "B K"]
     step_scores: Float[Array, "B K"]
-    generated_tokens: Int[Array, "B"]
-    verifier_tokens: Int[Array, "B"]
+    generated_tokens: Int[Array, " B"]
+    verifier_tokens: Int[Array, " B"]
 
     @classmethod
     def empty(cls, batch: int, like: Expansion, pad_id: int) -> Expansion:
@@ -109,12 +110,40 @@ class Expansion:
 
 
 @struct.dataclass
+class PartialSolution:
+    """A batch of partial solutions: what a node is before its candidates are sampled.
+
+    Attributes:
+      tokens: [B, L] prompt followed by the steps so far, left-aligned, padded after `length`.
+      length: [B] number of real tokens in `tokens`.
+      step_ends: [B, D] for each step i < depth, the index in `tokens` one past its last token; 0 after.
+      depth: [B] steps taken from the root.
+      node_type: [B] the action type of the last step (`ActionSpace.root_type` at the root).
+      terminal: [B] the last step ended the solution (final answer, EOS, or the depth/length limit).
+      score: [B] the verifier's score of the partial solution (its step scores under the aggregation).
+    """
+
+    tokens: Int[Array, "B L"]
+    length: Int[Array, " B"]
+    step_ends: Int[Array, "B D"]
+    depth: Int[Array, " B"]
+    node_type: Int[Array, " B"]
+    terminal: Bool[Array, " B"]
+    score: Float[Array, " B"]
+
+
+class _Models(NamedTuple):
+    policy: object
+    verifier: object
+
+
+@struct.dataclass
 class StepTables:
     """Host-built token tables, passed to the search program as arrays (template shapes are static)."""
 
     step_end: StopTable  # the step delimiter
     answer: StopTable  # the final-answer marker
-    templates: tuple[Int[Array, "T"], ...]  # token ids of each action type's template
+    templates: tuple[Int[Array, " T"], ...]  # token ids of each action type's template
 
 
 def build_step_tables(tokenizer, action_space: ActionSpace, step_delimiter: str, answer_marker: str,
@@ -172,7 +201,7 @@ class StepSearch:
             w *= 2
         return (*widths, most)
 
-    def encode_prompts(self, params, tokens: Int[Array, "B L"], prompt_len: Int[Array, "B"]) -> Prompts:
+    def encode_prompts(self, params, tokens: Int[Array, "B L"], prompt_len: Int[Array, " B"]) -> Prompts:
         """Prefills the left-aligned prompts once, for the whole search."""
         policy, _ = self._models(params)
         width = self._prompt_width
@@ -181,7 +210,7 @@ class StepSearch:
         hidden, cache = policy.transformer(prompt, mask, cache=cache)
         return Prompts(tokens=tokens, length=prompt_len, cache=cache, last_hidden=hidden[:, -1])
 
-    def _expand(self, policy, verifier, key, prompts: Prompts, tokens, length, expand,
+    def _expand(self, models: _Models, key, prompts: Prompts, tokens, length, expand,
                 at_root: bool = False) -> Expansion:
         """The K candidate steps after each partial solution in `expand` [B], with their step scores.
 
@@ -204,7 +233,7 @@ class StepSearch:
             sub = (prompts, tokens, length) if size == b else (_take_prompts(prompts, rows), tokens[rows],
                                                                length[rows])
             out = smallest_fit(widths, longest, lambda w: self._expand_at_width(
-                policy, verifier, key, *sub, ~expand[rows], rows, b, w))
+                models, key, *sub, ~expand[rows], rows, b, w))
             if size == b:
                 return out
             # Scatter back; the padding rows past the expanded ones must not overwrite anything.
@@ -213,7 +242,7 @@ class StepSearch:
         out = smallest_fit(sizes, jnp.sum(expand), at_size)
         return out.replace(prior_logits=jnp.where(expand[:, None], out.prior_logits, INVALID_LOGIT))
 
-    def _expand_at_width(self, policy, verifier, key, prompts: Prompts, tokens, length, skip, rows, batch: int,
+    def _expand_at_width(self, models: _Models, key, prompts: Prompts, tokens, length, skip, rows, batch: int,
                          width: int) -> Expansion:
         """`_expand` for a batch of b partial solutions whose steps fit in `width` tokens.
 
@@ -224,7 +253,7 @@ class StepSearch:
         samples continue from there, sharing it. A candidate's step score is read from the sampler's last hidden
         state when the verifier's value head shares the policy's backbone, else by `verifier.extend_scores`.
         """
-        spec, b = self.spec, tokens.shape[0]
+        spec, b, (policy, verifier) = self.spec, tokens.shape[0], models
         p = self._prompt_width
         steps, mask = right_align(tokens, length, spec.pad_id, width, start=prompts.length)
         mask = jnp.where(skip[:, None], 0, mask)  # nothing to prefill for a row that gets no candidates
@@ -274,7 +303,7 @@ class StepSearch:
         return Expansion(
             candidates=cand, candidate_len=lens,
             prior_logits=jnp.where(_duplicates(cand, lens), INVALID_LOGIT, logp),
-            ends=ended_eos | self._contains_answer(cand), step_scores=scores,
+            candidate_ends=ended_eos | self._contains_answer(cand), step_scores=scores,
             generated_tokens=sum(g[5] for g in groups), verifier_tokens=read.astype(jnp.int32))
 
     def _prefill(self, policy, steps: Int[Array, "B W"], mask: Int[Array, "B W"], cache: KVCache):
@@ -307,106 +336,99 @@ class StepSearch:
 
     # -- nodes ------------------------------------------------------------------------------------------
 
-    def _new_node(self, policy, verifier, key, prompts, tokens, length, step_ends, depth, node_type, terminal,
-                  score, live, own_value, at_root: bool = False):
-        """A NodeState with its candidates, its prior logits (invalid where the node is terminal) and the value
-        it backs up.
-
-        `score` [B] is the node's own score; `own_value` [B] the value it backs up when it does not visit its
-        best child (spec.visit_best_child off and no roll-forward) or has none (a terminal node: its score).
-        Rows outside `live` (copies below a terminal node, replaced by the caller) are not expanded.
-        """
-        spec = self.spec
-        ex = self._expand(policy, verifier, key, prompts, tokens, length, live & ~terminal, at_root)
-        prior = jnp.where(self.validity[node_type], ex.prior_logits, INVALID_LOGIT)
-        values = combine(score[:, None], ex.step_scores, verifier.aggregation)
+    def _new_node(self, models: _Models, key, prompts: Prompts, partial: PartialSolution, live, own_value,
+                  at_root: bool = False):
+        """The NodeState of `partial` with its candidates, its prior logits (invalid where the node is terminal)
+        and the value it backs up: its best child's (rolled forward), or `own_value` [B] when it visits no child
+        (spec.visit_best_child off and no roll-forward), or its score when terminal. Rows outside `live` (copies
+        below a terminal node, replaced by the caller) are not expanded."""
+        spec, verifier, p = self.spec, models.verifier, partial
+        ex = self._expand(models, key, prompts, p.tokens, p.length, live & ~p.terminal, at_root)
+        prior = jnp.where(self.validity[p.node_type], ex.prior_logits, INVALID_LOGIT)
+        values = combine(p.score[:, None], ex.step_scores, verifier.aggregation)
         valid = is_valid_action(prior)
         best = jnp.argmax(jnp.where(valid, values, -jnp.inf), axis=1).astype(jnp.int32)
-        has_best = jnp.any(valid, axis=1) & ~terminal
+        has_best = jnp.any(valid, axis=1) & ~p.terminal
         rows = jnp.arange(best.shape[0])
         best_value, generated, read = values[rows, best], ex.generated_tokens, ex.verifier_tokens
         if spec.rollout_steps:
-            rolled, roll_generated, roll_read = self._rolled_value(
-                policy, verifier, key, prompts, tokens, length, depth, ex, values, best, has_best)
+            rolled, roll_generated, roll_read = self._rolled_value(models, key, prompts, p, ex, values, best, has_best)
             best_value = jnp.where(has_best, rolled, best_value)
             generated, read = generated + roll_generated, read + roll_read
         visits_child = spec.visit_best_child or spec.rollout_steps > 0
-        value = jnp.where(has_best & visits_child, best_value, jnp.where(terminal, score, own_value))
+        value = jnp.where(has_best & visits_child, best_value, jnp.where(p.terminal, p.score, own_value))
         phantom = has_best & spec.visit_best_child
         node = NodeState(
-            tokens=tokens, length=length, prompt_len=prompts.length, step_ends=step_ends, depth=depth,
-            node_type=node_type, terminal=terminal, score=score, terminal_value=jnp.where(terminal, score, 0.0),
-            candidates=ex.candidates, candidate_len=ex.candidate_len, candidate_ends=ex.ends,
-            candidate_values=values, rolled_slot=jnp.where(phantom, best, NO_SLOT),
-            rolled_value=jnp.where(phantom, best_value, 0.0), generated_tokens=generated, verifier_tokens=read,
+            tokens=p.tokens, length=p.length, prompt_len=prompts.length, step_ends=p.step_ends, depth=p.depth,
+            node_type=p.node_type, terminal=p.terminal, score=p.score,
+            terminal_value=jnp.where(p.terminal, p.score, 0.0), candidates=ex.candidates,
+            candidate_len=ex.candidate_len, candidate_ends=ex.candidate_ends, candidate_values=values,
+            rolled_slot=jnp.where(phantom, best, NO_SLOT), rolled_value=jnp.where(phantom, best_value, 0.0),
+            generated_tokens=generated, verifier_tokens=read,
         )
         return node, prior, value
 
     def root_fn(self, params, key, prompts: Prompts) -> mctx.RootFnOutput:
         """Root nodes: the prompts (`encode_prompts`; tokens [B, L], L = spec.max_len). A root that does not
         visit its best child backs up the verifier's value of the prompt alone."""
-        policy, verifier = self._models(params)
+        models = self._models(params)
         b = prompts.length.shape[0]
         if self.spec.verifier_shares_backbone:
-            prompt_value = verifier.from_hidden(prompts.last_hidden)
+            prompt_value = models.verifier.from_hidden(prompts.last_hidden)
         else:
             prompt, mask = right_align(prompts.tokens, prompts.length, self.spec.pad_id, self._prompt_width)
-            prompt_value = verifier.values_at(prompt, mask, jnp.full((b, 1), prompt.shape[1] - 1))[:, 0]
-        node, prior, value = self._new_node(
-            policy, verifier, key, prompts, prompts.tokens, prompts.length,
-            jnp.zeros((b, self.spec.max_depth), jnp.int32), jnp.zeros((b,), jnp.int32),
-            jnp.full((b,), self.space.root_type, jnp.int32), jnp.zeros((b,), bool),
-            jnp.full((b,), initial_score(verifier.aggregation)), jnp.ones((b,), bool), prompt_value, at_root=True,
-        )
+            prompt_value = models.verifier.values_at(prompt, mask, jnp.full((b, 1), prompt.shape[1] - 1))[:, 0]
+        root = PartialSolution(
+            tokens=prompts.tokens, length=prompts.length, step_ends=jnp.zeros((b, self.spec.max_depth), jnp.int32),
+            depth=jnp.zeros((b,), jnp.int32), node_type=jnp.full((b,), self.space.root_type, jnp.int32),
+            terminal=jnp.zeros((b,), bool), score=jnp.full((b,), initial_score(models.verifier.aggregation)))
+        node, prior, value = self._new_node(models, key, prompts, root, jnp.ones((b,), bool), prompt_value,
+                                            at_root=True)
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
-    def recurrent_fn(self, params, key, action: Int[Array, "B"], parent: NodeState, prompts: Prompts):
+    def recurrent_fn(self, params, key, action: Int[Array, " B"], parent: NodeState, prompts: Prompts):
         """Takes candidate `action` at each parent: the child node, its reward/discount/value and priors.
 
         The child's score is its candidate's, scored when the parent was expanded. mctx calls this with four
         arguments: bind `prompts` first (`functools.partial(..., prompts=prompts)`).
         """
-        policy, verifier = self._models(params)
-        rows = jnp.arange(action.shape[0])
-        tokens, length, depth, ends = self._take_step(
-            parent.tokens, parent.length, parent.depth, parent.candidates[rows, action],
-            parent.candidate_len[rows, action], parent.candidate_ends[rows, action])
-        step_ends = jax.vmap(lambda ends, d, n: ends.at[d - 1].set(n, mode="drop"))(parent.step_ends, depth, length)
+        models = self._models(params)
         stay = parent.terminal
         # Below a terminal node nothing is sampled (marked terminal here; replaced by the parent below).
-        terminal = ends | stay
-        score = parent.candidate_values[rows, action]
-        child, prior, value = self._new_node(
-            policy, verifier, key, prompts, tokens, length, step_ends, depth, self.slot_types[action], terminal,
-            score, ~stay, score,
-        )
+        child = self._take_step(_partial(parent), parent, parent.candidate_values, action)
+        child = child.replace(terminal=child.terminal | stay)
+        node, prior, value = self._new_node(models, key, prompts, child, ~stay, child.score)
         # Below a terminal node nothing changes: the same node and score are backed up again. The copy keeps
         # generated_tokens = 0 (nothing was sampled for it), so summing over nodes counts each token once.
-        child = jax.tree.map(lambda p, c: jnp.where(_expand(stay, c), p, c), parent, child)
-        child = child.replace(generated_tokens=jnp.where(stay, 0, child.generated_tokens),
-                              verifier_tokens=jnp.where(stay, 0, child.verifier_tokens))
+        node = jax.tree.map(lambda p, c: jnp.where(_expand(stay, c), p, c), parent, node)
+        node = node.replace(generated_tokens=jnp.where(stay, 0, node.generated_tokens),
+                            verifier_tokens=jnp.where(stay, 0, node.verifier_tokens))
         value = jnp.where(stay, parent.terminal_value, value)
         # A terminal edge carries its score as reward with discount 0; its node value is the score too, so
         # the node's running mean stays equal to it.
-        out = mctx.RecurrentFnOutput(reward=jnp.where(terminal, value, 0.0), discount=jnp.where(terminal, 0.0, 1.0),
-                                     prior_logits=prior, value=value)
-        return out, child
+        out = mctx.RecurrentFnOutput(reward=jnp.where(node.terminal, value, 0.0),
+                                     discount=jnp.where(node.terminal, 0.0, 1.0), prior_logits=prior, value=value)
+        return out, node
 
-    def _take_step(self, tokens: Int[Array, "B L"], length: Int[Array, "B"], depth: Int[Array, "B"],
-                   step: Int[Array, "B S"], step_len: Int[Array, "B"], finishes: Bool[Array, "B"]):
-        """Appends one candidate step to each partial solution (candidates are sampled to fit their row).
-
-        Returns tokens [B, L], length [B], depth [B] and whether the solution ends there [B]: the step finishes
-        it, reaches max_depth or fills the row.
-        """
-        room = tokens.shape[1] - length
+    def _take_step(self, partial: PartialSolution, candidates: NodeState | Expansion, values: Float[Array, "B K"],
+                   slot: Int[Array, " B"]) -> PartialSolution:
+        """Each partial solution with its candidate `slot` appended (candidates are sampled to fit their row):
+        the step's type and value (`values`, the children's) become the solution's, and it is terminal where the
+        step finishes it, reaches max_depth or fills the row."""
+        rows = jnp.arange(slot.shape[0])
+        step_len = candidates.candidate_len[rows, slot]
+        room = partial.tokens.shape[1] - partial.length
         kept = jnp.minimum(step_len, room)
-        depth = depth + 1
-        ends = finishes | (depth >= self.spec.max_depth) | (step_len >= room)
-        return jax.vmap(_append)(tokens, length, step, kept), length + kept, depth, ends
+        depth = partial.depth + 1
+        length = partial.length + kept
+        tokens = jax.vmap(_append)(partial.tokens, partial.length, candidates.candidates[rows, slot], kept)
+        step_ends = jax.vmap(lambda ends, d, n: ends.at[d - 1].set(n, mode="drop"))(partial.step_ends, depth, length)
+        finished = candidates.candidate_ends[rows, slot] | (depth >= self.spec.max_depth) | (step_len >= room)
+        return PartialSolution(tokens=tokens, length=length, step_ends=step_ends, depth=depth,
+                               node_type=self.slot_types[slot], terminal=finished, score=values[rows, slot])
 
-    def _rolled_value(self, policy, verifier, key, prompts: Prompts, tokens, length, depth, ex: Expansion,
-                      values: Float[Array, "B K"], best: Int[Array, "B"], has_best: Bool[Array, "B"]):
+    def _rolled_value(self, models: _Models, key, prompts: Prompts, partial: PartialSolution, ex: Expansion,
+                      values: Float[Array, "B K"], best: Int[Array, " B"], has_best: Bool[Array, " B"]):
         """ReST-MCTS*'s greedy roll-forward from each node's best child: r steps, each taking the best of K
         freshly sampled candidates by value, and the child's value V <- (1 - alpha) V + alpha * max V along the
         roll (V unchanged when the child ends the solution).
@@ -415,43 +437,37 @@ class StepSearch:
         """
         spec = self.spec
         rows = jnp.arange(best.shape[0])
-        tokens, length, depth, done = self._take_step(tokens, length, depth, ex.candidates[rows, best],
-                                                      ex.candidate_len[rows, best], ex.ends[rows, best])
+        child = self._take_step(partial, ex, values, best)
         start_value = values[rows, best]
-        done = done | ~has_best
-        node_type = self.slot_types[best]
 
         def roll(i, carry):
-            tokens, length, depth, node_type, score, done, most, generated, read = carry
-            step = self._expand(policy, verifier, jax.random.fold_in(key, 1000 + i), prompts, tokens, length, ~done)
+            current, most, generated, read = carry
+            step = self._expand(models, jax.random.fold_in(key, 1000 + i), prompts, current.tokens,
+                                current.length, ~current.terminal)
             generated, read = generated + step.generated_tokens, read + step.verifier_tokens
-            step_values = combine(score[:, None], step.step_scores, verifier.aggregation)
-            valid = is_valid_action(jnp.where(self.validity[node_type], step.prior_logits, INVALID_LOGIT))
+            step_values = combine(current.score[:, None], step.step_scores, models.verifier.aggregation)
+            valid = is_valid_action(jnp.where(self.validity[current.node_type], step.prior_logits, INVALID_LOGIT))
             pick = jnp.argmax(jnp.where(valid, step_values, -jnp.inf), axis=1)
-            moves = ~done & jnp.any(valid, axis=1)
+            moves = ~current.terminal & jnp.any(valid, axis=1)
             most = jnp.where(moves, jnp.maximum(most, step_values[rows, pick]), most)
-            taken, taken_len, taken_depth, ends = self._take_step(
-                tokens, length, depth, step.candidates[rows, pick], step.candidate_len[rows, pick],
-                step.ends[rows, pick])
-            tokens = jnp.where(moves[:, None], taken, tokens)
-            length, depth = jnp.where(moves, taken_len, length), jnp.where(moves, taken_depth, depth)
-            score = jnp.where(moves, step_values[rows, pick], score)
-            node_type = jnp.where(moves, self.slot_types[pick], node_type)
-            return tokens, length, depth, node_type, score, done | ends | ~moves, most, generated, read
+            taken = self._take_step(current, step, step_values, pick)
+            current = jax.tree.map(lambda new, old: jnp.where(_expand(moves, new), new, old), taken, current)
+            return current.replace(terminal=current.terminal | ~moves), most, generated, read
 
-        zeros = jnp.zeros_like(length)
-        carry = (tokens, length, depth, node_type, start_value, done, jnp.zeros_like(start_value), zeros, zeros)
-        *_, most, generated, read = jax.lax.fori_loop(0, spec.rollout_steps, roll, carry)
-        ended = ex.ends[rows, best] | ~has_best
+        zeros = jnp.zeros_like(partial.length)
+        start = child.replace(terminal=child.terminal | ~has_best)
+        _, most, generated, read = jax.lax.fori_loop(0, spec.rollout_steps, roll,
+                                                     (start, jnp.zeros_like(start_value), zeros, zeros))
+        ended = ex.candidate_ends[rows, best] | ~has_best
         rolled = (1 - spec.rollout_alpha) * start_value + spec.rollout_alpha * most
         return jnp.where(ended, start_value, rolled), generated, read
 
-    def _models(self, params):
+    def _models(self, params) -> _Models:
         policy_state, verifier_state = params
-        return nnx.merge(self.policy_graphdef, policy_state), nnx.merge(self.verifier_graphdef, verifier_state)
+        return _Models(nnx.merge(self.policy_graphdef, policy_state), nnx.merge(self.verifier_graphdef, verifier_state))
 
 
-def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[Array, "L"]:
+def _append(row: Int[Array, " L"], length, piece: Int[Array, " S"], count) -> Int[Array, " L"]:
     """row with the first `count` tokens of `piece` written at `length` (the rest of row unchanged)."""
     positions = jnp.arange(row.shape[0])
     source = jnp.clip(positions - length, 0, piece.shape[0] - 1)
@@ -459,7 +475,12 @@ def _append(row: Int[Array, "L"], length, piece: Int[Array, "S"], count) -> Int[
     return jnp.where(inside, piece[source], row)
 
 
-def _take_prompts(prompts: Prompts, rows: Int[Array, "R"]) -> Prompts:
+def _partial(node: NodeState) -> PartialSolution:
+    return PartialSolution(tokens=node.tokens, length=node.length, step_ends=node.step_ends, depth=node.depth,
+                           node_type=node.node_type, terminal=node.terminal, score=node.score)
+
+
+def _take_prompts(prompts: Prompts, rows: Int[Array, " R"]) -> Prompts:
     return Prompts(tokens=prompts.tokens[rows], length=prompts.length[rows], last_hidden=prompts.last_hidden[rows],
                    cache=prompts.cache.take_rows(rows))
 
@@ -471,5 +492,5 @@ def _duplicates(cand: Int[Array, "B K S"], lens: Int[Array, "B K"]) -> Bool[Arra
     return jnp.any(same & earlier[None], axis=-1)
 
 
-def _expand(mask: Bool[Array, "B"], like: Array) -> Bool[Array, "..."]:
+def _expand(mask: Bool[Array, " B"], like: Array) -> Bool[Array, "..."]:
     return mask.reshape(mask.shape + (1,) * (like.ndim - 1))

@@ -1,11 +1,11 @@
 """Problem sets and answer checking: the registry, generated arithmetic and Countdown, GSM8K/MATH files,
 reasoning-gym's datasets."""
 
-from jaxreason.tasks.base import STEP_DELIMITER, Problem, Task, get_task, register_task, task_names
-from jaxreason.tasks.math_answers import ANSWER_PREFIX, answers_equal, extract_answer, last_boxed
 from jaxreason.tasks.arith import ArithTask
+from jaxreason.tasks.base import STEP_DELIMITER, Problem, Task, get_task, register_task, task_names
 from jaxreason.tasks.countdown import CountdownTask, validate_countdown
 from jaxreason.tasks.files import GSM8KTask, MathTask, load_gsm8k, load_math
+from jaxreason.tasks.math_answers import ANSWER_PREFIX, answers_equal, extract_answer, last_boxed
 from jaxreason.tasks.reasoning_gym import ReasoningGymTask
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Training: losses, objectives, the sharded jit train step, AdamW, orbax checkpoints, and `fit`, which trains a
 model in place on a batch stream with all of them."""
 
-from jaxreason.train.checkpoint import Checkpointer, CheckpointConfig
+from jaxreason.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxreason.train.fit import FitConfig, fit
 from jaxreason.train.objectives import sft_objective, value_objective
 from jaxreason.train.optimizer import OptimizerConfig, make_optimizer

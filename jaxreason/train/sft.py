@@ -11,8 +11,8 @@ from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.config import to_dict
-from jaxreason.distributed import is_main_process
 from jaxreason.data.sft_data import SFTDataset, read_jsonl
+from jaxreason.distributed import is_main_process
 from jaxreason.models.lora import DEFAULT_TARGETS, LoRAParam, add_lora
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model

@@ -132,7 +132,7 @@ def _cached_train_step(graphdef, objective, optimizer, sharding_leaves, sharding
         weights = _weight(losses, metrics)
         total = jnp.sum(weights)
         total = jnp.where(total > 0, total, 1.0)  # no tokens anywhere: every term is 0, as in the full batch
-        mean = lambda x: jnp.sum(weights * x) / total  # noqa: E731
+        mean = lambda x: jnp.sum(weights * x) / total
         metrics = {k: jnp.sum(v) if k == TOKEN_COUNT else mean(v) for k, v in metrics.items()}
         grads = jax.tree.map(lambda g: g / total.astype(g.dtype), grad_sum)
         return mean(losses), metrics, grads

@@ -7,8 +7,16 @@ verifier verifies.
 `jaxreason.verifiers.evaluation.evaluate_verifier` samples from a policy and measures a verifier on the samples.
 """
 
-from jaxreason.verifiers.base import (AGGREGATIONS, Verifier, aggregate, combine, initial_score, make_verifier,
-                                      register_verifier, verifier_names)
+from jaxreason.verifiers.base import (
+                                      AGGREGATIONS,
+                                      Verifier,
+                                      aggregate,
+                                      combine,
+                                      initial_score,
+                                      make_verifier,
+                                      register_verifier,
+                                      verifier_names,
+)
 from jaxreason.verifiers.batch import ScoredSolutions, score_solutions
 from jaxreason.verifiers.checker import TaskCheckVerifier
 from jaxreason.verifiers.metrics import SELECTION_RULES, first_error_accuracy, roc_auc, selection_accuracy

@@ -30,7 +30,7 @@ from jaxreason.verifiers.positions import score_position
 AGGREGATIONS = ("last", "min", "product")
 
 
-def aggregate(step_scores: Float[Array, "B S"], valid: Bool[Array, "B S"], how: str) -> Float[Array, "B"]:
+def aggregate(step_scores: Float[Array, "B S"], valid: Bool[Array, "B S"], how: str) -> Float[Array, " B"]:
     """Solution scores from step scores; steps where `valid` is False are left out (a row with none scores 1
     under "min" and "product", 0 under "last")."""
     if how == "last":
@@ -83,11 +83,11 @@ class Verifier(nnx.Module):
         return jnp.where(step_ends > 0, scores, 0.0)
 
     def scores(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-               step_ends: Int[Array, "B S"]) -> Float[Array, "B"]:
+               step_ends: Int[Array, "B S"]) -> Float[Array, " B"]:
         """Each solution's score: its step scores under `aggregation`."""
         return aggregate(self.step_scores(tokens, mask, step_ends), step_ends > 0, self.aggregation)
 
-    def extend_scores(self, tokens: Int[Array, "B L"], length: Int[Array, "B"], candidates: Int[Array, "B K S"],
+    def extend_scores(self, tokens: Int[Array, "B L"], length: Int[Array, " B"], candidates: Int[Array, "B K S"],
                       candidate_len: Int[Array, "B K"], width: int | None = None) -> Float[Array, "B K"]:
         """The step score of each left-aligned candidate appended to each left-aligned partial solution
         (`tokens` padded after `length`); a candidate of length 0 gets the partial solution's own last value.
@@ -113,8 +113,8 @@ class Verifier(nnx.Module):
         values = self.values_at(rows, mask, score_position(jnp.maximum(end, 1))[:, None])[:, 0]
         return values.reshape(b, k)
 
-    def extend_cost(self, length: Int[Array, "B"], candidate_len: Int[Array, "B K"],
-                    width: int | None = None) -> Int[Array, "B"]:
+    def extend_cost(self, length: Int[Array, " B"], candidate_len: Int[Array, "B K"],
+                    width: int | None = None) -> Int[Array, " B"]:
         """Tokens `extend_scores` reads per row: each of the K concatenations in full."""
         kept = length if width is None else jnp.minimum(length, width)
         return candidate_len.shape[1] * kept + jnp.sum(candidate_len, axis=1)

@@ -23,18 +23,21 @@ class ScoredSolutions:
     Attributes:
       scores: [N] each solution's score (the verifier's aggregation of its step scores).
       step_scores: N arrays [S_i], the score of each step.
+      prompt_scores: [N] the value of the prompt alone (before the first step).
       verifier_tokens: [N] tokens each row's verifier pass read (prompt and solution).
     """
 
     scores: np.ndarray
     step_scores: list[np.ndarray]
+    prompt_scores: np.ndarray
     verifier_tokens: np.ndarray
 
 
 @functools.partial(jax.jit, static_argnames=("verifier_def",))
-def _step_scores_jit(verifier_def, verifier_state, tokens, mask, step_ends):
+def _step_scores_jit(verifier_def, verifier_state, tokens, mask, step_ends, prompt_len):
     verifier = nnx.merge(verifier_def, verifier_state)
-    return verifier.step_scores(tokens, mask, step_ends), verifier.scores(tokens, mask, step_ends)
+    return (verifier.step_scores(tokens, mask, step_ends), verifier.scores(tokens, mask, step_ends),
+            verifier.values_at(tokens, mask, prompt_len[:, None] - 1)[:, 0])
 
 
 def score_solutions(
@@ -56,7 +59,7 @@ def score_solutions(
     if len(prompts) != len(solutions):
         raise ValueError(f"{len(prompts)} prompts for {len(solutions)} solutions")
     if not solutions:
-        return ScoredSolutions(np.zeros(0, np.float32), [], np.zeros(0, np.int64))
+        return ScoredSolutions(np.zeros(0, np.float32), [], np.zeros(0, np.float32), np.zeros(0, np.int64))
     rows = [list(p) + [int(t) for t in s] for p, s in zip(prompts, solutions)]
     ends = [splitter(s, max_steps) + len(p) for p, s in zip(prompts, solutions)]
     ends = [e if len(e) else np.asarray([len(p)], np.int32) for e, p in zip(ends, prompts)]  # no step: the prompt
@@ -64,24 +67,29 @@ def score_solutions(
     most_steps = max(len(e) for e in ends)
     size = min(chunk_rows, len(rows))
     graphdef, state = nnx.split(verifier)
-    steps_out, scores_out = [], []
+    steps_out, scores_out, prompt_out = [], [], []
     for start in range(0, len(rows), size):
         chunk = list(range(start, min(start + size, len(rows))))
         chunk += [chunk[-1]] * (size - len(chunk))
         tokens = np.full((size, width), pad_id, np.int32)
         mask = np.zeros((size, width), np.int32)
         step_ends = np.zeros((size, most_steps), np.int32)
+        prompt_len = np.zeros(size, np.int32)
         for i, r in enumerate(chunk):
             tokens[i, :len(rows[r])] = rows[r]
             mask[i, :len(rows[r])] = 1
             step_ends[i, :len(ends[r])] = ends[r]
-        step, score = _step_scores_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(step_ends))
+            prompt_len[i] = len(prompts[r])
+        step, score, prompt = _step_scores_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
+                                               jnp.asarray(step_ends), jnp.asarray(prompt_len))
         real = min(size, len(rows) - start)
         steps_out.append(np.asarray(step)[:real])
         scores_out.append(np.asarray(score)[:real])
+        prompt_out.append(np.asarray(prompt)[:real])
     step_scores = np.concatenate(steps_out)
     return ScoredSolutions(
         scores=np.concatenate(scores_out),
         step_scores=[step_scores[i, :len(e)] for i, e in enumerate(ends)],
+        prompt_scores=np.concatenate(prompt_out),
         verifier_tokens=np.asarray([len(r) for r in rows], np.int64),
     )

@@ -21,14 +21,15 @@ from jaxreason.verifiers.positions import StepSplitter
 
 def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, problems: Sequence[Problem], *,
                       sampling: SamplingConfig, num_samples: int, sizes: Sequence[int], key: jax.Array,
-                      chat: bool = False, first_error_threshold: float = 0.5) -> dict:
+                      chat: bool = False, first_error_threshold: float | None = None) -> dict:
     """`num_samples` solutions per problem from `policy`, and from them:
 
     - `selection`: {n: {rule: accuracy}} for every n in `sizes` (best-of-n, weighted vote, self-consistency,
       random pick, pass@n; averaged over subsets of n samples); without a verifier only the rules that need none;
     - `auc`: the verifier's AUC on correct against incorrect samples;
-    - `first_error` (tasks with process labels): how often the first step scored below the threshold is the
-      first wrong step (`first_error_accuracy`);
+    - `first_error` (tasks with process labels): how often the first step the verifier scores down (below the
+      step before it, or below `first_error_threshold` when given) is the first wrong step
+      (`first_error_accuracy`);
     - `tokens_per_sample` and `verifier_tokens_per_sample`: what it cost.
     """
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
@@ -49,9 +50,9 @@ def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, 
         if task.has_process_labels:
             steps = [task.split_steps(t) for row in texts for t in row]
             labels = [task.first_wrong_step(problems[i // num_samples], s) for i, s in enumerate(steps)]
-            aligned = [(sc, lab) for sc, s, lab in zip(scored.step_scores, steps, labels) if len(sc) == len(s)]
-            out["first_error"] = first_error_accuracy([a for a, _ in aligned], [b for _, b in aligned],
-                                                      first_error_threshold)
+            kept = [i for i, (sc, s) in enumerate(zip(scored.step_scores, steps)) if len(sc) == len(s)]
+            out["first_error"] = first_error_accuracy([scored.step_scores[i] for i in kept], [labels[i] for i in kept],
+                                                      first_error_threshold, scored.prompt_scores[kept])
     rules = None if verifier is not None else ("self_consistency", "random_pick", "pass_at_n")
     out["selection"] = {str(n): {k: a for k, a in selection_accuracy(groups, correct, scores, n).items()
                                  if rules is None or k in rules} for n in sizes}

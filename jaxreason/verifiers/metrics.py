@@ -83,16 +83,25 @@ def _relabel(groups: np.ndarray) -> np.ndarray:
 
 
 def first_error_accuracy(step_scores: Sequence[np.ndarray], first_wrong: Sequence[int | None],
-                         threshold: float = 0.5) -> dict[str, float | None]:
+                         threshold: float | None = None,
+                         start_scores: Sequence[float] | None = None) -> dict[str, float | None]:
     """How often a PRM finds the first wrong step where process labels put it.
 
-    The PRM's first wrong step is the first step scored below `threshold` (None if none is). Returns the
-    accuracy on solutions with a wrong step (the PRM names that step), on solutions without one (the PRM
-    names none), and their harmonic mean (ProcessBench's F1); None where a kind has no solution.
+    The PRM's first wrong step is the first step scored below `threshold` (a PRM whose values estimate the
+    chance of success), or, with `threshold` None, the first step scored below the step before it (`start_scores`:
+    the score before the first step; a PRM whose values grow with progress, as ReST-MCTS*'s do); None if none
+    is. Returns the accuracy on solutions with a wrong step (the PRM names that step), on solutions without one
+    (the PRM names none), and their harmonic mean (ProcessBench's F1); None where a kind has no solution.
     """
+    if threshold is None and start_scores is None:
+        raise ValueError("give a threshold, or the scores before the first step (start_scores)")
     hits = {"erroneous": [], "error_free": []}
-    for scores, truth in zip(step_scores, first_wrong):
-        below = np.flatnonzero(np.asarray(scores) < threshold)
+    for i, (scores, truth) in enumerate(zip(step_scores, first_wrong)):
+        scores = np.asarray(scores)
+        if threshold is None:
+            below = np.flatnonzero(scores < np.concatenate([[start_scores[i]], scores[:-1]]))
+        else:
+            below = np.flatnonzero(scores < threshold)
         predicted = int(below[0]) if len(below) else None
         hits["erroneous" if truth is not None else "error_free"].append(predicted == truth)
     out = {kind: (float(np.mean(h)) if h else None) for kind, h in hits.items()}

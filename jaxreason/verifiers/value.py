@@ -41,7 +41,7 @@ class ValueVerifier(Verifier):
         """Values from the backbone's final hidden states (the policy's, when the backbone is shared)."""
         return jax.nn.sigmoid(self.model.logits_from_hidden(hidden))
 
-    def extend_scores(self, tokens: Int[Array, "B L"], length: Int[Array, "B"], candidates: Int[Array, "B K S"],
+    def extend_scores(self, tokens: Int[Array, "B L"], length: Int[Array, " B"], candidates: Int[Array, "B K S"],
                       candidate_len: Int[Array, "B K"], width: int | None = None) -> Float[Array, "B K"]:
         """As `Verifier.extend_scores`, at the cost of one pass over each partial solution plus K x S tokens: the
         partial solution goes into a KV cache once, and each candidate runs on top of a copy of it."""
@@ -56,8 +56,8 @@ class ValueVerifier(Verifier):
         last = jnp.where(lens > 0, last, jnp.repeat(prefix_logits[:, -1], k))
         return jax.nn.sigmoid(last).reshape(b, k)
 
-    def extend_cost(self, length: Int[Array, "B"], candidate_len: Int[Array, "B K"],
-                    width: int | None = None) -> Int[Array, "B"]:
+    def extend_cost(self, length: Int[Array, " B"], candidate_len: Int[Array, "B K"],
+                    width: int | None = None) -> Int[Array, " B"]:
         """Tokens `extend_scores` reads per row: the partial solution once, then the K candidates."""
         kept = length if width is None else jnp.minimum(length, width)
         return kept + jnp.sum(candidate_len, axis=1)

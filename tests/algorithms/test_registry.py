@@ -9,8 +9,13 @@ import pytest
 import yaml
 
 from jaxreason.algorithms import registry
-from jaxreason.algorithms.registry import (RunInterrupted, algorithm_names, get_algorithm, load_algorithm_config,
-                                           register_algorithm)
+from jaxreason.algorithms.registry import (
+    RunInterrupted,
+    algorithm_names,
+    get_algorithm,
+    load_algorithm_config,
+    register_algorithm,
+)
 from jaxreason.cli import main
 
 ROOT = Path(__file__).parents[2]

@@ -1,22 +1,16 @@
 """ReST-EM sampling spends the token budget it is given: whole first round, then only what the budget needs."""
 
 import jax
-from flax import nnx
+import tiny
+from tiny import TOKENIZER
 
 from jaxreason.algorithms.rest_em import sample_solutions
-from jaxreason.models import CausalLM, ModelConfig
-from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.sampling import SamplingConfig
 from jaxreason.tasks import get_task
 
-TOKENIZER = build_char_tokenizer()
-
 
 def _sample(budget: int):
-    config = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, eos_token_id=TOKENIZER.eos_token_id,
-                         pad_token_id=TOKENIZER.pad_token_id)
-    policy = CausalLM(config, rngs=nnx.Rngs(0))  # random: solutions of varied length, few correct
+    policy = tiny.policy(0)  # random: solutions of varied length, few correct
     task = get_task("arith")
     problems = task.problems("train", n=64, seed=0)
     return sample_solutions(policy, TOKENIZER, task, problems, list(range(64)), token_budget=budget,

@@ -10,10 +10,18 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jaxreason.data.trace_store import (FLAG_BASELINE, FLAG_CORRECT, FLAG_SEARCH, Trace, TraceStore,
-                                        TraceStoreLockedError, pad_traces)
+from jaxreason.data.trace_store import (
+    FLAG_BASELINE,
+    FLAG_CORRECT,
+    FLAG_SEARCH,
+    Trace,
+    TraceStore,
+    TraceStoreLockedError,
+    pad_traces,
+)
 
 
 def random_traces(seed: int, count: int, iteration: int = 0) -> list[Trace]:

@@ -11,9 +11,8 @@ from flax import nnx
 from jaxreason.models import CausalLM, ModelConfig
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.models.kv_cache import KVCache
-from jaxreason.sampling.generate import nucleus_threshold, sample_from_cache
 from jaxreason.sampling import SamplingConfig, build_stop_table, encode_prompts, generate, pad_left, sample_logits
-from jaxreason.sampling.generate import draw_categorical
+from jaxreason.sampling.generate import draw_categorical, nucleus_threshold, sample_from_cache
 
 TOKENIZER = build_char_tokenizer()
 CONFIG = ModelConfig(

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import CONFIG, TOKENIZER
 
-from jaxreason.models import CausalLM, ModelConfig, ValueModel
-from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models import CausalLM, ValueModel
 from jaxreason.sampling import SamplingConfig
 from jaxreason.search import MCTSConfig, batched_trees
 from jaxreason.search.node import NO_SLOT
@@ -21,10 +21,6 @@ from jaxreason.search.selection import is_valid_action
 from jaxreason.tasks import get_task
 from jaxreason.verifiers import ValueVerifier
 
-TOKENIZER = build_char_tokenizer()
-CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, eos_token_id=TOKENIZER.eos_token_id,
-                     pad_token_id=TOKENIZER.pad_token_id)
 TASK = get_task("arith", max_ops=2)
 ALPHA = 0.4
 

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import CONFIG, TOKENIZER
 
-from jaxreason.models import CausalLM, ModelConfig, ValueModel
-from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models import CausalLM, ValueModel
 from jaxreason.sampling import SamplingConfig
 from jaxreason.search.actions import ROOT, ActionSpace, ActionType
 from jaxreason.search.config import MCTSConfig
@@ -21,10 +21,6 @@ from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
 from jaxreason.verifiers import ValueVerifier
 
-TOKENIZER = build_char_tokenizer()
-CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, eos_token_id=TOKENIZER.eos_token_id,
-                     pad_token_id=TOKENIZER.pad_token_id)
 TASK = get_task("arith")
 PROBLEMS = TASK.problems("test", n=3, seed=0)
 SEARCH = MCTSConfig(rule="rest_mcts", num_simulations=8, num_candidates=3, max_depth=3,

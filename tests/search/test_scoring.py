@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import CONFIG, TOKENIZER
 
-from jaxreason.models import CausalLM, ModelConfig, ValueModel
-from jaxreason.models.char_tokenizer import build_char_tokenizer
+from jaxreason.models import CausalLM, ValueModel
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.sampling import SamplingConfig
 from jaxreason.sampling.alignment import right_align
@@ -22,10 +22,6 @@ from jaxreason.search.node import NO_SLOT
 from jaxreason.search.selection import INVALID_LOGIT, is_valid_action
 from jaxreason.verifiers import ValueVerifier, Verifier
 
-TOKENIZER = build_char_tokenizer()
-CONFIG = ModelConfig(vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, eos_token_id=TOKENIZER.eos_token_id,
-                     pad_token_id=TOKENIZER.pad_token_id)
 SAMPLING = SamplingConfig(max_new_tokens=24, temperature=1.0)
 
 
@@ -159,9 +155,9 @@ def test_roll_forward_value_and_budget(models, shared):
     """The roll-forward starts at a new node's best candidate (by value). r = 0 without the best child's visit:
     the node backs up its own score. r = 1: it backs up (1 - alpha) V + alpha * (the best value one fresh step
     further), V its best candidate's value, and samples up to K more steps for it, unless that candidate ended the
-    solution (then V, nothing more sampled); r = 2 samples the same first step and up to K more. A terminal node
-    keeps its score and samples nothing. With the visit (`visit_best_child`), the rolled child and its value are
-    recorded in the node."""
+    solution (then V, nothing more sampled); with the visit (`visit_best_child`) the node records that child and
+    its rolled value. r = 2 without the visit (a running-mean search with the roll on): the same first step and up
+    to K more, and no child recorded. A terminal node keeps its score and samples nothing."""
     policy, shared_prm, own_prm = models
     prm = shared_prm if shared else own_prm
     space = ActionSpace.single_step(3)
@@ -182,7 +178,7 @@ def test_roll_forward_value_and_budget(models, shared):
         return search.recurrent_fn(params, jax.random.key(1), jnp.asarray([0, 2, 1, 0]), root.embedding, prompts)
 
     plain_out, plain = child(0)
-    rolled_out, rolled = child(1)
+    rolled_out, rolled = child(1, visit_best_child=True)
     open_ = ~np.asarray(plain.terminal)
     assert open_.any() and not open_.all(), open_  # both cases are checked
     np.testing.assert_allclose(plain_out.value, plain.score, atol=1e-6)
@@ -208,14 +204,15 @@ def test_roll_forward_value_and_budget(models, shared):
     if not shared:  # the roll's verifier reads: the rolled partial solution and its K fresh candidates
         assert np.all(np.asarray(rolled.verifier_tokens - plain.verifier_tokens)[goes_on] > extra[goes_on])
 
-    _, two = child(2)
+    np.testing.assert_array_equal(rolled.rolled_slot, np.where(open_, best, NO_SLOT))
+    np.testing.assert_allclose(rolled.rolled_value, np.where(open_, value, 0.0), atol=1e-6)
+
+    two_out, two = child(2)
     extra_two = np.asarray(two.generated_tokens - plain.generated_tokens)
     assert np.all(extra_two >= extra) and np.all(extra_two - extra <= 3 * step)
-
-    visited_out, visited = child(1, visit_best_child=True)
-    np.testing.assert_array_equal(visited.rolled_slot, np.where(open_, best, NO_SLOT))
-    np.testing.assert_allclose(visited.rolled_value, np.where(open_, value, 0.0), atol=1e-6)
-    np.testing.assert_allclose(visited_out.value, value, atol=1e-6)
+    assert (np.asarray(two.rolled_slot) == NO_SLOT).all()
+    stays = ~goes_on  # terminal, or the best candidate ended the solution: nothing to roll
+    np.testing.assert_allclose(np.asarray(two_out.value)[stays], value[stays], atol=1e-6)
 
 
 @pytest.mark.parametrize("sizes", [(1.0, 0.75, 0.5), (1.0, 0.375)])
@@ -230,9 +227,8 @@ def test_expanding_some_rows_gathers_them_and_changes_no_result(models, sizes):
                          max_depth=4, pad_id=0, eos_ids=(TOKENIZER.eos_token_id,), verifier_shares_backbone=True,
                          expansion_sizes=sizes)
     tables = build_step_tables(TOKENIZER, space, "\n", "The answer is", CONFIG.vocab_size)
-    verifier = ValueVerifier(prm)
     policy_def, policy_state = nnx.split(policy)
-    verifier_def, verifier_state = nnx.split(verifier)
+    verifier_def, verifier_state = nnx.split(ValueVerifier(prm))
     search = StepSearch(policy_def, verifier_def, space, spec, tables)
     params = (policy_state, verifier_state)
     tokens, length = _rows([9, 20, 14, 30, 5, 12, 25, 7], 96, 6)
@@ -242,11 +238,11 @@ def test_expanding_some_rows_gathers_them_and_changes_no_result(models, sizes):
     @jax.jit
     def expand(rows):
         prompts = search.encode_prompts(params, tokens, prompt_len)
-        return search._expand(policy, verifier, jax.random.key(7), prompts, tokens, length, rows)
+        return search._expand(search._models(params), jax.random.key(7), prompts, tokens, length, rows)
 
     everything, gathered = expand(jnp.ones(8, bool)), expand(some)
     picked = np.asarray(some)
-    for name in ("candidates", "candidate_len", "prior_logits", "ends", "generated_tokens", "step_scores",
+    for name in ("candidates", "candidate_len", "prior_logits", "candidate_ends", "generated_tokens", "step_scores",
                  "verifier_tokens"):
         full, part = np.asarray(getattr(everything, name)), np.asarray(getattr(gathered, name))
         np.testing.assert_allclose(part[picked], full[picked], rtol=1e-5, atol=1e-6, err_msg=name)

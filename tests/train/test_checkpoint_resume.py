@@ -23,7 +23,8 @@ from jaxreason.train.sft import SFTConfig, run_sft
 from jaxreason.train.step import init_train_state, make_train_step
 
 ROOT = Path(__file__).parents[2]
-# One tiny shape for every run in tests/train, so each compiles once (with the persistent compile cache set in tests/conftest.py).
+# One tiny shape for every run in tests/train, so each compiles once (with the persistent compile cache set in
+# tests/conftest.py).
 TINY = [
     f"data={ROOT / 'configs/sft/data/arith_sample.jsonl'}", "model.scratch.hidden_size=32",
     "model.scratch.intermediate_size=64", "model.scratch.num_layers=2", "model.scratch.head_dim=8", "max_len=64",

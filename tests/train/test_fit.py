@@ -4,11 +4,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tiny
 from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.registry import load_algorithm_config
-from jaxreason.models import CausalLM, ModelConfig
+from jaxreason.models import CausalLM
 from jaxreason.train import optimizer as optimizer_module
 from jaxreason.train.checkpoint import CheckpointConfig, Checkpointer
 from jaxreason.train.fit import FitConfig, fit
@@ -16,8 +17,7 @@ from jaxreason.train.objectives import sft_objective
 from jaxreason.train.optimizer import OptimizerConfig
 
 # The shape of tests/train/test_sharded_step.py, so the step compiles once per machine (persistent cache).
-MODEL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    head_dim=8)
+MODEL = tiny.NUMERIC
 STAGE = """
 algorithm: rest_mcts
 policy: {scratch: {hidden_size: 32, intermediate_size: 64, num_layers: 2, head_dim: 8}}

@@ -6,16 +6,16 @@ Both are read off the traced step (its jaxpr), so a model that ignored `dtype` o
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tiny
 from flax import nnx
 
 from jaxreason import sharding
-from jaxreason.models import CausalLM, ModelConfig
+from jaxreason.models import CausalLM
 from jaxreason.train.objectives import sft_objective
 from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
 from jaxreason.train.step import init_train_state, make_train_step
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8)
+CONFIG = tiny.NUMERIC
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
 BATCH = {
     "tokens": np.random.default_rng(0).integers(1, 64, (4, 16)).astype(np.int32),

@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-
-import jax
 from flax import nnx
 
 from jaxreason.algorithms.registry import load_algorithm_config

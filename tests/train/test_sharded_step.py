@@ -1,20 +1,19 @@
 """The sharded train step on 8 fake CPU devices equals the one-device step, and lays state out by the rules."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxreason import sharding
-from jaxreason.models import CausalLM, ModelConfig
+from jaxreason.models import CausalLM
 from jaxreason.train.objectives import sft_objective
 from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
 from jaxreason.train.step import init_train_state, make_train_step
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8)
+CONFIG = tiny.NUMERIC
 # Adam normalises each gradient element, so near-zero gradients (summed in another order on another
 # mesh) move by up to ~lr: a small lr keeps those float32 differences inside atol.
 OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10))

@@ -9,8 +9,17 @@ import pytest
 
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.search.votes import majority_vote, weighted_vote
-from jaxreason.verifiers import (StepSplitter, aggregate, combine, first_error_accuracy, initial_score, make_verifier,
-                                 roc_auc, selection_accuracy, verifier_names)
+from jaxreason.verifiers import (
+    StepSplitter,
+    aggregate,
+    combine,
+    first_error_accuracy,
+    initial_score,
+    make_verifier,
+    roc_auc,
+    selection_accuracy,
+    verifier_names,
+)
 
 
 def test_roc_auc_is_the_pairwise_ranking_probability():
@@ -50,10 +59,17 @@ def test_selection_accuracy_averages_every_subset():
 def test_first_error_accuracy():
     step_scores = [np.array([0.9, 0.2, 0.1]), np.array([0.9, 0.8]), np.array([0.3, 0.9]), np.array([0.8, 0.7])]
     first_wrong = [1, None, 1, 0]
-    got = first_error_accuracy(step_scores, first_wrong)
+    got = first_error_accuracy(step_scores, first_wrong, threshold=0.5)
     assert got["erroneous"] == pytest.approx(1 / 3)  # found at 1; flagged 0 for 1; flagged none for 0
     assert got["error_free"] == 1.0
     assert got["f1"] == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
+    # The drop rule: the first step scored below the one before it (the prompt's score before step 0).
+    progress = [np.array([0.3, 0.1, 0.0]), np.array([0.3, 0.6, 1.0]), np.array([0.4, 0.6]), np.array([0.0, 0.0])]
+    got = first_error_accuracy(progress, [1, None, 1, 0], start_scores=[0.1, 0.1, 0.5, 0.2])
+    assert got["erroneous"] == pytest.approx(2 / 3)  # found at 1; flagged 0 for 1 (0.4 < 0.5); found at 0
+    assert got["error_free"] == 1.0
+    with pytest.raises(ValueError, match="threshold"):
+        first_error_accuracy(progress, [1, None, 1, 0])
 
 
 def test_aggregations_and_their_running_form():

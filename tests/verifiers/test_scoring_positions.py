@@ -3,7 +3,6 @@ numbers back through every scoring path (value-target batches, batch scoring wit
 token of left-padded rows as beam search and the search's root read it, K candidates on a cached prefix as the
 search's node values, the sampler's last hidden state on a shared backbone, and the nodes of a real search)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,21 +10,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxreason.data.trace_store import Trace, pad_traces
-from jaxreason.data.trace_batches import value_batch
 from jaxreason.data.batching import shuffled_batches
+from jaxreason.data.trace_batches import value_batch
+from jaxreason.data.trace_store import Trace, pad_traces
 from jaxreason.models import CausalLM, ModelConfig, ValueModel
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.sampling import SamplingConfig, generate, pad_left
-from jaxreason.sampling.alignment import right_align
 from jaxreason.search import MCTSConfig, search_trees
 from jaxreason.sharding import make_mesh
 from jaxreason.tasks import get_task
-from jaxreason.train.fit import FitConfig
-from jaxreason.train.fit import fit
+from jaxreason.train.fit import FitConfig, fit
 from jaxreason.train.objectives import value_objective
 from jaxreason.train.optimizer import OptimizerConfig
-from jaxreason.verifiers import StepSplitter, ValueVerifier, Verifier, score_position, score_solutions
+from jaxreason.verifiers import StepSplitter, ValueVerifier, Verifier, score_solutions
 
 TOKENIZER = build_char_tokenizer()
 EOS, PAD = TOKENIZER.eos_token_id, TOKENIZER.pad_token_id
