@@ -62,8 +62,7 @@ class PrefixGrid:
 
     Slot p * R + r is sample r of prefix row p. Without a grid a batch fills every slot in order (B = P x R);
     a decode that has dropped its finished rows keeps its live ones in their slots, so attention still reads
-    each prefix row once for all of its samples instead of once per row (copies of the prefix per row made a
-    decode step of 48 rows 30% slower, BENCHMARKS.md).
+    each prefix row once for all of its samples instead of once per row.
 
     Attributes:
       rows: [P, R] the batch row in each slot (B where the slot is empty).

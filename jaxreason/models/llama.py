@@ -55,11 +55,11 @@ def _dot(spec: str, x: Array, kernel: Array) -> Array:
     """A projection by a weight matrix (`jnp.einsum(spec, x, kernel)`, in `x`'s dtype) that accumulates in
     float32, forward and backward.
 
-    With bfloat16 inputs this is what makes XLA's CPU backend use its bfloat16 matmul kernels (about 2x
-    float32 on AVX512-BF16, BENCHMARKS.md); a bfloat16 result type makes it convert both to float32. The
-    custom gradient keeps the backward products in bfloat16 too (the transpose of a float32 result would
-    multiply float32 cotangents). Only for projections: XLA:CPU's fallback for the attention's batched
-    products (`DotThunk`) does not implement bfloat16 x bfloat16 -> float32, so those keep plain einsums.
+    With bfloat16 inputs this is what makes XLA's CPU backend use its bfloat16 matmul kernels; a bfloat16
+    result type makes it convert both to float32. The custom gradient keeps the backward products in bfloat16
+    too (the transpose of a float32 result would multiply float32 cotangents). Only for projections: XLA:CPU's
+    fallback for the attention's batched products (`DotThunk`) does not implement bfloat16 x bfloat16 ->
+    float32, so those keep plain einsums.
     """
     return jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -270,7 +270,7 @@ def _weighted_values(probs: Float[Array, "B K G T S"], values: Array, keys: str)
     """The attention output: `probs`-weighted sums of `values` ([B, K, S, D] for "bksd", else [B, S, K, D]).
 
     For one query token (decoding) a broadcast multiply and sum: XLA's CPU batched matmul spends more on its
-    B x K tiny [G, S] x [S, D] products than on the arithmetic (one decode step of 128 rows: 13.4 -> 12.2 ms).
+    B x K tiny [G, S] x [S, D] products than on the arithmetic.
     """
     if probs.shape[3] == 1 and keys == "bksd":
         return jnp.sum(probs[:, :, :, 0, :, None] * values[:, :, None], axis=-2, dtype=jnp.float32).astype(
@@ -401,8 +401,7 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         # The scan hands each layer its slice of the caches and collects only the new tokens' keys and values,
         # written into the all-layer buffers once, after it: carrying the buffers through the scan and updating
-        # one layer per iteration made XLA copy them whole at every layer (a 30-layer decode step of 64 rows
-        # spent ~40% of its time in those copies).
+        # one layer per iteration made XLA copy them whole at every layer.
         kv = None if cache is None else (cache.k, cache.v)
         prefix_kv = None if prefix is None else (prefix.k, prefix.v)
         x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))

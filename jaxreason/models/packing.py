@@ -1,10 +1,10 @@
 """Packing a padded batch's real tokens together for the position-wise parts of a forward pass.
 
 A prefill of rows of very different lengths, padded to the longest, spends most of its matmuls on padding:
-a search's expansion prefills partial solutions of 1 to 6 steps side by side, about 40% of them real
-tokens. The projections, the MLP and the norms treat every token alone, so they can run on the real tokens
-only, gathered into N slots (N static, chosen by the caller to hold them); attention, which mixes tokens
-within a row, runs in the padded [B, T] layout, scattered back.
+a search's expansion prefills partial solutions of 1 to 6 steps side by side, most of them padding. The
+projections, the MLP and the norms treat every token alone, so they can run on the real tokens only, gathered
+into N slots (N static, chosen by the caller to hold them); attention, which mixes tokens within a row, runs in
+the padded [B, T] layout, scattered back.
 """
 
 from __future__ import annotations
