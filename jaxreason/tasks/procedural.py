@@ -48,6 +48,10 @@ class ProceduralTask(Task):
     def sample(self, rng: random.Random) -> Problem:
         """One random problem with its gold solution; all randomness comes from `rng`."""
 
+    def split_key(self, question: str) -> str:
+        """The text whose hash puts `question` in a split (the question itself)."""
+        return question
+
     def problems(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
         """`n` distinct problems of `split` (default `default_sizes[split]`), a function of (split, seed)."""
         if split not in SPLITS:
@@ -57,7 +61,7 @@ class ProceduralTask(Task):
         seen, out, misses = set(), [], 0
         while len(out) < n:
             problem = self.sample(rng)
-            if problem.question in seen or split_of(problem.question, self.test_fraction) != split:
+            if problem.question in seen or split_of(self.split_key(problem.question), self.test_fraction) != split:
                 misses += 1
                 if misses > _MAX_MISSES:
                     raise ValueError(

@@ -36,8 +36,8 @@ import functools
 import random
 import re
 
-from jaxreason.tasks.base import Problem, Task, register_task
-from jaxreason.tasks.procedural import SPLITS, content_id, split_of
+from jaxreason.tasks.base import Problem, register_task
+from jaxreason.tasks.procedural import ProceduralTask, content_id
 
 DATASETS = (
     "basic_arithmetic", "chain_sum", "countdown", "decimal_arithmetic", "decimal_chain_sum",
@@ -47,8 +47,6 @@ DATASETS = (
 _EXPRESSION_SCORED = ("countdown",)
 _PLAIN_EXPRESSION = re.compile(r"[\d\s+\-*/()]+")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-# Consecutive draws without a new problem after which the problem space counts as exhausted.
-_MAX_MISSES = 20_000
 
 
 def split_key(question: str) -> str:
@@ -58,25 +56,21 @@ def split_key(question: str) -> str:
     return " ".join(numbers) if numbers else question
 
 
-class ReasoningGymTask(Task):
+class ReasoningGymTask(ProceduralTask):
     """reasoning-gym's `dataset` (one of `DATASETS`) with `options` for its config, e.g. `max_terms=4`."""
 
     name = "reasoning_gym"
     prompt_template = 'Question: {question}\nSolve it step by step, one step per line, ending with "The answer is X".\n'
-    default_sizes = {"train": 10_000, "test": 1_000}
-
     def __init__(self, dataset: str, test_fraction: float = 0.1, prompt_template: str | None = None, **options):
-        super().__init__(prompt_template)
+        super().__init__(test_fraction, prompt_template)
         if dataset not in DATASETS:
             raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if {"seed", "size"} & set(options):
             raise ValueError(f"reasoning_gym/{dataset}: seed and size are set per draw; pass problems(seed=...)")
         # Imported here: reasoning-gym takes about a second to import, and only these tasks need it.
         import reasoning_gym
 
-        self.dataset, self.options, self.test_fraction = dataset, dict(options), test_fraction
+        self.dataset, self.options = dataset, dict(options)
         self.name = f"reasoning_gym/{dataset}"
         self._create = functools.partial(reasoning_gym.create_dataset, dataset, size=1, **options)
         try:
@@ -84,26 +78,8 @@ class ReasoningGymTask(Task):
         except (TypeError, ValueError, AssertionError) as error:  # an unknown option; a failed config check
             raise ValueError(f"bad options {options} for reasoning-gym dataset {dataset!r}: {error}") from error
 
-    def problems(self, split: str = "train", n: int | None = None, seed: int = 0) -> list[Problem]:
-        """`n` distinct problems of `split` (default `default_sizes[split]`), a function of (split, seed)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; {self.name} has {', '.join(SPLITS)}")
-        n = self.default_sizes[split] if n is None else n
-        rng = random.Random(f"{self.name}/{split}/{seed}")  # str seeds hash identically in every process
-        seen, out, misses = set(), [], 0
-        while len(out) < n:
-            problem = self.sample(rng)
-            if problem.question in seen or split_of(split_key(problem.question), self.test_fraction) != split:
-                misses += 1
-                if misses > _MAX_MISSES:
-                    raise ValueError(
-                        f"found only {len(out)} distinct {split} problems of {self.name} for n={n}; "
-                        "widen the dataset's options or ask for fewer")
-                continue
-            misses = 0
-            seen.add(problem.question)
-            out.append(problem)
-        return out
+    def split_key(self, question: str) -> str:
+        return split_key(question)
 
     def sample(self, rng: random.Random) -> Problem:
         """One reasoning-gym draw, seeded from `rng`."""
