@@ -21,7 +21,6 @@ from jaxreason.algorithms.rest_mcts import RestMCTSConfig
 from jaxreason.config import from_dict
 from jaxreason.models.pretrained import load_pretrained, load_value_model
 from jaxreason.search import Budget, run
-from jaxreason.tasks import get_task
 from jaxreason.verifiers import TaskCheckVerifier, ValueVerifier
 from jaxreason.verifiers.evaluation import evaluate_verifier
 
@@ -40,7 +39,7 @@ def main() -> None:
     raw.pop("algorithm", None)
     config = from_dict(RestMCTSConfig, raw, str(run_dir / "config.json"))
     p = config.problems
-    task = get_task(p.task, **({"path": p.path} if p.path else {}), **p.options)
+    task = p.task.build()
     problems = task.problems("test", n=p.test, seed=config.seed)[:args.problems]
     policy, tokenizer = load_pretrained(run_dir / "models" / f"policy_{args.iteration}")
     prm, _ = load_value_model(run_dir / "models" / f"prm_{args.iteration}")

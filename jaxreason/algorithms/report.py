@@ -97,7 +97,7 @@ def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> d
     subsets = ", ".join(f"{_LABELS.get(m, m)} on the first {k}" for m, k in sizes.items() if k != n)
     lines = [
         "# ReST-MCTS* run report", "",
-        f"Task `{config['problems']['task']}`, {n} held-out problems" + (f" ({subsets})" if subsets else "")
+        f"Task `{config['problems']['task']['name']}`, {n} held-out problems" + (f" ({subsets})" if subsets else "")
         + f", {config['problems']['train']} self-training problems, {len(its) - 1} of {config['iterations']} "
         f"iterations finished, seed {config['seed']}. Selection rules (`rule@n`) choose among n of the N samples "
         "drawn per held-out problem (averaged over subsets of n); random pick is the mean sample accuracy.", "",

@@ -48,8 +48,7 @@ from jaxreason.sampling.prompts import pad_token_id, prompt_ids
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import search_trees
 from jaxreason.search.methods import method_names, needs_verifier, run
-from jaxreason.tasks import get_task
-from jaxreason.tasks.base import Problem, Task
+from jaxreason.tasks.base import Problem, Task, TaskSpec
 from jaxreason.train.fit import FitConfig, fit
 from jaxreason.train.objectives import sft_objective, value_objective
 from jaxreason.verifiers.base import Verifier
@@ -66,9 +65,7 @@ log = logging.getLogger(__name__)
 class ProblemsConfig:
     """Disjoint slices of the task's train split (gold SFT, PRM warm-up, self-training) and its test split."""
 
-    task: str = "arith"
-    path: str | None = None  # gsm8k / math: the JSONL file
-    options: dict = dataclasses.field(default_factory=dict)  # task settings, e.g. arith's max_ops
+    task: TaskSpec = TaskSpec()
     gold: int = 256
     warmup: int = 64
     train: int = 128
@@ -454,11 +451,11 @@ def _setup(config: RestMCTSConfig, tokenizer, resume: bool) -> _Run:
         raise ValueError(f"{saved}: the run was started with a different config; resume it with the same one")
     saved.write_text(json.dumps(as_json, indent=2))
     p = config.problems
-    task = get_task(p.task, **({"path": p.path} if p.path else {}), **p.options)
+    task = p.task.build()
     needed = p.gold + p.warmup + p.train
     pool = task.problems("train", n=needed, seed=config.seed)
     if len(pool) < needed:
-        raise ValueError(f"task {p.task}: {len(pool)} training problems, the config needs {needed} "
+        raise ValueError(f"task {p.task.name}: {len(pool)} training problems, the config needs {needed} "
                          "(problems.gold + problems.warmup + problems.train)")
     store_path = run_dir / "traces"
     if not store_path.exists():

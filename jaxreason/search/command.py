@@ -14,17 +14,8 @@ from jaxreason.models.pretrained import VALUE_HEAD_FILE, load_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.search.config import Budget
 from jaxreason.search.methods import compare, method_names, needs_verifier
-from jaxreason.tasks import get_task
+from jaxreason.tasks import TaskSpec
 from jaxreason.verifiers.base import make_verifier
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    name: str = "arith"
-    split: str = "test"
-    num_problems: int = 16
-    path: str | None = None  # gsm8k / math: the JSONL file
-    options: dict = dataclasses.field(default_factory=dict)  # task settings, e.g. arith's max_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +32,9 @@ class VerifierConfig:
 class SearchCommandConfig:
     policy: ModelSpec
     verifier: VerifierConfig = VerifierConfig()
-    task: TaskConfig = TaskConfig()
+    task: TaskSpec = TaskSpec()
+    split: str = "test"
+    num_problems: int = 16  # the split's first problems for `seed`
     methods: tuple[str, ...] = ("greedy", "self_consistency", "best_of_n", "mcts")
     budget: Budget = Budget()
     chat: bool = False  # wrap prompts in the tokenizer's chat template (instruct models)
@@ -74,8 +67,8 @@ def run_search_command(config: SearchCommandConfig) -> list[dict]:
         model, _ = load_value_model(value_model_folder(config.verifier.path))
         verifier = make_verifier(config.verifier.kind, model, **(
             {"aggregation": config.verifier.aggregation} if config.verifier.kind == "prm" else {}))
-    task = get_task(config.task.name, **({"path": config.task.path} if config.task.path else {}), **config.task.options)
-    problems = task.problems(config.task.split, n=config.task.num_problems, seed=config.seed)
+    task = config.task.build()
+    problems = task.problems(config.split, n=config.num_problems, seed=config.seed)
     runnable = [m for m in config.methods if verifier is not None or not needs_verifier(m)]
     rows = compare(runnable, problems, key=jax.random.key(config.seed), policy=policy, verifier=verifier,
                    tokenizer=tokenizer, task=task, budget=config.budget, chat=config.chat,

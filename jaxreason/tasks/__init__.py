@@ -2,14 +2,14 @@
 reasoning-gym's datasets."""
 
 from jaxreason.tasks.arith import ArithTask
-from jaxreason.tasks.base import STEP_DELIMITER, Problem, Task, get_task, register_task, task_names
+from jaxreason.tasks.base import STEP_DELIMITER, Problem, Task, TaskSpec, get_task, register_task, task_names
 from jaxreason.tasks.countdown import CountdownTask, validate_countdown
 from jaxreason.tasks.files import GSM8KTask, MathTask, load_gsm8k, load_math
 from jaxreason.tasks.math_answers import ANSWER_PREFIX, answers_equal, extract_answer, last_boxed
 from jaxreason.tasks.reasoning_gym import ReasoningGymTask
 
 __all__ = [
-    "ANSWER_PREFIX", "STEP_DELIMITER", "Problem", "Task", "get_task", "register_task", "task_names",
+    "ANSWER_PREFIX", "STEP_DELIMITER", "Problem", "Task", "TaskSpec", "get_task", "register_task", "task_names",
     "answers_equal", "extract_answer", "last_boxed", "ArithTask", "CountdownTask", "validate_countdown",
     "GSM8KTask", "MathTask", "load_gsm8k", "load_math", "ReasoningGymTask",
 ]

@@ -79,6 +79,19 @@ class Task(abc.ABC):
         return type(self).first_wrong_step is not Task.first_wrong_step
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which problem set, as every config names it: a registered task, its settings and, for tasks read from a
+    file (gsm8k, math), the file."""
+
+    name: str = "arith"
+    path: str | None = None
+    options: dict = field(default_factory=dict, hash=False)  # e.g. arith's {max_ops: 2}
+
+    def build(self) -> Task:
+        return get_task(self.name, **({"path": self.path} if self.path else {}), **self.options)
+
+
 _FACTORIES: dict[str, Callable[..., Task]] = {}
 
 

@@ -23,7 +23,7 @@ SHORT = [
     "policy.scratch.hidden_size=32", "policy.scratch.intermediate_size=64", "policy.scratch.num_layers=2",
     "policy.scratch.head_dim=8",
     # One-addition problems, so that the shortened SFT already solves some and every stage has data.
-    "problems.options={min_ops: 1, max_ops: 1, max_operand: 12, max_factor: 2, ops: '+', check_steps: true}",
+    "problems.task.options={min_ops: 1, max_ops: 1, max_operand: 12, max_factor: 2, ops: '+', check_steps: true}",
     "problems.gold=48", "problems.warmup=8", "problems.train=16", "problems.test=4",
     "iterations=2", "sft.num_steps=200", "sft.batch_size=8", "sft.max_len=64", "sft.optimizer.learning_rate=0.01",
     "warmup.num_rollouts=2", "warmup.sampling.max_new_tokens=32",
