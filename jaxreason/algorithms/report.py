@@ -11,6 +11,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from jaxreason.search.methods import needs_verifier
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -41,11 +43,11 @@ def collect_metrics(stages: dict[str, Any], num_problems: int) -> dict:
 
 def _without_verifier(ev: dict) -> dict:
     """What of policy_0's evaluation needs no verifier (ReST-EM's view of iteration 0)."""
-    out = {m: row for m, row in ev.items() if m not in ("verification", "mcts", "best_of_n", "weighted_best_of_n",
-                                                          "beam_search")}
+    out = {m: row for m, row in ev.items() if m != "verification" and not needs_verifier(m)}
     v = ev.get("verification")
     if v:
-        out["verification"] = {**{k: x for k, x in v.items() if k not in ("auc", "first_error", "selection")},
+        verifier_only = ("auc", "first_error", "selection", "verifier_tokens_per_sample")
+        out["verification"] = {**{k: x for k, x in v.items() if k not in verifier_only},
                                "selection": {n: {r: a for r, a in rules.items()
                                                  if r in ("self_consistency", "random_pick", "pass_at_n")}
                                              for n, rules in v["selection"].items()}}
