@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 # name -> the module that registers it (imported on first use)
-_BUILTIN = {"rest_mcts": "jaxreason.algorithms.rest_mcts", "sft": "jaxreason.algorithms.sft"}
+_BUILTIN = {"grpo": "jaxreason.algorithms.grpo", "rest_mcts": "jaxreason.algorithms.rest_mcts",
+            "sft": "jaxreason.algorithms.sft"}
 
 
 class RunInterrupted(RuntimeError):

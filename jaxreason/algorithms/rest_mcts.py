@@ -30,11 +30,12 @@ import numpy as np
 from flax import nnx
 
 from jaxreason import sharding
+from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
-from jaxreason.algorithms.stages import StageLog
+from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.algorithms.value_targets import tree_value_traces
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
@@ -44,7 +45,7 @@ from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
-from jaxreason.sampling.prompts import pad_token_id, prompt_ids
+from jaxreason.sampling.prompts import pad_token_id
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import search_trees
 from jaxreason.search.methods import method_names, needs_verifier, run
@@ -261,8 +262,8 @@ def _loop(r: _Run, policy) -> None:
     value_data = lambda traces: value_batch(traces, c.prm_train.max_len, r.pad_id)
 
     if c.sft is not None:  # a weak but non-zero start: SFT on a few gold solutions
-        r.train_model("sft", policy, sft_objective, _gold_traces(r), c.sft,
-                      lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
+        gold = gold_traces(r.task, r.tokenizer, *r.slice("gold"), chat=c.chat)
+        r.train_model("sft", policy, sft_objective, gold, c.sft, lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
     base = _snapshot(policy)
     prm = ValueModel(policy.config, rngs=nnx.Rngs(c.seed))  # its own backbone, initialised from policy_0's
     nnx.update(prm.transformer, _snapshot(policy.transformer))
@@ -300,21 +301,6 @@ def _loop(r: _Run, policy) -> None:
 
 
 # ---------------------------------------------------------------- stages
-
-
-def _gold_traces(r: _Run) -> list[Trace]:
-    """The gold solutions of the "gold" slice as (prompt, solution) traces."""
-    traces = []
-    for problem, pid in zip(*r.slice("gold")):
-        if not problem.solution_steps:
-            raise ValueError(f"problem {problem.id} has no gold solution steps for the initial SFT")
-        prompt = prompt_ids(r.tokenizer, r.task.prompt(problem), chat=r.config.chat)
-        solution = r.tokenizer.encode(r.task.format_solution(problem.solution_steps, problem.answer),
-                                      add_special_tokens=False)
-        traces.append(Trace(problem_id=pid, iteration=0, tokens=np.asarray(prompt + solution, np.int32),
-                            prompt_len=len(prompt), step_ends=np.zeros(0, np.int32),
-                            step_values=np.zeros(0, np.float32), reward=1.0, flags=FLAG_CORRECT))
-    return traces
 
 
 def _warmup_data(r: _Run, policy) -> dict:
@@ -441,15 +427,7 @@ def _copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
 
 
 def _setup(config: RestMCTSConfig, tokenizer, resume: bool) -> _Run:
-    run_dir = Path(config.run_dir)
-    if (run_dir / "stages.json").exists() and not resume:
-        raise ValueError(f"{run_dir} holds a run already: pass --resume to continue it, or set run_dir=NEW")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.json"
-    as_json = json.loads(json.dumps(to_dict(config)))
-    if resume and saved.exists() and json.loads(saved.read_text()) != as_json:
-        raise ValueError(f"{saved}: the run was started with a different config; resume it with the same one")
-    saved.write_text(json.dumps(as_json, indent=2))
+    run_dir = open_run_dir(config.run_dir, to_dict(config), resume)
     p = config.problems
     task = p.task.build()
     needed = p.gold + p.warmup + p.train

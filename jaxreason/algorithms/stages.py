@@ -39,3 +39,18 @@ class StageLog:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         return result
+
+
+def open_run_dir(path: str | Path, config: dict, resume: bool, *, marker: str = "stages.json") -> Path:
+    """The run folder, made if new. A folder that holds a run (`marker` exists in it) needs `resume`, and a
+    resumed run must have the config it started with (saved as config.json)."""
+    run_dir = Path(path)
+    if (run_dir / marker).exists() and not resume:
+        raise ValueError(f"{run_dir} holds a run already: pass --resume to continue it, or set run_dir=NEW")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.json"
+    as_json = json.loads(json.dumps(config))
+    if resume and saved.exists() and json.loads(saved.read_text()) != as_json:
+        raise ValueError(f"{saved}: the run was started with a different config; resume it with the same one")
+    saved.write_text(json.dumps(as_json, indent=2))
+    return run_dir

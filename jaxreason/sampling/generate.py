@@ -135,14 +135,16 @@ def generate(
     eos_ids: tuple[int, ...] = (),
     pad_id: int = 0,
     stop_table: StopTable | None = None,
+    samples_per_prompt: int = 1,
 ) -> GenerateOutput:
-    """Samples up to `config.max_new_tokens` tokens after each left-padded prompt.
+    """Samples up to `config.max_new_tokens` tokens after each left-padded prompt, `samples_per_prompt` = K
+    times (rows prompt-major: row b * K + k is sample k of prompt b; each prompt is prefilled once).
 
     Args:
       model: the causal LM.
       prompt_tokens: [B, P] left-padded prompt ids (see `jaxreason.sampling.pad_left`).
       prompt_mask: [B, P] 1 for real prompt tokens.
-      key: one PRNG key, or [B] keys (one per row: a row's draws then depend on its key alone).
+      key: one PRNG key, or [B * K] keys (one per output row: a row's draws then depend on its key alone).
       config: sampling settings (static: a new value compiles a new program).
       eos_ids: token ids that end a row.
       pad_id: id written after a row has ended.
@@ -153,12 +155,13 @@ def generate(
         raise ValueError(
             f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} must both be [B, P]"
         )
-    batch = prompt_tokens.shape[0]
-    row_keys = key if _is_key_batch(key, batch) else jax.random.split(key, batch)
+    rows = prompt_tokens.shape[0] * samples_per_prompt
+    row_keys = key if _is_key_batch(key, rows) else jax.random.split(key, rows)
     graphdef, state = nnx.split(model)
     return _generate_jit(
         graphdef, state, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
         row_keys, stop_table, config=config, eos_ids=tuple(eos_ids), pad_id=pad_id,
+        samples_per_prompt=samples_per_prompt,
     )
 
 
@@ -191,11 +194,12 @@ class _LoopState:
             step=self.step, cache=self.cache.take_rows(rows))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_ids", "pad_id"))
-def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, row_keys, stop_table, *, config, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "eos_ids", "pad_id", "samples_per_prompt"))
+def _generate_jit(graphdef, state, prompt_tokens, prompt_mask, row_keys, stop_table, *, config, eos_ids, pad_id,
+                  samples_per_prompt):
     model = nnx.merge(graphdef, state)
     return sample(model, prompt_tokens, prompt_mask, row_keys, config, eos_ids=eos_ids, pad_id=pad_id,
-                  stop_table=stop_table)
+                  stop_table=stop_table, samples_per_prompt=samples_per_prompt)
 
 
 def sample(

@@ -1,0 +1,248 @@
+"""GRPO (Shao et al., 2024, arXiv 2402.03300): group-relative policy optimisation with a rule-based reward.
+
+    policy_0 <- SFT(base, gold solutions)                                  stage "sft" (as ReST-MCTS*'s)
+    for step = 1 .. S:
+        x_1..x_N  <- the next N training problems
+        o_i1..o_iG <- G samples of pi_theta for each x_i                  (the jitted sampler, live weights)
+        r_ig      <- the task's checker on o_ig                           (truncated answers: `truncation`)
+        A_ig      <- (r_ig - mean_g r_ig) / std_g r_ig                     (on every token of o_ig)
+        theta     <- mu passes of clipped-ratio updates, KL(pi_theta || pi_0) weighted by beta
+        every `eval_every` steps: greedy accuracy on the held-out problems
+
+The train state (weights, optimizer, key) is checkpointed every `checkpoint_every` steps and on SIGTERM; the
+per-step history is saved beside it, so `--resume` continues with the losses an uninterrupted run has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxreason import sharding
+from jaxreason.algorithms.gold_sft import gold_traces
+from jaxreason.algorithms.grpo_report import write_grpo_report
+from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
+from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.config import to_dict
+from jaxreason.data.batching import shuffled_batches
+from jaxreason.data.trace_batches import sft_batch
+from jaxreason.models.pretrained import save_pretrained
+from jaxreason.models.spec import ModelSpec, build_model
+from jaxreason.rl.advantages import get_advantage, per_token
+from jaxreason.rl.rewards import TRUNCATION_RULES, apply_truncation, checked_rewards, task_reward
+from jaxreason.rl.rollouts import sample_episodes
+from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
+from jaxreason.sampling.generate import SamplingConfig
+from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
+from jaxreason.search.config import BaselineConfig, Budget
+from jaxreason.search.methods import run as run_method
+from jaxreason.tasks.base import TaskSpec
+from jaxreason.train.checkpoint import StopSignal
+from jaxreason.train.fit import FitConfig, fit
+from jaxreason.train.metrics import MetricsLogger, progress
+from jaxreason.train.objectives import sft_objective
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOProblems:
+    """The task's train split: the first `gold` problems for policy_0's SFT (ReST-MCTS*'s gold slice with the
+    same seed), the next `train` for RL; and `test` held-out problems."""
+
+    task: TaskSpec = TaskSpec()
+    gold: int = 256
+    train: int = 1024
+    test: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOEval:
+    every: int = 10  # steps between held-out evaluations (and always at step 0 and at the end)
+    baseline: BaselineConfig = BaselineConfig()  # greedy reads its max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    policy: ModelSpec
+    problems: GRPOProblems = GRPOProblems()
+    run_dir: str = "runs/grpo"
+    seed: int = 0
+    chat: bool = False
+    sft: FitConfig | None = FitConfig()  # policy_0 from the base model; null: the base model is policy_0
+    num_steps: int = 100
+    prompts_per_step: int = 16  # N
+    group_size: int = 8  # G
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=1.0)
+    advantage: str = "grpo"  # a group estimator of jaxreason.rl.advantages: grpo | rloo | dr_grpo
+    truncation: str = "zero"  # an answer cut at max_new_tokens: zero (reward 0) | mask (not trained) | keep
+    update: PolicyGradientConfig = PolicyGradientConfig()
+    evaluation: GRPOEval = GRPOEval()
+    checkpoint_every: int = 10
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+
+    def __post_init__(self):
+        if self.num_steps < 1 or self.prompts_per_step < 1:
+            raise ValueError("num_steps and prompts_per_step must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
+        if self.truncation not in TRUNCATION_RULES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_RULES}, got {self.truncation!r}")
+        get_advantage(self.advantage)  # unknown names fail at load time
+
+    @property
+    def updates_per_step(self) -> int:
+        rows = self.prompts_per_step * self.group_size
+        return self.update.epochs * (rows // (self.update.minibatch_rows or rows))
+
+
+def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
+    """Runs (or resumes) GRPO; returns the metrics also written to run_dir/metrics.json."""
+    c = config
+    policy, tokenizer = build_model(c.policy, c.seed)
+    if tokenizer is None:
+        raise ValueError(f"{c.policy.pretrained}: no tokenizer beside the weights")
+    run_dir = open_run_dir(c.run_dir, to_dict(c), resume, marker="config.json")
+    task = c.problems.task.build()
+    pool = task.problems("train", n=c.problems.gold + c.problems.train, seed=c.seed)
+    if len(pool) < c.problems.gold + c.problems.train:
+        raise ValueError(f"task {c.problems.task.name}: {len(pool)} training problems, the config needs "
+                         f"{c.problems.gold + c.problems.train} (problems.gold + problems.train)")
+    train, test = pool[c.problems.gold:], task.problems("test", n=c.problems.test, seed=c.seed)
+    mesh = sharding.make_mesh(c.mesh)
+    stages = StageLog(run_dir)
+    pad = pad_token_id(tokenizer)
+
+    if c.sft is not None:
+        gold = gold_traces(task, tokenizer, pool[:c.problems.gold], range(c.problems.gold), chat=c.chat)
+        sft = c.sft.for_examples(len(gold))
+        batches = shuffled_batches(lambda idx: sft_batch([gold[i] for i in idx], sft.max_len, pad,
+                                                         tokenizer.eos_token_id), len(gold), sft.batch_size, c.seed)
+        result = fit(policy, sft_objective, batches, sft, mesh=mesh, directory=run_dir / "sft", seed=c.seed,
+                     description="sft")
+        if result.interrupted:
+            raise RunInterrupted(f"stage sft stopped by SIGTERM at step {result.step} (checkpoint saved)")
+        stages.run("sft", lambda: {"steps": result.step, "examples": len(gold)})
+
+    trainer = PolicyTrainer(policy, c.update, mesh=mesh, num_updates=c.num_steps * c.updates_per_step, seed=c.seed)
+    checkpointer = trainer.checkpointer(run_dir / "grpo" / "checkpoints")
+    history = _History(run_dir / "grpo" / "history.json")
+    meta = trainer.restore(checkpointer)
+    start = 0 if meta is None else int(meta["step"])
+    history.truncate(start)
+    prompts = [prompt_ids(tokenizer, task.prompt(p), chat=c.chat) for p in train]
+    reward_fn = task_reward(task, tokenizer)
+    stop_ids = eos_ids(tokenizer, policy.config)
+    key = jax.random.key(c.seed)
+    evaluate = lambda: _evaluate(c, trainer, tokenizer, task, test, key, mesh)
+    logger = MetricsLogger(run_dir, "grpo")
+    try:
+        if not history.evaluations():
+            history.add({"step": 0, "generated_tokens": 0, "eval": evaluate()})
+        with StopSignal() as stop, progress(c.num_steps, start, "grpo") as bar:
+            for step in range(start, c.num_steps):
+                began = time.perf_counter()
+                rows = _prompt_rows(step, c.prompts_per_step, len(train), c.seed)
+                episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
+                                           c.sampling, group_size=c.group_size, eos_ids=stop_ids, pad_id=pad,
+                                           mesh=mesh)
+                completions = episodes.attempt(0)
+                problems = [train[rows[r // c.group_size]] for r in range(len(completions))]
+                rewards = checked_rewards(reward_fn, problems, [prompts[rows[r // c.group_size]]
+                                                                for r in range(len(completions))], completions)
+                rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], c.truncation)
+                groups = rewards.reshape(c.prompts_per_step, c.group_size)
+                advantages = np.asarray(get_advantage(c.advantage)(groups)).reshape(-1)
+                batch = trainer.batch(episodes, per_token(advantages[:, None], episodes.token_turn), keep=keep)
+                metrics = trainer.update(batch, step)
+                lengths = np.asarray(episodes.turn_lengths[:, 0])
+                row = {"step": step + 1, "reward": float(rewards.mean()), "kl": metrics["kl"],
+                       "loss": metrics["loss"], "clip_fraction": metrics["clip_fraction"],
+                       "grad_norm": metrics["grad_norm"], "response_length": float(lengths.mean()),
+                       "truncated": float(np.mean(episodes.truncated[:, 0])),
+                       "solved_groups": float(np.mean(groups.max(axis=1) > 0)),
+                       "uniform_groups": float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
+                       "generated_tokens": history.generated_tokens() + int(lengths.sum()),
+                       "seconds": time.perf_counter() - began}
+                last = step + 1 == c.num_steps
+                if (step + 1) % c.evaluation.every == 0 or last:
+                    row["eval"] = evaluate()
+                history.add(row)
+                logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
+                           | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
+                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
+                bar.update(1)
+                interrupted = stop.requested.is_set()
+                if (step + 1) % c.checkpoint_every == 0 or last or interrupted:
+                    history.save()  # first: a checkpoint is never ahead of the history it resumes
+                    checkpointer.save(step + 1, trainer.state, {"step": step + 1, "seed": c.seed}, wait=interrupted)
+                if interrupted:
+                    raise RunInterrupted(f"grpo stopped by SIGTERM after step {step + 1} (checkpoint saved)")
+        checkpointer.wait()
+    finally:
+        history.save()
+        checkpointer.close()
+        logger.close()
+    folder = run_dir / "models" / "policy"
+    if not folder.exists():
+        save_pretrained(trainer.policy, tokenizer, folder)
+    return write_grpo_report(run_dir, to_dict(c), history.rows)
+
+
+def _prompt_rows(step: int, n: int, size: int, seed: int) -> np.ndarray:
+    """The training problems of `step`: consecutive slices of a per-epoch permutation drawn from (seed, epoch)."""
+    per_epoch = max(size // n, 1)
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    return np.resize(order, max(n, size))[offset * n:(offset + 1) * n]
+
+
+def _evaluate(c: GRPOConfig, trainer: PolicyTrainer, tokenizer, task, test, key, mesh) -> dict[str, float]:
+    """Greedy accuracy on the held-out problems (the same decoding as ReST-MCTS*'s evaluation)."""
+    result = run_method("greedy", test, policy=trainer.policy, tokenizer=tokenizer, task=task,
+                        budget=Budget(baseline=c.evaluation.baseline), key=key, chat=c.chat, mesh=mesh)
+    log.info("held-out greedy accuracy %.3f", result.accuracy)
+    return {"greedy": result.accuracy}
+
+
+class _History:
+    """The per-step records of the run, saved atomically beside the checkpoints."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = json.loads(path.read_text()) if path.exists() else []
+
+    def truncate(self, step: int) -> None:
+        """Drops the records after `step` (written before a crash, but not in the checkpoint resumed)."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def evaluations(self) -> list[dict]:
+        return [r for r in self.rows if "eval" in r]
+
+    def generated_tokens(self) -> int:
+        return self.rows[-1]["generated_tokens"] if self.rows else 0
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows))
+        os.replace(tmp, self.path)
+
+
+def _summary(config: GRPOConfig, metrics: dict) -> str:
+    first, last = metrics["evaluations"][0], metrics["evaluations"][-1]
+    return (f"grpo: held-out greedy accuracy {first['greedy']:.3f} (policy_0) -> {last['greedy']:.3f} after "
+            f"{last['step']} steps\nreport: {config.run_dir}/report.md")
+
+
+register_algorithm("grpo", GRPOConfig, run_grpo, summarize=_summary)
