@@ -33,6 +33,7 @@ from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
+from jaxreason.distributed import is_main_process
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.rl.advantages import get_advantage, per_token
@@ -142,7 +143,8 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     stop_ids = eos_ids(tokenizer, policy.config)
     key = jax.random.key(c.seed)
     evaluate = lambda: _evaluate(c, trainer, tokenizer, task, test, key, mesh)
-    logger = MetricsLogger(run_dir, "grpo")
+    main_process = is_main_process()  # in a multi-host job one process writes the run folder's files
+    logger = MetricsLogger(run_dir, "grpo") if main_process else None
     try:
         if not history.evaluations():
             history.add({"step": 0, "generated_tokens": 0, "eval": evaluate()})
@@ -175,21 +177,26 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
                 if (step + 1) % c.evaluation.every == 0 or last:
                     row["eval"] = evaluate()
                 history.add(row)
-                logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
-                           | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
+                if logger is not None:
+                    logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
+                               | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
                 bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
                 bar.update(1)
                 interrupted = stop.requested.is_set()
                 if (step + 1) % c.checkpoint_every == 0 or last or interrupted:
-                    history.save()  # first: a checkpoint is never ahead of the history it resumes
+                    if main_process:  # first: a checkpoint is never ahead of the history it resumes
+                        history.save()
                     checkpointer.save(step + 1, trainer.state, {"step": step + 1, "seed": c.seed}, wait=interrupted)
                 if interrupted:
                     raise RunInterrupted(f"grpo stopped by SIGTERM after step {step + 1} (checkpoint saved)")
         checkpointer.wait()
     finally:
-        history.save()
         checkpointer.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
+    if not main_process:
+        return {}
+    history.save()
     folder = run_dir / "models" / "policy"
     if not folder.exists():
         save_pretrained(trainer.policy, tokenizer, folder)
@@ -240,6 +247,8 @@ class _History:
 
 
 def _summary(config: GRPOConfig, metrics: dict) -> str:
+    if not metrics:
+        return "grpo: finished (the main process wrote the run folder)"
     first, last = metrics["evaluations"][0], metrics["evaluations"][-1]
     return (f"grpo: held-out greedy accuracy {first['greedy']:.3f} (policy_0) -> {last['greedy']:.3f} after "
             f"{last['step']} steps\nreport: {config.run_dir}/report.md")

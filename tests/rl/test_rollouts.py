@@ -76,3 +76,16 @@ def test_errors_name_the_problem(model):
         sample_episodes(model, PROMPTS, jax.random.key(0), GREEDY, group_size=0, eos_ids=(EOS,), pad_id=PAD)
     with pytest.raises(ValueError, match="does not fit width 8"):
         sample_episodes(model, PROMPTS, jax.random.key(0), GREEDY, group_size=1, eos_ids=(EOS,), pad_id=PAD, width=8)
+
+
+def test_rollouts_split_over_eight_devices_equal_one_device(model):
+    from jaxreason import sharding
+
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    prompts = PROMPTS * 4  # 8 prompts: one per device
+    args = (prompts, jax.random.key(2), sampling)
+    one = sample_episodes(model, *args, group_size=2, eos_ids=(EOS,), pad_id=PAD)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    eight = sample_episodes(model, *args, group_size=2, eos_ids=(EOS,), pad_id=PAD, mesh=mesh)
+    np.testing.assert_array_equal(eight.tokens, one.tokens)
+    np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-5)
