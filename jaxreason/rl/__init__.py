@@ -18,13 +18,15 @@ from jaxreason.rl.advantages import (
 )
 from jaxreason.rl.critic import critic_objective, critic_values
 from jaxreason.rl.loss import clipped_policy_loss, policy_gradient_objective, sequence_token_logprobs
+from jaxreason.rl.prefix_values import PrefixValues, prefix_values, step_index
 from jaxreason.rl.rewards import RewardFn, apply_truncation, checked_rewards, task_reward, verifier_reward
 from jaxreason.rl.rollouts import NOT_TRAINED, Episodes, sample_episodes
 from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
 
 __all__ = [
-    "ADVANTAGES", "NOT_TRAINED", "Episodes", "PolicyGradientConfig", "PolicyTrainer", "RewardFn", "apply_truncation",
-    "checked_rewards", "clipped_policy_loss", "critic_objective", "critic_values", "gae", "get_advantage",
-    "group_normalized", "leave_one_out", "per_token", "policy_gradient_objective", "register_advantage",
-    "sample_episodes", "sequence_token_logprobs", "step_advantages", "task_reward", "verifier_reward",
+    "ADVANTAGES", "Episodes", "NOT_TRAINED", "PolicyGradientConfig", "PolicyTrainer", "PrefixValues", "RewardFn",
+    "apply_truncation", "checked_rewards", "clipped_policy_loss", "critic_objective", "critic_values", "gae",
+    "get_advantage", "group_normalized", "leave_one_out", "per_token", "policy_gradient_objective", "prefix_values",
+    "register_advantage", "sample_episodes", "sequence_token_logprobs", "step_advantages", "step_index",
+    "task_reward", "verifier_reward",
 ]
