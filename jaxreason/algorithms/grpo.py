@@ -49,6 +49,7 @@ from jaxreason.train.checkpoint import StopSignal
 from jaxreason.train.fit import FitConfig, fit
 from jaxreason.train.metrics import MetricsLogger, progress
 from jaxreason.train.objectives import sft_objective
+from jaxreason.verifiers.evaluation import evaluate_verifier
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,14 @@ class GRPOProblems:
 
 @dataclasses.dataclass(frozen=True)
 class GRPOEval:
+    """Held-out evaluation: greedy accuracy on all `problems.test`; with `num_samples` > 0 also, on the first
+    `sample_problems` of them, the mean accuracy of `num_samples` samples drawn with `baseline.sampling` and their
+    self-consistency."""
+
     every: int = 10  # steps between held-out evaluations (and always at step 0 and at the end)
     baseline: BaselineConfig = BaselineConfig()  # greedy reads its max_new_tokens
+    num_samples: int = 0
+    sample_problems: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +219,19 @@ def _prompt_rows(step: int, n: int, size: int, seed: int) -> np.ndarray:
 
 
 def _evaluate(c: GRPOConfig, trainer: PolicyTrainer, tokenizer, task, test, key, mesh) -> dict[str, float]:
-    """Greedy accuracy on the held-out problems (the same decoding as ReST-MCTS*'s evaluation)."""
+    """Greedy accuracy on the held-out problems (the same decoding as ReST-MCTS*'s evaluation) and, when asked
+    for, the mean accuracy of samples ("sample") and their self-consistency ("self_consistency@N")."""
+    ev = c.evaluation
     result = run_method("greedy", test, policy=trainer.policy, tokenizer=tokenizer, task=task,
-                        budget=Budget(baseline=c.evaluation.baseline), key=key, chat=c.chat, mesh=mesh)
+                        budget=Budget(baseline=ev.baseline), key=key, chat=c.chat, mesh=mesh)
     log.info("held-out greedy accuracy %.3f", result.accuracy)
-    return {"greedy": result.accuracy}
+    out = {"greedy": result.accuracy}
+    if ev.num_samples:
+        drawn = evaluate_verifier(trainer.policy, None, tokenizer, task, test[:ev.sample_problems],
+                                  sampling=ev.baseline.sampling, num_samples=ev.num_samples, sizes=(ev.num_samples,),
+                                  key=jax.random.fold_in(key, 1), chat=c.chat)["selection"][str(ev.num_samples)]
+        out |= {"sample": drawn["random_pick"], f"self_consistency@{ev.num_samples}": drawn["self_consistency"]}
+    return out
 
 
 class _History:

@@ -12,6 +12,7 @@ from jaxreason.algorithms.report import standard_error
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+_LABELS = {"greedy": "greedy accuracy", "sample": "sample accuracy"}
 _CURVES = (("reward", "mean reward of the samples"), ("kl", "KL to policy_0 (k3, per token)"),
            ("response_length", "response length (tokens)"))
 
@@ -28,6 +29,7 @@ def write_grpo_report(run_dir: str | Path, config: dict, rows: list[dict]) -> di
     _plot(evaluations, steps, run_dir / "training_curves.png")
 
     first, last = evaluations[0], evaluations[-1]
+    accuracies = [k for k in first if k not in ("step", "generated_tokens")]
     change = 100 * (last["greedy"] - first["greedy"])
     lines = [
         "# GRPO run report", "",
@@ -37,14 +39,16 @@ def write_grpo_report(run_dir: str | Path, config: dict, rows: list[dict]) -> di
         f"Held-out greedy accuracy: {first['greedy']:.3f} (policy_0) -> {last['greedy']:.3f} ({change:+.1f} points; "
         f"binomial standard error of each figure about {100 * standard_error(last['greedy'], n):.1f} points) after "
         f"{last['generated_tokens']} generated training tokens.", "",
-        "| step | generated tokens | held-out greedy accuracy | mean reward (last step) | KL | response length |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| step | generated tokens | " + " | ".join(f"held-out {_LABELS.get(k, k)}" for k in accuracies)
+        + " | mean reward (that step) | KL | response length |",
+        "|" + " --- |" * (len(accuracies) + 5),
     ]
     by_step = {s["step"]: s for s in steps}
     for e in evaluations:
         s = by_step.get(e["step"], {})
-        lines.append(f"| {e['step']} | {e['generated_tokens']} | {e['greedy']:.3f} | {_cell(s.get('reward'))} | "
-                     f"{_cell(s.get('kl'), 4)} | {_cell(s.get('response_length'), 1)} |")
+        cells = [_cell(e.get(k)) for k in accuracies] + [_cell(s.get("reward")), _cell(s.get("kl"), 4),
+                                                         _cell(s.get("response_length"), 1)]
+        lines.append(f"| {e['step']} | {e['generated_tokens']} | " + " | ".join(cells) + " |")
     lines += ["", "![training curves](training_curves.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return metrics
@@ -57,8 +61,10 @@ def _cell(x, digits: int = 3) -> str:
 def _plot(evaluations: list[dict], steps: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(9, 6))
     ax = axes[0, 0]
-    ax.plot([e["step"] for e in evaluations], [e["greedy"] for e in evaluations], "-o")
-    ax.set_title("held-out greedy accuracy", fontsize=9)
+    for key in [k for k in evaluations[0] if k not in ("step", "generated_tokens")]:
+        ax.plot([e["step"] for e in evaluations], [e.get(key) for e in evaluations], "-o", label=_LABELS.get(key, key))
+    ax.set_title("held-out accuracy", fontsize=9)
+    ax.legend(fontsize=7)
     for ax, (key, title) in zip(axes.flat[1:], _CURVES):
         ax.plot([s["step"] for s in steps], [s[key] for s in steps])
         ax.set_title(title, fontsize=9)

@@ -20,7 +20,8 @@ SHORT = [
     "problems.gold=48", "problems.train=16", "problems.test=4",
     "sft.num_steps=100", "sft.batch_size=8", "sft.max_len=64", "sft.optimizer.learning_rate=0.01",
     "num_steps=4", "prompts_per_step=2", "group_size=4", "sampling.max_new_tokens=24",
-    "evaluation.every=2", "evaluation.baseline.sampling.max_new_tokens=24", "checkpoint_every=2",
+    "evaluation.every=2", "evaluation.baseline.sampling.max_new_tokens=24", "evaluation.num_samples=2",
+    "evaluation.sample_problems=2", "checkpoint_every=2",
 ]
 
 
@@ -43,6 +44,9 @@ def finished(tmp_path_factory):
 def test_run_writes_report_metrics_plots_and_the_trained_model(finished):
     metrics = json.loads((finished / "metrics.json").read_text())
     assert [e["step"] for e in metrics["evaluations"]] == [0, 2, 4]
+    for e in metrics["evaluations"]:
+        assert set(e) == {"step", "generated_tokens", "greedy", "sample", "self_consistency@2"}
+        assert all(0 <= e[k] <= 1 for k in ("greedy", "sample", "self_consistency@2"))
     assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4]
     for s in metrics["steps"]:
         assert 0 <= s["reward"] <= 1 and s["kl"] >= 0 and s["response_length"] > 0
