@@ -40,6 +40,9 @@ class PolicyGradientConfig:
     aggregation: str = "sequence_mean"  # GRPO's per-answer mean; "token_mean" weighs every token alike
     epochs: int = 1  # passes over each rollout batch (GRPO's mu); 1 with one minibatch is exactly on-policy
     minibatch_rows: int | None = None  # rows per update step; None: the whole rollout batch in one step
+    # each update step's rows in this many micro-batches whose gradients add up, and the reference and old
+    # log-probs in as many chunks: memory, not maths (with sequence_mean exact when no row is masked out)
+    micro_batches: int = 1
     reference: str = "frozen"  # frozen: a copy of the starting weights; lora_base: adapters off; none: no KL
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, weight_decay=0.0)
 
@@ -50,6 +53,8 @@ class PolicyGradientConfig:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.minibatch_rows is not None and self.minibatch_rows < 1:
             raise ValueError(f"minibatch_rows must be >= 1 or null, got {self.minibatch_rows}")
         if self.clip_eps <= 0:
@@ -83,7 +88,8 @@ class PolicyTrainer:
         # one update per batch: the ratio's denominator is the policy itself (exact, and no extra forward pass)
         self.on_policy = config.epochs == 1 and config.minibatch_rows is None
         objective = policy_gradient_objective(config.clip_eps, config.clip_eps_high, config.aggregation)
-        self._step = make_train_step(self.graphdef, objective, optimizer, self.shardings, mesh)
+        self._step = make_train_step(self.graphdef, objective, optimizer, self.shardings, mesh,
+                                     grad_accum_steps=config.micro_batches)
 
     @property
     def policy(self) -> nnx.Module:
@@ -94,8 +100,16 @@ class PolicyTrainer:
     def step(self) -> int:
         return int(self.state.step)
 
-    def logprobs(self, tokens, attention_mask, *, reference: bool = False) -> jax.Array:
-        """[R, T] log-probs of each token under the current policy, or under the reference (0 at t = 0)."""
+    def logprobs(self, tokens, attention_mask, *, reference: bool = False) -> np.ndarray:
+        """[R, T] log-probs of each token under the current policy, or under the reference (0 at t = 0), in
+        `micro_batches` chunks of rows."""
+        chunks = self.config.micro_batches
+        if len(tokens) % chunks:
+            raise ValueError(f"{len(tokens)} rows do not split into {chunks} micro-batches")
+        return np.concatenate([np.asarray(self._logprobs(t, m, reference)) for t, m in
+                               zip(np.split(np.asarray(tokens), chunks), np.split(np.asarray(attention_mask), chunks))])
+
+    def _logprobs(self, tokens, attention_mask, reference: bool) -> jax.Array:
         params, lora_off = (self.state.trainable, self.state.frozen), False
         if reference:
             if self.config.reference == "none":
@@ -122,9 +136,9 @@ class PolicyTrainer:
         for name in ("advantages", "kl_coefs"):
             if batch[name].shape != mask.shape:
                 raise ValueError(f"{name} has shape {batch[name].shape}; the episodes are {mask.shape}")
-        batch["ref_logprobs"] = np.asarray(self.logprobs(batch["tokens"], batch["attention_mask"], reference=True))
+        batch["ref_logprobs"] = self.logprobs(batch["tokens"], batch["attention_mask"], reference=True)
         if not self.on_policy:  # later updates measure their ratio against the weights that sampled the batch
-            batch["old_logprobs"] = np.asarray(self.logprobs(batch["tokens"], batch["attention_mask"]))
+            batch["old_logprobs"] = self.logprobs(batch["tokens"], batch["attention_mask"])
         return batch
 
     def update(self, batch: dict[str, np.ndarray], iteration: int) -> dict[str, float]:

@@ -146,3 +146,14 @@ def test_per_step_and_critic_advantages_feed_the_same_update():
     assert np.all(np.asarray(advantages)[mask == 0] == 0)
     metrics = trainer.update(trainer.batch(episodes, advantages), 1)
     assert np.isfinite(metrics["loss"]) and trainer.step == 2
+
+
+def test_micro_batches_give_the_same_update():
+    episodes = _episodes(policy(0))
+    params = []
+    for micro in (1, 2):
+        config = dataclasses.replace(CONFIG, aggregation="token_mean", micro_batches=micro)
+        trainer = PolicyTrainer(policy(0), config, mesh=ONE_DEVICE, num_updates=4, seed=0)
+        trainer.update(trainer.batch(episodes, _advantages(episodes)), 0)
+        params.append(_params(trainer))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *params)
