@@ -7,9 +7,10 @@ The packages, each with a short public API:
     jaxreason.verifiers    one interface for every scorer of solutions; where scores are read; verifier metrics
     jaxreason.search       test-time methods (MCTS on mctx, best-of-N, votes, beam search) behind one signature
     jaxreason.train        losses, sharded train steps, optimizers, checkpoints, `fit`
+    jaxreason.rl           on-policy RL: rollouts from the live weights, rewards, advantages, the clipped update
     jaxreason.data         the tensorstore trace store and training batches
     jaxreason.tasks        problem sets and answer checking
-    jaxreason.algorithms   the outer loops (ReST-MCTS*, ReST-EM, SFT), registered by name for `jaxreason train`
+    jaxreason.algorithms   the outer loops (ReST-MCTS*, ReST-EM, GRPO, SFT), registered by name for `jaxreason train`
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The outer loops (ReST-MCTS*, ReST-EM beside it, SFT), each one registered module that reads like its paper;
+"""The outer loops (ReST-MCTS*, ReST-EM beside it, GRPO, SFT), each one registered module that reads like its paper;
 `python -m jaxreason train --config X.yaml` runs the one X names in `algorithm:`."""
 
 from jaxreason.algorithms.registry import Algorithm, RunInterrupted, algorithm_names, get_algorithm, register_algorithm
