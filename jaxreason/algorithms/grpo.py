@@ -46,7 +46,7 @@ from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
 from jaxreason.tasks.base import TaskSpec
 from jaxreason.train.checkpoint import StopSignal
-from jaxreason.train.fit import FitConfig, fit
+from jaxreason.train.fit import FitConfig
 from jaxreason.train.metrics import MetricsLogger, progress
 from jaxreason.train.objectives import sft_objective
 from jaxreason.verifiers.evaluation import evaluate_verifier
@@ -130,14 +130,8 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
 
     if c.sft is not None:
         gold = gold_traces(task, tokenizer, pool[:c.problems.gold], range(c.problems.gold), chat=c.chat)
-        sft = c.sft.for_examples(len(gold))
-        batches = shuffled_batches(lambda idx: sft_batch([gold[i] for i in idx], sft.max_len, pad,
-                                                         tokenizer.eos_token_id), len(gold), sft.batch_size, c.seed)
-        result = fit(policy, sft_objective, batches, sft, mesh=mesh, directory=run_dir / "sft", seed=c.seed,
-                     description="sft")
-        if result.interrupted:
-            raise RunInterrupted(f"stage sft stopped by SIGTERM at step {result.step} (checkpoint saved)")
-        stages.run("sft", lambda: {"steps": result.step, "examples": len(gold)})
+        stages.train("sft", policy, sft_objective, gold, c.sft,
+                     lambda t: sft_batch(t, c.sft.max_len, pad, tokenizer.eos_token_id), mesh=mesh, seed=c.seed)
 
     trainer = PolicyTrainer(policy, c.update, mesh=mesh, num_updates=c.num_steps * c.updates_per_step, seed=c.seed)
     checkpointer = trainer.checkpointer(run_dir / "grpo" / "checkpoints")
@@ -146,6 +140,8 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     start = 0 if meta is None else int(meta["step"])
     history.truncate(start)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=c.chat) for p in train]
+    # each step's problems: consecutive slices of a per-epoch permutation, re-entered at `start` on resume
+    problem_rows = shuffled_batches(np.asarray, len(train), c.prompts_per_step, c.seed)(start)
     reward_fn = task_reward(task, tokenizer)
     stop_ids = eos_ids(tokenizer, policy.config)
     key = jax.random.key(c.seed)
@@ -158,14 +154,13 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
         with StopSignal() as stop, progress(c.num_steps, start, "grpo") as bar:
             for step in range(start, c.num_steps):
                 began = time.perf_counter()
-                rows = _prompt_rows(step, c.prompts_per_step, len(train), c.seed)
+                rows = next(problem_rows)
                 episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
                                            c.sampling, group_size=c.group_size, eos_ids=stop_ids, pad_id=pad,
                                            mesh=mesh)
-                completions = episodes.attempt(0)
-                problems = [train[rows[r // c.group_size]] for r in range(len(completions))]
-                rewards = checked_rewards(reward_fn, problems, [prompts[rows[r // c.group_size]]
-                                                                for r in range(len(completions))], completions)
+                owners = rows[np.asarray(episodes.prompt_index)]  # each episode's training problem
+                rewards = checked_rewards(reward_fn, [train[i] for i in owners], [prompts[i] for i in owners],
+                                          episodes.attempt(0))
                 rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], c.truncation)
                 groups = rewards.reshape(c.prompts_per_step, c.group_size)
                 advantages = np.asarray(get_advantage(c.advantage)(groups)).reshape(-1)
@@ -208,14 +203,6 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     if not folder.exists():
         save_pretrained(trainer.policy, tokenizer, folder)
     return write_grpo_report(run_dir, to_dict(c), history.rows)
-
-
-def _prompt_rows(step: int, n: int, size: int, seed: int) -> np.ndarray:
-    """The training problems of `step`: consecutive slices of a per-epoch permutation drawn from (seed, epoch)."""
-    per_epoch = max(size // n, 1)
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(size)
-    return np.resize(order, max(n, size))[offset * n:(offset + 1) * n]
 
 
 def _evaluate(c: GRPOConfig, trainer: PolicyTrainer, tokenizer, task, test, key, mesh) -> dict[str, float]:

@@ -31,14 +31,13 @@ from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
+from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
 from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.algorithms.value_targets import tree_value_traces
 from jaxreason.config import to_dict
-from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch, value_batch
 from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, Trace, TraceStore
 from jaxreason.models.pretrained import save_pretrained, save_value_model
@@ -50,7 +49,7 @@ from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import search_trees
 from jaxreason.search.methods import method_names, needs_verifier, run
 from jaxreason.tasks.base import Problem, Task, TaskSpec
-from jaxreason.train.fit import FitConfig, fit
+from jaxreason.train.fit import FitConfig
 from jaxreason.train.objectives import sft_objective, value_objective
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
@@ -225,20 +224,8 @@ class _Run:
             self.store.append(traces)
 
     def train_model(self, name: str, model, objective, traces: Sequence[Trace], config: FitConfig, make_batch):
-        """Fits `model` in place on `traces` in stage `name` and logs the stage's last loss."""
-        if not traces:
-            log.warning("stage %s: no training examples; the model stays as it is", name)
-            self.stages.run(name, lambda: {"steps": 0, "examples": 0, "final_loss": None})
-            return
-        config = config.for_examples(len(traces))
-        batches = shuffled_batches(lambda idx: make_batch([traces[i] for i in idx]), len(traces),
-                                   config.batch_size, self.config.seed)
-        result = fit(model, objective, batches, config, mesh=self.mesh, directory=self.run_dir / name,
-                     seed=self.config.seed, description=name)
-        if result.interrupted:
-            raise RunInterrupted(f"stage {name} stopped by SIGTERM at step {result.step} (checkpoint saved)")
-        self.stages.run(name, lambda: {"steps": result.step, "examples": len(traces),
-                                       "final_loss": result.history[-1]["loss"] if result.history else None})
+        """Fits `model` in place on `traces` in stage `name` (`StageLog.train`)."""
+        self.stages.train(name, model, objective, traces, config, make_batch, mesh=self.mesh, seed=self.config.seed)
 
 
 def run_rest_mcts(config: RestMCTSConfig, resume: bool = False) -> dict:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from jaxreason.algorithms.registry import RunInterrupted
+from jaxreason.data.batching import shuffled_batches
+from jaxreason.train.fit import FitConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,25 @@ class StageLog:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         return result
+
+    def train(self, name: str, model, objective, examples: Sequence, config: FitConfig,
+              make_batch: Callable[[list], dict], *, mesh, seed: int) -> None:
+        """Fits `model` in place on `examples` (shuffled batches of `make_batch(list of examples)`) as stage
+        `name`, checkpointed in `run_dir/name`, and logs the stage's steps and last loss. A stage stopped by
+        SIGTERM raises RunInterrupted after its checkpoint."""
+        if not examples:
+            log.warning("stage %s: no training examples; the model stays as it is", name)
+            self.run(name, lambda: {"steps": 0, "examples": 0, "final_loss": None})
+            return
+        config = config.for_examples(len(examples))
+        batches = shuffled_batches(lambda idx: make_batch([examples[i] for i in idx]), len(examples),
+                                   config.batch_size, seed)
+        result = fit(model, objective, batches, config, mesh=mesh, directory=self.path.parent / name, seed=seed,
+                     description=name)
+        if result.interrupted:
+            raise RunInterrupted(f"stage {name} stopped by SIGTERM at step {result.step} (checkpoint saved)")
+        self.run(name, lambda: {"steps": result.step, "examples": len(examples),
+                                "final_loss": result.history[-1]["loss"] if result.history else None})
 
 
 def open_run_dir(path: str | Path, config: dict, resume: bool, *, marker: str = "stages.json") -> Path:

@@ -77,7 +77,7 @@ def sample_episodes(
     """`group_size` = G episodes per prompt of 1 + len(instructions) attempts each, from `model`'s weights.
 
     Args:
-      model: the policy; pass the module whose state the train step updates (`RLTrainer.policy`), not a copy.
+      model: the policy; pass the module whose state the train step updates (`PolicyTrainer.policy`), not a copy.
       prompts: N prompt id lists.
       key: attempt j of row r draws from `fold_in(fold_in(key, j), r)`, so a row does not depend on the batch.
       sampling: the sampler's settings (a new one compiles a new program).
@@ -113,7 +113,7 @@ def sample_episodes(
 
 
 def _on_mesh(arrays, mesh: Mesh | None, rows: int):
-    if mesh is None or mesh.size == 1 or rows % mesh.size:
+    if mesh is None or sharding.batch_devices(mesh) == 1 or rows % sharding.batch_devices(mesh):
         return arrays
     return jax.device_put(arrays, sharding.batch_sharding(mesh, ndim=1))
 

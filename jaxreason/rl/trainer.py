@@ -170,7 +170,7 @@ class PolicyTrainer:
         return meta
 
     def _batch_sharding(self, rows: int):
-        devices = np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES])
+        devices = sharding.batch_devices(self.mesh)
         if rows % devices:
             raise ValueError(f"{rows} rows do not split over the mesh's {devices} data-parallel devices")
         return sharding.batch_sharding(self.mesh, ndim=1)
