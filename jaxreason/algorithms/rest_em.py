@@ -18,7 +18,7 @@ from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, Trace
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.continuations import sample_continuations
 from jaxreason.sampling.generate import SamplingConfig
-from jaxreason.sampling.prompts import pad_token_id, prompt_ids
+from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
 from jaxreason.tasks.base import Problem, Task
 
 _ROW_MULTIPLE = 64
@@ -44,7 +44,7 @@ def sample_solutions(
     A later round is cut to the samples the remaining budget needs at the mean length so far, rounded up to
     `_ROW_MULTIPLE` (few compiled shapes), spread one per problem over a shuffled problem order.
     """
-    eos_ids = tuple(sorted({*policy.config.eos_token_ids, tokenizer.eos_token_id} - {None}))
+    stop_ids = eos_ids(tokenizer, policy.config)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
     traces: list[Trace] = []
     generated, round_ = 0, 0
@@ -55,7 +55,7 @@ def sample_solutions(
             need = math.ceil((token_budget - generated) / max(generated / len(traces), 1.0))
             rows = [int(order[b]) for b in rows][:-(-need // _ROW_MULTIPLE) * _ROW_MULTIPLE]
         outs = sample_continuations(policy, [prompts[b] for b in rows], jax.random.fold_in(key, round_), sampling,
-                                    eos_ids=eos_ids, pad_id=pad_token_id(tokenizer),
+                                    eos_ids=stop_ids, pad_id=pad_token_id(tokenizer),
                                     description=f"rest-em round {round_ + 1}")
         for b, new in zip(rows, outs):
             generated += len(new)
