@@ -16,6 +16,7 @@ from typing import Any
 
 # name -> the module that registers it (imported on first use)
 _BUILTIN = {"grpo": "jaxreason.algorithms.grpo", "rest_mcts": "jaxreason.algorithms.rest_mcts",
+            "rstar": "jaxreason.algorithms.rstar",
             "sft": "jaxreason.algorithms.sft"}
 
 

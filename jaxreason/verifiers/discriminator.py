@@ -1,0 +1,166 @@
+"""rStar's mutual-consistency discriminator (Qi et al. 2024, arXiv 2408.06195; zhentingqi/rStar
+run_src/do_discriminate.py).
+
+Each candidate solution is cut to a prefix at several ratios of its tokens (the reference's `num_masked` ratios
+evenly spaced in [mask_left, mask_right] = [0.2, 0.5]), a discriminator model completes each prefix at
+temperature 1, and the candidate is consistent when enough completions reach its answer. The reference's default
+rule "mid" asks for at least half (`agreeing >= total // 2`); "loose" asks for one, "strict" for all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxreason.sampling.generate import SamplingConfig, generate
+from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
+from jaxreason.tasks.math_answers import answers_equal
+from jaxreason.train.metrics import progress
+
+RULES = ("loose", "mid", "strict")
+_WIDTH_MULTIPLE = 64  # prompt widths round up to this, so calls over similar candidates share compiled shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorConfig:
+    ratios: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)  # fractions of the trajectory's tokens kept as the prefix
+    completions_per_mask: int = 1
+    rule: str = "mid"  # "loose" | "mid" | "strict"
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0)
+    batch_size: int = 64  # completions per jitted generate call (fixed shape; the last batch is padded)
+
+    def __post_init__(self):
+        if not self.ratios or not all(0 < r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must be a non-empty tuple of fractions in (0, 1), got {self.ratios}")
+        if self.completions_per_mask < 1:
+            raise ValueError(f"completions_per_mask must be >= 1, got {self.completions_per_mask}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def completions_per_candidate(self) -> int:
+        return len(self.ratios) * self.completions_per_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    prompt: str  # the problem's prompt as the generator saw it, before the chat template
+    trajectory: str  # the solution text after the prompt
+    answer: str | None  # the candidate's extracted answer
+
+
+@dataclasses.dataclass
+class Consistency:
+    """Per candidate (C of them; M = len(ratios) * completions_per_mask completions each, none for a candidate
+    whose answer is None: its `completions` entry is empty)."""
+
+    consistent: list[bool]  # [C]
+    agreeing: list[int]  # [C] completions that reached the candidate's answer
+    completions: list[list[str]]  # [C][M] the discriminator's completions, ratio-major
+    tokens: list[int]  # [C] tokens the discriminator generated for each candidate
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def model_calls(self) -> int:  # sequences the discriminator generated
+        return sum(map(len, self.completions))
+
+
+def is_consistent(agreeing: int, total: int, rule: str) -> bool:
+    """Whether `agreeing` of `total` completions reaching the answer pass `rule` (see the module docstring).
+
+    Unlike the reference, "mid" also needs one agreeing completion: with total 1, 0 >= 1 // 2 would pass it.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    need = {"loose": 1, "mid": total // 2, "strict": total}[rule]
+    return agreeing >= max(need, 1)
+
+
+def prefix_lengths(num_tokens: int, ratios: Sequence[float]) -> list[int]:
+    """Tokens kept at each ratio: round(r * n), at least 1 when n > 0 (a prefix that gives the model a start)."""
+    return [max(1, round(r * num_tokens)) if num_tokens else 0 for r in ratios]
+
+
+def check_vocab(tokenizer, generator_tokenizer) -> None:
+    """Raises ValueError unless both tokenizers map the same tokens to the same ids: the trajectory's ids are cut
+    by position, so a prefix means the same text only under one vocabulary."""
+    ours, theirs = tokenizer.get_vocab(), generator_tokenizer.get_vocab()
+    if ours == theirs:
+        return
+    if len(ours) != len(theirs):
+        raise ValueError(f"discriminator tokenizer differs from the generator's: {len(ours)} vs {len(theirs)} tokens")
+    diff = sorted(t for t in ours.keys() | theirs.keys() if ours.get(t) != theirs.get(t))[:5]
+    raise ValueError("discriminator tokenizer differs from the generator's: token ids "
+                     + ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in diff))
+
+
+def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task, config: DiscriminatorConfig,
+                      key: jax.Array, chat: bool = False, generator_tokenizer=None) -> Consistency:
+    """The discriminator `model`'s verdict on each of C candidates: each prefix `prompt_ids(prompt) +
+    trajectory_ids[:k]` is completed to EOS or max_new_tokens, and the answer of prefix text + completion is
+    compared with the candidate's (`answers_equal`).
+
+    Row c * M + m (candidate c, ratio m // completions_per_mask) draws from `fold_in(key, c * M + m)`, so the
+    completions depend neither on the batch size nor on which other candidates have answers.
+    """
+    if generator_tokenizer is not None:
+        check_vocab(tokenizer, generator_tokenizer)
+    m = config.completions_per_candidate
+    rows, prefixes, index = [], [], []  # discriminator inputs, their prefix texts, their row numbers
+    for c, cand in enumerate(candidates):
+        if cand.answer is None:
+            continue
+        head = prompt_ids(tokenizer, cand.prompt, chat=chat)
+        traj = tokenizer.encode(cand.trajectory, add_special_tokens=False)
+        for j, k in enumerate(prefix_lengths(len(traj), config.ratios)):
+            text = tokenizer.decode(traj[:k], skip_special_tokens=True)
+            for s in range(config.completions_per_mask):
+                rows.append(head + traj[:k])
+                prefixes.append(text)
+                index.append(c * m + j * config.completions_per_mask + s)
+    texts, lengths = _complete(model, tokenizer, rows, index, config, key)
+    completions = [[] for _ in candidates]
+    agreeing, tokens = [0] * len(candidates), [0] * len(candidates)
+    for i, prefix, text, n in zip(index, prefixes, texts, lengths):
+        c = i // m
+        completions[c].append(text)
+        tokens[c] += n
+        agreeing[c] += answers_equal(task.extract_answer(prefix + text), candidates[c].answer)
+    consistent = [cand.answer is not None and is_consistent(a, m, config.rule) for cand, a in zip(candidates, agreeing)]
+    return Consistency(consistent=consistent, agreeing=agreeing, completions=completions, tokens=tokens)
+
+
+def _complete(model, tokenizer, rows: list[list[int]], index: list[int], config: DiscriminatorConfig,
+              key: jax.Array) -> tuple[list[str], list[int]]:
+    """Completes each id row (row r with key fold_in(key, index[r])) in fixed-shape batches: texts and their
+    token counts."""
+    if not rows:
+        return [], []
+    pad, stop = pad_token_id(tokenizer), eos_ids(tokenizer, model.config)
+    # One width for every call: left padding then never differs between batchings of the same rows.
+    width = -(-max(map(len, rows)) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+    texts, generated, size = [], [], config.batch_size
+    with progress(len(rows), description="discriminator") as bar:
+        for start in range(0, len(rows), size):
+            chunk, ids = rows[start:start + size], index[start:start + size]
+            real = len(chunk)
+            # Pad the last batch with copies of its last row (outputs dropped) so every call has `size` rows.
+            chunk, ids = chunk + [chunk[-1]] * (size - real), ids + [ids[-1]] * (size - real)
+            tokens, mask = pad_left(chunk, pad, multiple=width)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids, jnp.uint32))
+            out = generate(model, jnp.asarray(tokens), jnp.asarray(mask), keys, config.sampling, eos_ids=stop,
+                           pad_id=pad)
+            new, lengths = np.asarray(out.tokens)[:real], np.asarray(out.lengths)[:real]
+            texts += [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(new, lengths)]
+            generated += [int(n) for n in lengths]
+            bar.update(real)
+    return texts, generated
