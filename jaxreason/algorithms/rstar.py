@@ -36,7 +36,7 @@ from jaxreason.search.rstar_config import RStarConfig
 from jaxreason.search.votes import majority_vote
 from jaxreason.tasks.base import TaskSpec
 from jaxreason.tasks.math_answers import answers_equal
-from jaxreason.verifiers.discriminator import Candidate, DiscriminatorConfig, check_consistency
+from jaxreason.verifiers.discriminator import Candidate, DiscriminatorConfig, check_consistency, check_vocab
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
         raise ValueError(f"{c.policy.pretrained}: no tokenizer beside the weights")
     judge, judge_tokenizer = (policy, tokenizer) if c.discriminator_model is None else build_model(
         c.discriminator_model, c.seed)
+    check_vocab(judge_tokenizer, tokenizer)  # before any stage: the discriminator cuts the generator's token ids
     run_dir = open_run_dir(c.run_dir, to_dict(c), resume)
     task = c.task.build()
     task.prompt_template = c.generator.prompts.prompt  # every method sees rStar's few-shot prompt
@@ -115,7 +116,7 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
         candidates = [Candidate(prompt=task.prompt(p), trajectory=t.text, answer=t.answer)
                       for p, ts in zip(problems, trajectories) for t in ts]
         r = check_consistency(candidates, model=judge, tokenizer=judge_tokenizer, task=task, config=c.discriminator,
-                              key=jax.random.fold_in(key, 2), chat=c.chat, generator_tokenizer=tokenizer)
+                              key=jax.random.fold_in(key, 2), chat=c.chat)
         return {"consistent": r.consistent, "agreeing": r.agreeing, "tokens": r.tokens,
                 "calls": [len(x) for x in r.completions]}
 
@@ -124,6 +125,9 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     node_tokens, node_calls = np.asarray(found["node_tokens"]), np.asarray(found["node_calls"])
     curve = [_rstar_at(r, problems, trajectories, per_problem, node_tokens, node_calls)
              for r in sorted(set(c.rollouts_curve) | {c.generator.num_rollouts})]
+    results["rstar"] = curve[-1].pop("answers")  # per problem, each selection rule's answer with all rollouts
+    for point in curve[:-1]:
+        del point["answers"]
     spent = curve[-1]["tokens_per_question"]["discriminator"]
 
     # Self-consistency with rStar's tokens: N samples where N x (greedy's mean length) matches them.
@@ -138,7 +142,8 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
 
     results["self_consistency"] = stages.run("self_consistency", self_consistency)
     metrics = _metrics(c, results, curve)
-    (run_dir / "results.json").write_text(json.dumps({"curve": curve, **results}, indent=1))
+    (run_dir / "results.json").write_text(json.dumps(
+        {"gold": [p.answer for p in problems], **results}, indent=1))
     write_rstar_report(run_dir, to_dict(c), metrics)
     return metrics
 
@@ -163,23 +168,27 @@ def _split(checked: dict, sizes: list[int]) -> list[dict]:
 def _rstar_at(rollouts: int, problems, trajectories, checked, node_tokens, node_calls) -> dict:
     """Generator + majority and generator + discriminator after the first `rollouts` rollouts."""
     majority, chosen, tokens, calls = [], [], [], []
+    answers_by_rule = {"majority": [], "discriminator": []}
     for i, (problem, ts, verdict) in enumerate(zip(problems, trajectories, checked)):
         keep = [j for j, t in enumerate(ts) if t.node <= rollouts]
         found = [ts[j] for j in keep]
         answers = [t.answer for t in found]
         vote = answers[majority_vote(answers)] if found else None
         best = select(found, [verdict["consistent"][j] for j in keep])
+        answers_by_rule["majority"].append(vote)
+        answers_by_rule["discriminator"].append(None if best is None else best.answer)
         majority.append(answers_equal(vote, problem.answer))
         chosen.append(best is not None and answers_equal(best.answer, problem.answer))
         generated = int(node_tokens[i, : rollouts + 1].sum())
         tokens.append((generated, generated + sum(verdict["tokens"][j] for j in keep)))
         made = int(node_calls[i, : rollouts + 1].sum())
         calls.append((made, made + sum(verdict["calls"][j] for j in keep)))
-    tokens, calls = np.asarray(tokens, float), np.asarray(calls, float)
+    tokens, calls = np.asarray(tokens, float).mean(0), np.asarray(calls, float).mean(0)
     return {"rollouts": rollouts, "majority": float(np.mean(majority)), "discriminator": float(np.mean(chosen)),
             "trajectories_per_question": float(np.mean([sum(t.node <= rollouts for t in ts) for ts in trajectories])),
-            "tokens_per_question": {"majority": float(tokens[:, 0].mean()), "discriminator": float(tokens[:, 1].mean())},
-            "calls_per_question": {"majority": float(calls[:, 0].mean()), "discriminator": float(calls[:, 1].mean())}}
+            "tokens_per_question": {"majority": float(tokens[0]), "discriminator": float(tokens[1])},
+            "calls_per_question": {"majority": float(calls[0]), "discriminator": float(calls[1])},
+            "answers": answers_by_rule}
 
 
 def _metrics(c: RStarRunConfig, results: dict, curve: list[dict]) -> dict:

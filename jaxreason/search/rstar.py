@@ -137,6 +137,7 @@ def majority(keys: Int[Array, "R N W"], has: Bool[Array, "R N"]):
 @struct.dataclass
 class RStarTables:
     step_end: StopTable  # the step delimiter: A1, A3, A4 and A5 sample one line
+    completion_end: StopTable | None  # `prompts.stop`, where an A2 completion ends (None: at EOS only)
     answer: StopTable  # the task's final-answer marker
     answer_keys: AnswerKeys
     cues: tuple[Int[Array, " T"], ...]  # each action's cue, in ACTIONS order
@@ -147,7 +148,9 @@ def build_tables(tokenizer, config: RStarConfig, task: Task, vocab_size: int) ->
     def ids(text):
         return jnp.asarray(tokenizer.encode(text, add_special_tokens=False), jnp.int32)
 
+    stop = config.prompts.stop
     return RStarTables(step_end=build_stop_table(tokenizer, [task.step_delimiter], vocab_size),
+                       completion_end=build_stop_table(tokenizer, [stop], vocab_size) if stop else None,
                        answer=build_stop_table(tokenizer, [task.answer_prefix.strip()], vocab_size),
                        answer_keys=AnswerKeys.build(tokenizer, vocab_size),
                        cues=tuple(ids(config.prompts.cue(a)) for a in ACTIONS), subanswer=ids(config.prompts.subanswer))
@@ -175,7 +178,8 @@ class RStarSearch:
     # -- sampling ---------------------------------------------------------------------------------------
 
     def _sampling(self, tokens: int) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=tokens, temperature=self.config.temperature, top_p=self.config.top_p)
+        return SamplingConfig(max_new_tokens=tokens, temperature=self.config.temperature, top_p=self.config.top_p,
+                              shrink_at=self.config.shrink_at)
 
     def _keys(self, row_keys, key, salt: int, n: int):
         """[B * n] keys for n samples per row, from the row's own key, the simulation's key and `salt`."""
@@ -184,9 +188,9 @@ class RStarSearch:
         return per_row.reshape(-1)
 
     def _sample(self, policy, logits, cache, keys, tokens: int, n: int, skip, until_line: bool):
+        stop = self.tables.step_end if until_line else self.tables.completion_end
         out = sample_from_cache(policy, logits, cache, keys, self._sampling(tokens), eos_ids=self.sizes.eos_ids,
-                                pad_id=self.sizes.pad_id, stop_table=self.tables.step_end if until_line else None,
-                                samples_per_prompt=n, skip=skip)
+                                pad_id=self.sizes.pad_id, stop_table=stop, samples_per_prompt=n, skip=skip)
         b = logits.shape[0]
         return out.tokens.reshape(b, n, -1), out.lengths.reshape(b, n)
 
@@ -261,7 +265,8 @@ class RStarSearch:
         step, step_len = self._sample(policy, l1, c1, self._keys(node.row_key, key, 1, cfg.num_steps),
                                       cfg.step_tokens, cfg.num_steps, ~ok, until_line=True)
         step_keys, step_has = t.answer_keys.keys(step, step_len)
-        agree = jnp.all(step_keys[:, :, None] == fin_keys[:, None, :], axis=-1) & step_has[:, :, None] & fin_has[:, None]
+        agree = (jnp.all(step_keys[:, :, None] == fin_keys[:, None, :], axis=-1) & step_has[:, :, None]
+                 & fin_has[:, None])
         step_ends = self._ends(step, step_len)
         groups[STEP] = (_with_cue(cue[STEP], step, step_len), step_ends,
                         jnp.where(step_ends, jnp.mean(agree, axis=-1), 0.0),
@@ -298,11 +303,16 @@ class RStarSearch:
 
         # A4: the last sub-question answered again, from the text up to it.
         ok = may(REANSWER) & has_subq
-        cut = jnp.where(has_subq, node.subquestion_end, node.length)
-        c4, l4 = self._prefill(policy, prompts, node.tokens, cut, width, room)
-        c4, l4 = self._continue(policy, c4, l4, cue[REANSWER])
-        re, re_len = self._sample(policy, l4, c4, self._keys(node.row_key, key, 5, v), cfg.answer_tokens, v, ~ok,
-                                  until_line=True)
+
+        def reanswer():  # a prefill of its own: only when some row may take A4
+            cut = jnp.where(has_subq, node.subquestion_end, node.length)
+            c4, l4 = self._prefill(policy, prompts, node.tokens, cut, width, room)
+            c4, l4 = self._continue(policy, c4, l4, cue[REANSWER])
+            return self._sample(policy, l4, c4, self._keys(node.row_key, key, 5, v), cfg.answer_tokens, v, ~ok,
+                                until_line=True)
+
+        re, re_len = jax.lax.cond(jnp.any(ok), reanswer, lambda: (
+            jnp.full((b, v, cfg.answer_tokens), self.sizes.pad_id, jnp.int32), jnp.zeros((b, v), jnp.int32)))
         rkeys, rhas = t.answer_keys.keys(re, re_len)
         rwin, rshare, _ = majority(rkeys, rhas)
         re_best, re_best_len = re[rows, rwin][:, None], re_len[rows, rwin][:, None]
@@ -361,9 +371,12 @@ class RStarSearch:
         ex = self._expand(policy, key, prompts, partial, live & ~partial.terminal)
         finish_slot = self.slots[FINISH][0]
         has_finish = is_valid_action(ex.prior_logits[:, finish_slot])
+        # A node none of whose candidates is valid (all empty or repeated) is a dead end: terminal, reward 0.
+        terminal = partial.terminal | ~jnp.any(is_valid_action(ex.prior_logits), axis=1)
         value = jnp.where(partial.terminal, partial.reward, jnp.where(has_finish, ex.finish_share, 0.0))
+        value = jnp.where(terminal & ~partial.terminal, 0.0, value)
         node = RStarNode(tokens=partial.tokens, length=partial.length, subquestion_end=partial.subquestion_end,
-                         depth=partial.depth, node_type=partial.node_type, terminal=partial.terminal,
+                         depth=partial.depth, node_type=partial.node_type, terminal=terminal,
                          reward=partial.reward, row_key=partial.row_key, candidates=ex.candidates,
                          candidate_len=ex.candidate_len, candidate_ends=ex.candidate_ends,
                          candidate_values=ex.candidate_values, candidate_subquestion=ex.candidate_subquestion,
@@ -491,8 +504,8 @@ def _uct(tree: mctx.Tree, node_index, valid, c: float):
     n_parent = tree.node_visits[node_index].astype(q.dtype)
     uct = q + c * jnp.sqrt(jnp.log(jnp.maximum(n_parent, 1.0)) / jnp.maximum(visits, 1).astype(q.dtype))
     row_key = jax.random.wrap_key_data(tree.embeddings.row_key[node_index])
-    noise = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(row_key, node_index), tree.node_visits[node_index]),
-                               visits.shape)
+    draw = jax.random.fold_in(jax.random.fold_in(row_key, node_index), tree.node_visits[node_index])
+    noise = jax.random.uniform(draw, visits.shape)
     fresh = valid & (visits == 0)
     score = jnp.where(jnp.any(fresh), jnp.where(fresh, noise, -jnp.inf), uct)
     return jnp.argmax(jnp.where(valid, score, -jnp.inf)).astype(jnp.int32)
@@ -624,13 +637,6 @@ class RStarResult:
     node_tokens: np.ndarray
     node_calls: np.ndarray
     seconds: float
-
-    def upto(self, rollouts: int) -> RStarResult:
-        """What the first `rollouts` rollouts found and cost: mctx adds node r at simulation r, and a search's
-        first r simulations do not depend on how many follow."""
-        return RStarResult(trajectories=[[t for t in ts if t.node <= rollouts] for ts in self.trajectories],
-                           node_tokens=self.node_tokens[:, : rollouts + 1], node_calls=self.node_calls[:, : rollouts + 1],
-                           seconds=self.seconds)
 
 
 def generate_trajectories(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, task: Task, config: RStarConfig,

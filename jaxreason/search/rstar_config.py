@@ -59,6 +59,7 @@ class RStarPrompts:
     subquestion: str = "Question: "  # A3: the sub-question's line ...
     subanswer: str = "Answer: "  # ... then this cue and the answer's line (also A4's, after the sub-question)
     rephrase: str = "Conditions: "  # A5: one line
+    stop: str = "\n\n"  # ends an A2 completion: the prompt's separator between examples ("" for none)
 
     def __post_init__(self):
         if "{question}" not in self.prompt:
@@ -84,6 +85,8 @@ class RStarConfig:
       answer_tokens: the longest sub-answer (A3, A4).
       solution_tokens: the longest A2 completion.
       temperature, top_p: how every action samples.
+      shrink_at: the decode continues with fewer rows once at most these fractions are live
+        (`SamplingConfig.shrink_at`): most samples end their line long before the longest does.
       allowed_after: node type -> the actions it may take (node types: "root" and the action names).
       prompts: the few-shot prompt and the actions' cues.
       batch_size: problems per jitted search call.
@@ -100,6 +103,7 @@ class RStarConfig:
     solution_tokens: int = 64
     temperature: float = 0.8
     top_p: float = 1.0
+    shrink_at: tuple[float, ...] = (0.5, 0.25)
     allowed_after: dict = dataclasses.field(default_factory=lambda: dict(PAPER_ALLOWED_AFTER), hash=False)
     prompts: RStarPrompts = RStarPrompts()
     batch_size: int = 16

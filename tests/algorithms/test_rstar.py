@@ -1,0 +1,156 @@
+"""rStar's comparison run end to end on a tiny model that has memorised its problems: the run folder and its four
+rows, resume, gold answers that never reach generation or selection, and the errors a config can make."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+import tiny
+from flax import nnx
+from tiny import TOKENIZER
+
+from jaxreason.algorithms import rstar
+from jaxreason.algorithms.registry import load_algorithm_config
+from jaxreason.algorithms.rstar import run_rstar, select
+from jaxreason.cli import main
+from jaxreason.data.sft_data import SFTDataset
+from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from jaxreason.models.pretrained import save_pretrained
+from jaxreason.search.rstar import Trajectory
+from jaxreason.sharding import MeshConfig, make_mesh
+from jaxreason.tasks import ArithTask
+from jaxreason.train.objectives import sft_objective
+from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
+from jaxreason.train.step import init_train_state, make_train_step
+
+CONFIG = "configs/rstar/smollm2_arith.yaml"
+OPTIONS = {"min_ops": 1, "max_ops": 1, "max_operand": 12, "max_factor": 6}
+TASK = ArithTask(**OPTIONS)
+NUM_PROBLEMS = 3
+SHORT = [
+    "chat=false", f"num_problems={NUM_PROBLEMS}", "task.options={" + ", ".join(f"{k}: {v}" for k, v in OPTIONS.items())
+    + "}", 'generator.prompts.prompt="Q: {question}\\n"', "generator.num_rollouts=2", "generator.num_votes=2",
+    "generator.step_tokens=16", "generator.answer_tokens=16", "generator.solution_tokens=32",
+    "generator.batch_size=2", "discriminator.sampling.max_new_tokens=32", "discriminator.batch_size=16",
+    "baseline.max_new_tokens=32", "max_self_consistency=4", "rollouts_curve=[1, 2]",
+]
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """A Hugging Face folder of the tiny model trained on the run's problems until it reproduces their gold
+    solutions: its answers are mostly right, so accuracy can move when the gold answers do."""
+    problems = TASK.problems("test", n=NUM_PROBLEMS, seed=0)
+    records = [{"prompt": TASK.prompt(p), "completion": TASK.format_solution(p.solution_steps, p.answer)}
+               for p in problems]
+    data = SFTDataset(TOKENIZER, records, max_len=64)
+    model = tiny.policy(seed=3)
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=10, total_steps=200, weight_decay=0))
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
+    step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh)
+    batch = data.batch(range(len(data)))
+    for _ in range(200):
+        state, metrics = step(state, batch)
+    assert float(metrics["accuracy"]) == 1.0
+    nnx.update(model, jax.tree.map(jnp.asarray, jax.device_get(state.trainable)))
+    return str(save_pretrained(model, TOKENIZER, tmp_path_factory.mktemp("memorised") / "model"))
+
+
+def _args(folder, run_dir, *extra):
+    return [*SHORT, f"policy.pretrained={folder}", f"run_dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(memorised, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("rstar") / "run"
+    main(["train", "--config", CONFIG, *_args(memorised, run_dir)])
+    return run_dir
+
+
+def _stages(run_dir):
+    stages = json.loads((run_dir / "stages.json").read_text())
+    stages["generator"].pop("seconds")  # wall time
+    return stages
+
+
+def test_run_writes_the_papers_table(finished):
+    metrics = json.loads((finished / "metrics.json").read_text())
+    rows = {r["method"]: r for r in metrics["methods"]}
+    assert set(rows) == {"greedy chain of thought", "self-consistency@4", "rStar generator + majority",
+                         "rStar generator + discriminator"}
+    assert rows["greedy chain of thought"]["accuracy"] == 1.0  # the memorised solutions
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1 and row["tokens_per_question"] > 0 and row["calls_per_question"] >= 1
+    gen, disc = rows["rStar generator + majority"], rows["rStar generator + discriminator"]
+    assert disc["tokens_per_question"] > gen["tokens_per_question"]  # the discriminator's completions
+    judged = 4 * _trajectories_with_answers(finished)  # one completion per ratio of each answered trajectory
+    assert disc["calls_per_question"] == pytest.approx(gen["calls_per_question"] + judged)
+    assert [p["rollouts"] for p in metrics["curve"]] == [1, 2]
+    report = (finished / "report.md").read_text()
+    assert all(name in report for name in rows) and "accuracy_vs_rollouts.png" in report
+    assert (finished / "accuracy_vs_rollouts.png").stat().st_size > 0
+
+
+def _trajectories_with_answers(run_dir) -> float:
+    found = _stages(run_dir)["generator"]["trajectories"]
+    return sum(t["answer"] is not None for ts in found for t in ts) / len(found)
+
+
+def test_resume_reads_every_stage_back(finished, memorised, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(rstar, "generate_trajectories", fail)
+    monkeypatch.setattr(rstar, "check_consistency", fail)
+    monkeypatch.setattr(rstar, "run_method", fail)
+    _, config = load_algorithm_config(CONFIG, _args(memorised, finished))
+    assert run_rstar(config, resume=True) == json.loads((finished / "metrics.json").read_text())
+
+
+def test_gold_answers_reach_only_the_accuracy(finished, memorised, tmp_path, monkeypatch):
+    """Problems whose gold answers are wrong: every sample, trajectory, score, verdict and chosen answer is the
+    same as with the right ones; only the accuracies fall."""
+    real = ArithTask.problems
+
+    def wrong_gold(self, *args, **kwargs):
+        return [p.__class__(p.id, p.question, str(int(p.answer) + 1000), p.solution_steps, p.meta)
+                for p in real(self, *args, **kwargs)]
+
+    monkeypatch.setattr(ArithTask, "problems", wrong_gold)
+    main(["train", "--config", CONFIG, *_args(memorised, tmp_path / "run")])
+    right, wrong = _stages(finished), _stages(tmp_path / "run")
+    assert right["generator"] == wrong["generator"] and right["discriminator"] == wrong["discriminator"]
+    for stage in ("greedy", "self_consistency"):
+        assert right[stage]["answers"] == wrong[stage]["answers"] and not any(wrong[stage]["correct"])
+        assert right[stage]["tokens"] == wrong[stage]["tokens"]
+    chosen = [json.loads((d / "results.json").read_text())["rstar"] for d in (finished, tmp_path / "run")]
+    assert chosen[0] == chosen[1]
+    accuracy = [{r["method"]: r["accuracy"] for r in json.loads((d / "metrics.json").read_text())["methods"]}
+                for d in (finished, tmp_path / "run")]
+    assert accuracy[0]["greedy chain of thought"] == 1.0 and not any(accuracy[1].values())
+    assert accuracy[0]["rStar generator + discriminator"] > 0
+
+
+def test_select_prefers_consistent_then_the_generators_score():
+    ts = [Trajectory("a", "1", 0.9, "finish", 1), Trajectory("b", "2", 0.5, "finish", 2),
+          Trajectory("c", "3", 0.7, "step", 3)]
+    assert select(ts, [False, True, True]).answer == "3"
+    assert select(ts, [False, False, False]).answer == "1"  # none consistent: the generator's best
+    assert select([], []) is None
+
+
+def test_config_errors_name_the_problem(memorised, tmp_path):
+    swapped = build_char_tokenizer("10" + DEFAULT_ALPHABET[2:])
+    other = str(save_pretrained(tiny.policy(), swapped, tmp_path / "other"))
+    judge = f"discriminator_model={{pretrained: {other}}}"
+    _, config = load_algorithm_config(CONFIG, _args(memorised, tmp_path / "run", judge))
+    with pytest.raises(ValueError, match="discriminator tokenizer differs from the generator's"):
+        run_rstar(config)
+    with pytest.raises(ValueError, match=r"no '\{question\}' placeholder"):
+        load_algorithm_config(CONFIG, ["generator.prompts.prompt='Solve it.'"])
+    with pytest.raises(ValueError, match="'step' with no valid action"):
+        load_algorithm_config(CONFIG, ["generator.allowed_after={root: [step]}"])
+    with pytest.raises(ValueError, match=r"rollouts_curve: \[16\] outside"):
+        load_algorithm_config(CONFIG, ["rollouts_curve=[2, 16]"])
