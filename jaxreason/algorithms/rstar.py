@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 
 import jax
 import numpy as np
@@ -29,13 +28,17 @@ from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.sampling.generate import SamplingConfig
+from jaxreason.sampling.prompts import prompt_ids
+from jaxreason.search.baselines import draw_solutions
 from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
 from jaxreason.search.rstar import Trajectory, generate_trajectories
 from jaxreason.search.rstar_config import RStarConfig
 from jaxreason.search.votes import majority_vote
+from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks.base import TaskSpec
 from jaxreason.tasks.math_answers import answers_equal
+from jaxreason.train.metrics import progress
 from jaxreason.verifiers.discriminator import Candidate, DiscriminatorConfig, check_consistency, check_vocab
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,10 @@ class RStarRunConfig:
       baseline: how greedy (at temperature 0, the same max_new_tokens) and self-consistency sample.
       max_self_consistency: the most samples self-consistency may draw to match rStar's tokens.
       rollouts_curve: rollout counts at which accuracy is read off the trees (at most generator.num_rollouts).
+      judge_per_round: the discriminator judges each problem's trajectories best first, this many per round,
+        until its selection is decided (`judge_until_selected`; 0: all at once, as the reference does). The
+        selections are the same either way; fewer trajectories are judged.
+      mesh: the devices the generator's batches are split over (the models are replicated on each).
     """
 
     policy: ModelSpec
@@ -70,6 +77,8 @@ class RStarRunConfig:
     baseline: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.8)
     max_self_consistency: int = 64
     rollouts_curve: tuple[int, ...] = (1, 2, 4, 8)
+    judge_per_round: int = 2
+    mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
         if self.num_problems < 1:
@@ -104,7 +113,7 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
 
     def generator():
         r = generate_trajectories(problems, policy=policy, tokenizer=tokenizer, task=task, config=c.generator,
-                                  key=jax.random.fold_in(key, 1), chat=c.chat)
+                                  key=jax.random.fold_in(key, 1), chat=c.chat, mesh=make_mesh(c.mesh))
         return {"trajectories": [[dataclasses.asdict(t) for t in ts] for ts in r.trajectories],
                 "node_tokens": r.node_tokens.tolist(), "node_calls": r.node_calls.tolist(), "seconds": r.seconds}
 
@@ -112,35 +121,48 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     found = stages.run("generator", generator)
     trajectories = [[Trajectory(**t) for t in ts] for ts in found["trajectories"]]
 
-    def discriminator():
-        candidates = [Candidate(prompt=task.prompt(p), trajectory=t.text, answer=t.answer)
-                      for p, ts in zip(problems, trajectories) for t in ts]
-        r = check_consistency(candidates, model=judge, tokenizer=judge_tokenizer, task=task, config=c.discriminator,
-                              key=jax.random.fold_in(key, 2), chat=c.chat)
-        return {"consistent": r.consistent, "agreeing": r.agreeing, "tokens": r.tokens,
-                "calls": [len(x) for x in r.completions]}
+    # Each problem's selection at each rollout count of the curve: its trajectories by generator score.
+    rankings = [[_ranked(ts, r) for r in _curve_points(c)] for ts in trajectories]
 
-    checked = stages.run("discriminator", discriminator)
-    per_problem = _split(checked, [len(ts) for ts in trajectories])
+    def discriminator():
+        flat = {(i, j): n for n, (i, j) in enumerate((i, j) for i, ts in enumerate(trajectories)
+                                                       for j in range(len(ts)))}
+
+        def check(pairs):
+            r = check_consistency([Candidate(prompt=task.prompt(problems[i]), trajectory=trajectories[i][j].text,
+                                             answer=trajectories[i][j].answer) for i, j in pairs],
+                                  model=judge, tokenizer=judge_tokenizer, task=task, config=c.discriminator,
+                                  key=jax.random.fold_in(key, 2), chat=c.chat, ids=[flat[p] for p in pairs])
+            return [{"consistent": ok, "agreeing": a, "tokens": t, "calls": len(x)}
+                    for ok, a, t, x in zip(r.consistent, r.agreeing, r.tokens, r.completions)]
+
+        verdicts = judge_until_selected(rankings, check, c.judge_per_round)
+        return [{"problem": i, "trajectory": j, **v} for (i, j), v in sorted(verdicts.items())]
+
+    verdicts = {(v["problem"], v["trajectory"]): v for v in stages.run("discriminator", discriminator)}
     node_tokens, node_calls = np.asarray(found["node_tokens"]), np.asarray(found["node_calls"])
-    curve = [_rstar_at(r, problems, trajectories, per_problem, node_tokens, node_calls)
-             for r in sorted(set(c.rollouts_curve) | {c.generator.num_rollouts})]
+    curve = [_rstar_at(r, k, problems, trajectories, rankings, verdicts, node_tokens, node_calls)
+             for k, r in enumerate(_curve_points(c))]
     results["rstar"] = curve[-1].pop("answers")  # per problem, each selection rule's answer with all rollouts
     for point in curve[:-1]:
         del point["answers"]
     spent = curve[-1]["tokens_per_question"]["discriminator"]
 
-    # Self-consistency with rStar's tokens: N samples where N x (greedy's mean length) matches them.
-    mean_length = max(float(np.mean(results["greedy"]["tokens"])), 1.0)
-    n = int(min(c.max_self_consistency, max(1, math.floor(spent / mean_length))))
+    def samples():  # self-consistency's pool: max_self_consistency samples per problem
+        prompts = [prompt_ids(tokenizer, task.prompt(p), chat=c.chat) for p in problems]
+        answers, tokens = [], []
+        size = c.generator.batch_size
+        with progress(len(problems), description="self-consistency") as bar:
+            for start in range(0, len(problems), size):
+                drawn = draw_solutions(policy, tokenizer, prompts[start:start + size], c.baseline,
+                                       jax.random.fold_in(jax.random.fold_in(key, 3), start), c.max_self_consistency)
+                answers += [[task.extract_answer(tokenizer.decode(s.tolist(), skip_special_tokens=True)) for s in row]
+                            for row in drawn]
+                tokens += [[len(s) for s in row] for row in drawn]
+                bar.update(len(drawn))
+        return {"answers": answers, "tokens": tokens}
 
-    def self_consistency():
-        r = run_method("self_consistency", problems, policy=policy, tokenizer=tokenizer, task=task,
-                       budget=dataclasses.replace(budget, baseline=dataclasses.replace(budget.baseline, num_samples=n)),
-                       key=jax.random.fold_in(key, 3), chat=c.chat)
-        return {"correct": r.correct, "tokens": r.generated_tokens.tolist(), "answers": r.answers, "num_samples": n}
-
-    results["self_consistency"] = stages.run("self_consistency", self_consistency)
+    results["self_consistency"] = self_consistency_at(stages.run("samples", samples), problems, spent)
     metrics = _metrics(c, results, curve)
     (run_dir / "results.json").write_text(json.dumps(
         {"gold": [p.answer for p in problems], **results}, indent=1))
@@ -148,44 +170,90 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     return metrics
 
 
-def select(trajectories: list[Trajectory], consistent: list[bool]) -> Trajectory | None:
-    """The paper's final answer: the consistent trajectory with the highest generator score; with none consistent,
-    the highest-scored of all (ties: the earliest found); None with no trajectory."""
-    if not trajectories:
-        return None
-    pool = [t for t, ok in zip(trajectories, consistent) if ok] or trajectories
-    return max(pool, key=lambda t: t.score)
+def self_consistency_at(sampled: dict, problems, spent: float) -> dict:
+    """Self-consistency at `spent` generated tokens per question: the majority vote of each problem's first n
+    samples, n the most whose mean tokens per question stay within `spent` (at least one)."""
+    tokens = np.asarray(sampled["tokens"])  # [P, N]
+    n = max(1, int(np.sum(tokens.cumsum(axis=1).mean(axis=0) <= spent)))
+    answers = [row[:n][majority_vote(row[:n])] for row in sampled["answers"]]
+    correct = [answers_equal(a, p.answer) for a, p in zip(answers, problems)]
+    return {"num_samples": n, "answers": answers, "correct": correct, "tokens": tokens[:, :n].sum(axis=1).tolist()}
 
 
-def _split(checked: dict, sizes: list[int]) -> list[dict]:
-    out, start = [], 0
-    for size in sizes:
-        out.append({k: v[start:start + size] for k, v in checked.items()})
-        start += size
-    return out
+def select(ranking: list[int], consistent) -> tuple[int | None, list[int]]:
+    """The paper's final answer among trajectories ranked by generator score (best first): the first consistent
+    one (`consistent(j)`); with none consistent, the generator's best; None with no trajectory. Also returns the
+    trajectories whose verdicts it read."""
+    read = []
+    for j in ranking:
+        read.append(j)
+        if consistent(j):
+            return j, read
+    return (ranking[0] if ranking else None), read
 
 
-def _rstar_at(rollouts: int, problems, trajectories, checked, node_tokens, node_calls) -> dict:
-    """Generator + majority and generator + discriminator after the first `rollouts` rollouts."""
+def judge_until_selected(rankings: list[list[list[int]]], check, per_round: int) -> dict[tuple[int, int], dict]:
+    """The discriminator's verdicts on just the trajectories the selections need.
+
+    `rankings[i]` holds problem i's selections, each its trajectories' indices best first; a selection is the
+    first consistent one of its ranking, so the trajectories ranked below it never need a verdict. Each round
+    judges, for every selection not yet decided, its next `per_round` unjudged trajectories (0: all of them), all
+    problems in one `check(pairs) -> verdicts` call. The selections are those of judging every trajectory.
+    """
+    verdicts: dict[tuple[int, int], dict] = {}
+    while True:
+        todo = {}
+        for i, selections in enumerate(rankings):
+            for ranking in selections:
+                pending = []
+                for j in ranking:
+                    if (i, j) not in verdicts:
+                        pending.append((i, j))
+                        if len(pending) == per_round:
+                            break
+                    elif verdicts[(i, j)]["consistent"]:
+                        break
+                todo.update(dict.fromkeys(pending))
+        if not todo:
+            return verdicts
+        verdicts.update(zip(todo, check(list(todo))))
+
+
+def _curve_points(c: RStarRunConfig) -> list[int]:
+    return sorted(set(c.rollouts_curve) | {c.generator.num_rollouts})
+
+
+def _ranked(trajectories: list[Trajectory], rollouts: int) -> list[int]:
+    """Indices of the trajectories the first `rollouts` rollouts found, highest generator score first (ties: the
+    earliest found)."""
+    found = [j for j, t in enumerate(trajectories) if t.node <= rollouts]
+    return sorted(found, key=lambda j: -trajectories[j].score)
+
+
+def _rstar_at(rollouts: int, point: int, problems, trajectories, rankings, verdicts, node_tokens,
+              node_calls) -> dict:
+    """Generator + majority and generator + discriminator after the first `rollouts` rollouts. The discriminator's
+    cost is that of the verdicts its selection reads: its ranking down to the first consistent trajectory."""
     majority, chosen, tokens, calls = [], [], [], []
     answers_by_rule = {"majority": [], "discriminator": []}
-    for i, (problem, ts, verdict) in enumerate(zip(problems, trajectories, checked)):
-        keep = [j for j, t in enumerate(ts) if t.node <= rollouts]
-        found = [ts[j] for j in keep]
+    for i, (problem, ts) in enumerate(zip(problems, trajectories)):
+        found = [ts[j] for j in sorted(rankings[i][point])]
         answers = [t.answer for t in found]
         vote = answers[majority_vote(answers)] if found else None
-        best = select(found, [verdict["consistent"][j] for j in keep])
+        pick, read = select(rankings[i][point], lambda j: verdicts[(i, j)]["consistent"])
+        best = None if pick is None else ts[pick]
+        read = [verdicts[(i, j)] for j in read]
         answers_by_rule["majority"].append(vote)
         answers_by_rule["discriminator"].append(None if best is None else best.answer)
         majority.append(answers_equal(vote, problem.answer))
         chosen.append(best is not None and answers_equal(best.answer, problem.answer))
         generated = int(node_tokens[i, : rollouts + 1].sum())
-        tokens.append((generated, generated + sum(verdict["tokens"][j] for j in keep)))
+        tokens.append((generated, generated + sum(v["tokens"] for v in read)))
         made = int(node_calls[i, : rollouts + 1].sum())
-        calls.append((made, made + sum(verdict["calls"][j] for j in keep)))
+        calls.append((made, made + sum(v["calls"] for v in read)))
     tokens, calls = np.asarray(tokens, float).mean(0), np.asarray(calls, float).mean(0)
     return {"rollouts": rollouts, "majority": float(np.mean(majority)), "discriminator": float(np.mean(chosen)),
-            "trajectories_per_question": float(np.mean([sum(t.node <= rollouts for t in ts) for ts in trajectories])),
+            "trajectories_per_question": float(np.mean([len(r[point]) for r in rankings])),
             "tokens_per_question": {"majority": float(tokens[0]), "discriminator": float(tokens[1])},
             "calls_per_question": {"majority": float(calls[0]), "discriminator": float(calls[1])},
             "answers": answers_by_rule}

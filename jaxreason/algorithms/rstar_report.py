@@ -32,8 +32,9 @@ def write_rstar_report(run_dir: str | Path, config: dict, metrics: dict) -> None
     ]
     lines += [f"| {r['method']} | {r['accuracy']:.3f} | {r['tokens_per_question']:.0f} | "
               f"{r['calls_per_question']:.1f} |" for r in metrics["methods"]]
-    lines += ["", "Self-consistency samples as many tokens as rStar's generator and discriminator spent together "
-              "(N = those tokens / greedy's mean length, capped by `max_self_consistency`).", "",
+    lines += ["", "Self-consistency votes over each problem's first N samples, N the most whose mean tokens per "
+              "question stay within what rStar's generator and discriminator spent together (at most "
+              f"`max_self_consistency` = {config['max_self_consistency']}).", "",
               "| rollouts | trajectories / question | generator + majority | generator + discriminator | "
               "tokens / question (with discriminator) |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {p['rollouts']} | {p['trajectories_per_question']:.1f} | {p['majority']:.3f} | "

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import mctx
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason.models.kv_cache import KVCache
@@ -526,7 +527,10 @@ def rstar_interior_selection(rng_key, tree, node_index, depth, *, c):
 
 
 @functools.lru_cache(maxsize=8)
-def _program(graphdef, config: RStarConfig, sizes: _Sizes):
+def _program(graphdef, config: RStarConfig, sizes: _Sizes, mesh: Mesh | None = None):
+    """The jitted prompts -> tree program; with a mesh, each device searches its share of the rows (`shard_map`,
+    no collectives: problems do not interact, and every random draw comes from a row's own key)."""
+
     def program(params, tables, key, prompt_tokens, prompt_mask, row_keys):
         search = RStarSearch(graphdef, config, sizes, tables)
         policy = nnx.merge(graphdef, params)
@@ -544,15 +548,25 @@ def _program(graphdef, config: RStarConfig, sizes: _Sizes):
                            num_simulations=config.num_rollouts, max_depth=config.max_depth + 1,
                            invalid_actions=invalid)
 
-    return jax.jit(program)
+    if mesh is None:
+        return jax.jit(program)
+    rows, same = PartitionSpec(mesh.axis_names), PartitionSpec()
+    # check_vma off: the zero-initialised caches and mctx's loop carries would each need a pcast to "varying".
+    split = jax.shard_map(program, mesh=mesh, in_specs=(same, same, same, rows, rows, rows), out_specs=rows,
+                          check_vma=False)
+    replicated, by_row = NamedSharding(mesh, same), NamedSharding(mesh, rows)
+    return jax.jit(split, in_shardings=(replicated, replicated, replicated, by_row, by_row, by_row),
+                   out_shardings=by_row)
 
 
 def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, task: Task, config: RStarConfig,
-                key: jax.Array, chat: bool = False, first_index: int = 0) -> Iterator[tuple[mctx.Tree, int]]:
+                key: jax.Array, chat: bool = False, first_index: int = 0,
+                mesh: Mesh | None = None) -> Iterator[tuple[mctx.Tree, int]]:
     """rStar's trees, `config.batch_size` problems per jitted call, with how many rows of each are real.
 
     Problem i (counted from `first_index`) searches with `fold_in(key, i)`, so its tree does not depend on the
-    batch it is in. The last batch is padded with copies of its last problem.
+    batch it is in. The last batch is padded with copies of its last problem. With `mesh`, each batch (rounded up
+    to a multiple of the devices) is split over all its devices.
     """
     prompts = [prompt_ids(tokenizer, config.prompts.prompt.format(question=p.question), chat=chat) for p in problems]
     tables = build_tables(tokenizer, config, task, policy.config.vocab_size)
@@ -565,8 +579,11 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
     tokens, mask = pad_left(prompts, sizes.pad_id, multiple=64)
     sizes = dataclasses.replace(sizes, prompt_width=tokens.shape[1])
     graphdef, params = nnx.split(policy)
-    program = _program(graphdef, config, sizes)
-    batch = min(config.batch_size, len(problems))
+    devices = 1 if mesh is None else mesh.size
+    program = _program(graphdef, config, sizes, mesh if devices > 1 else None)
+    if devices > 1:  # on every device once, not per batch
+        params, tables = jax.device_put((params, tables), NamedSharding(mesh, PartitionSpec()))
+    batch = _round_up(min(config.batch_size, len(problems)), devices)
     for start in range(0, len(problems), batch):
         rows = np.minimum(np.arange(start, start + batch), len(problems) - 1)
         row_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(key, first_index + int(r))) for r in rows])
@@ -640,13 +657,13 @@ class RStarResult:
 
 
 def generate_trajectories(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, task: Task, config: RStarConfig,
-                          key: jax.Array, chat: bool = False) -> RStarResult:
+                          key: jax.Array, chat: bool = False, mesh: Mesh | None = None) -> RStarResult:
     """rStar's generator on every problem (`rstar_trees`, with a progress bar)."""
     started = time.perf_counter()
     trajectories, tokens, calls = [], [], []
     with progress(len(problems), description="rstar") as bar:
         for tree, real in rstar_trees(problems, policy=policy, tokenizer=tokenizer, task=task, config=config, key=key,
-                                      chat=chat):
+                                      chat=chat, mesh=mesh):
             created = np.asarray(tree.node_visits) > 0
             tokens.append((np.asarray(tree.embeddings.generated_tokens) * created)[:real])
             calls.append((np.asarray(tree.embeddings.model_calls) * created)[:real])

@@ -34,6 +34,7 @@ from jaxreason.tasks.procedural import ProceduralTask, content_id
 
 _MULDIV = ("*", "/")
 _EQUATION = re.compile(r"\s*(\d+) ([-+*/]) (\d+) = (\d+)\s*")
+_LAST_NUMBER = re.compile(r"-?\d+")
 
 
 def equation_holds(line: str) -> bool:
@@ -77,9 +78,9 @@ class ArithTask(ProceduralTask):
 
     def __init__(self, min_ops: int = 1, max_ops: int = 3, max_operand: int = 20, max_factor: int = 10,
                  ops: str = "+-*", test_fraction: float = 0.1, prompt_template: str | None = None,
-                 check_steps: bool = False):
+                 check_steps: bool = False, last_number: bool = False):
         super().__init__(test_fraction, prompt_template)
-        self.check_steps = check_steps
+        self.check_steps, self.last_number = check_steps, last_number
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
         if max_operand < 1 or max_factor < 2:
@@ -88,6 +89,15 @@ class ArithTask(ProceduralTask):
             raise ValueError(f"ops must be distinct characters from '+-*/', got {ops!r}")
         self.min_ops, self.max_ops = min_ops, max_ops
         self.max_operand, self.max_factor, self.ops = max_operand, max_factor, ops
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The stated final answer; with `last_number`, a completion that states none answers with its last
+        number (how GSM8K-style evaluations read a small model that computes but skips the answer line)."""
+        answer = super().extract_answer(completion)
+        if answer is None and self.last_number:
+            numbers = _LAST_NUMBER.findall(completion)
+            answer = numbers[-1] if numbers else None
+        return answer
 
     def is_correct(self, problem: Problem, completion: str) -> bool:
         if not super().is_correct(problem, completion):

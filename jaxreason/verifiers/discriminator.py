@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxreason.sampling.generate import SamplingConfig, generate
 from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
+from jaxreason.sampling.stopping import build_stop_table
 from jaxreason.tasks.math_answers import answers_equal
 from jaxreason.train.metrics import progress
 
@@ -31,6 +32,7 @@ class DiscriminatorConfig:
     completions_per_mask: int = 1
     rule: str = "mid"  # "loose" | "mid" | "strict"
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0)
+    stop: str = "\n\n"  # where a completion ends besides EOS: the few-shot prompt's separator ("" for none)
     batch_size: int = 64  # completions per jitted generate call (fixed shape; the last batch is padded)
 
     def __post_init__(self):
@@ -104,18 +106,20 @@ def check_vocab(tokenizer, generator_tokenizer) -> None:
 
 
 def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task, config: DiscriminatorConfig,
-                      key: jax.Array, chat: bool = False, generator_tokenizer=None) -> Consistency:
+                      key: jax.Array, chat: bool = False, generator_tokenizer=None,
+                      ids: Sequence[int] | None = None) -> Consistency:
     """The discriminator `model`'s verdict on each of C candidates: each prefix `prompt_ids(prompt) +
     trajectory_ids[:k]` is completed to EOS or max_new_tokens, and the answer of prefix text + completion is
     compared with the candidate's (`answers_equal`).
 
     Row c * M + m (candidate c, ratio m // completions_per_mask) draws from `fold_in(key, c * M + m)`, so the
-    completions depend neither on the batch size nor on which other candidates have answers.
+    completions depend neither on the batch size nor on which other candidates have answers; with `ids`, candidate
+    c draws as number ids[c] (a candidate judged in any subset gets the completions it gets among all).
     """
     if generator_tokenizer is not None:
         check_vocab(tokenizer, generator_tokenizer)
     m = config.completions_per_candidate
-    rows, prefixes, index = [], [], []  # discriminator inputs, their prefix texts, their row numbers
+    rows, prefixes, index, owner = [], [], [], []  # discriminator inputs, prefix texts, row numbers, candidates
     for c, cand in enumerate(candidates):
         if cand.answer is None:
             continue
@@ -126,12 +130,12 @@ def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task
             for s in range(config.completions_per_mask):
                 rows.append(head + traj[:k])
                 prefixes.append(text)
-                index.append(c * m + j * config.completions_per_mask + s)
+                owner.append(c)
+                index.append((c if ids is None else ids[c]) * m + j * config.completions_per_mask + s)
     texts, lengths = _complete(model, tokenizer, rows, index, config, key)
     completions = [[] for _ in candidates]
     agreeing, tokens = [0] * len(candidates), [0] * len(candidates)
-    for i, prefix, text, n in zip(index, prefixes, texts, lengths):
-        c = i // m
+    for c, prefix, text, n in zip(owner, prefixes, texts, lengths):
         completions[c].append(text)
         tokens[c] += n
         agreeing[c] += answers_equal(task.extract_answer(prefix + text), candidates[c].answer)
@@ -146,6 +150,7 @@ def _complete(model, tokenizer, rows: list[list[int]], index: list[int], config:
     if not rows:
         return [], []
     pad, stop = pad_token_id(tokenizer), eos_ids(tokenizer, model.config)
+    table = build_stop_table(tokenizer, [config.stop], model.config.vocab_size) if config.stop else None
     # One width for every call: left padding then never differs between batchings of the same rows.
     width = -(-max(map(len, rows)) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
     texts, generated, size = [], [], config.batch_size
@@ -158,7 +163,7 @@ def _complete(model, tokenizer, rows: list[list[int]], index: list[int], config:
             tokens, mask = pad_left(chunk, pad, multiple=width)
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids, jnp.uint32))
             out = generate(model, jnp.asarray(tokens), jnp.asarray(mask), keys, config.sampling, eos_ids=stop,
-                           pad_id=pad)
+                           pad_id=pad, stop_table=table)
             new, lengths = np.asarray(out.tokens)[:real], np.asarray(out.lengths)[:real]
             texts += [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(new, lengths)]
             generated += [int(n) for n in lengths]

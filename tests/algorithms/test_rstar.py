@@ -5,6 +5,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tiny
 from flax import nnx
@@ -12,12 +13,11 @@ from tiny import TOKENIZER
 
 from jaxreason.algorithms import rstar
 from jaxreason.algorithms.registry import load_algorithm_config
-from jaxreason.algorithms.rstar import run_rstar, select
+from jaxreason.algorithms.rstar import judge_until_selected, run_rstar, select
 from jaxreason.cli import main
 from jaxreason.data.sft_data import SFTDataset
 from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from jaxreason.models.pretrained import save_pretrained
-from jaxreason.search.rstar import Trajectory
 from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import ArithTask
 from jaxreason.train.objectives import sft_objective
@@ -85,16 +85,23 @@ def test_run_writes_the_papers_table(finished):
         assert 0 <= row["accuracy"] <= 1 and row["tokens_per_question"] > 0 and row["calls_per_question"] >= 1
     gen, disc = rows["rStar generator + majority"], rows["rStar generator + discriminator"]
     assert disc["tokens_per_question"] > gen["tokens_per_question"]  # the discriminator's completions
-    judged = 4 * _trajectories_with_answers(finished)  # one completion per ratio of each answered trajectory
-    assert disc["calls_per_question"] == pytest.approx(gen["calls_per_question"] + judged)
+    # one completion per ratio of each answered trajectory the selection read (best first, to a consistent one)
+    verdicts = _stages(finished)["discriminator"]
+    assert {v["calls"] for v in verdicts} <= {0, 4} and len(verdicts) <= sum(map(len, _trajectories(finished)))
+    assert 0 < disc["calls_per_question"] - gen["calls_per_question"] <= 4 * _answered(finished)
     assert [p["rollouts"] for p in metrics["curve"]] == [1, 2]
     report = (finished / "report.md").read_text()
     assert all(name in report for name in rows) and "accuracy_vs_rollouts.png" in report
     assert (finished / "accuracy_vs_rollouts.png").stat().st_size > 0
 
 
-def _trajectories_with_answers(run_dir) -> float:
-    found = _stages(run_dir)["generator"]["trajectories"]
+def _trajectories(run_dir) -> list[list[dict]]:
+    return _stages(run_dir)["generator"]["trajectories"]
+
+
+def _answered(run_dir) -> float:
+    """Trajectories with an answer per question."""
+    found = _trajectories(run_dir)
     return sum(t["answer"] is not None for ts in found for t in ts) / len(found)
 
 
@@ -105,6 +112,7 @@ def test_resume_reads_every_stage_back(finished, memorised, monkeypatch):
     monkeypatch.setattr(rstar, "generate_trajectories", fail)
     monkeypatch.setattr(rstar, "check_consistency", fail)
     monkeypatch.setattr(rstar, "run_method", fail)
+    monkeypatch.setattr(rstar, "draw_solutions", fail)
     _, config = load_algorithm_config(CONFIG, _args(memorised, finished))
     assert run_rstar(config, resume=True) == json.loads((finished / "metrics.json").read_text())
 
@@ -122,23 +130,48 @@ def test_gold_answers_reach_only_the_accuracy(finished, memorised, tmp_path, mon
     main(["train", "--config", CONFIG, *_args(memorised, tmp_path / "run")])
     right, wrong = _stages(finished), _stages(tmp_path / "run")
     assert right["generator"] == wrong["generator"] and right["discriminator"] == wrong["discriminator"]
-    for stage in ("greedy", "self_consistency"):
-        assert right[stage]["answers"] == wrong[stage]["answers"] and not any(wrong[stage]["correct"])
-        assert right[stage]["tokens"] == wrong[stage]["tokens"]
-    chosen = [json.loads((d / "results.json").read_text())["rstar"] for d in (finished, tmp_path / "run")]
-    assert chosen[0] == chosen[1]
+    assert right["samples"] == wrong["samples"]
+    assert right["greedy"]["answers"] == wrong["greedy"]["answers"] and not any(wrong["greedy"]["correct"])
+    chosen = [json.loads((d / "results.json").read_text()) for d in (finished, tmp_path / "run")]
+    assert chosen[0]["rstar"] == chosen[1]["rstar"]  # each selection rule's answers
+    assert chosen[0]["self_consistency"]["answers"] == chosen[1]["self_consistency"]["answers"]
     accuracy = [{r["method"]: r["accuracy"] for r in json.loads((d / "metrics.json").read_text())["methods"]}
                 for d in (finished, tmp_path / "run")]
     assert accuracy[0]["greedy chain of thought"] == 1.0 and not any(accuracy[1].values())
     assert accuracy[0]["rStar generator + discriminator"] > 0
 
 
-def test_select_prefers_consistent_then_the_generators_score():
-    ts = [Trajectory("a", "1", 0.9, "finish", 1), Trajectory("b", "2", 0.5, "finish", 2),
-          Trajectory("c", "3", 0.7, "step", 3)]
-    assert select(ts, [False, True, True]).answer == "3"
-    assert select(ts, [False, False, False]).answer == "1"  # none consistent: the generator's best
-    assert select([], []) is None
+def test_select_reads_the_ranking_down_to_the_first_consistent():
+    consistent = {0: False, 1: True, 2: True}.__getitem__
+    assert select([0, 2, 1], consistent) == (2, [0, 2])
+    assert select([0], consistent) == (0, [0])  # none consistent: the generator's best
+    assert select([], consistent) == (None, [])
+
+
+def test_lazy_judging_selects_as_judging_everything():
+    """Random rankings and verdicts: the rounds judge a subset, and every selection equals the one made with
+    every verdict known."""
+    rng = np.random.default_rng(0)
+    for per_round in (0, 1, 2, 3):
+        for _ in range(20):
+            sizes = rng.integers(0, 7, size=4)
+            truth = {(i, j): bool(rng.random() < 0.3) for i, n in enumerate(sizes) for j in range(n)}
+            rankings = [[list(rng.permutation(n)[: rng.integers(0, n + 1)]) for _ in range(2)] + [list(range(n))]
+                        for n in sizes]
+            calls = []
+
+            def check(pairs):
+                calls.append(pairs)
+                return [{"consistent": truth[p]} for p in pairs]
+
+            verdicts = judge_until_selected(rankings, check, per_round)
+            assert len({p for c in calls for p in c}) == sum(len(c) for c in calls)  # nothing judged twice
+            for i, selections in enumerate(rankings):
+                for ranking in selections:
+                    assert select(ranking, lambda j: verdicts[(i, j)]["consistent"]) == \
+                        select(ranking, lambda j: truth[(i, j)])
+            if per_round == 0:
+                assert len(calls) <= 1
 
 
 def test_config_errors_name_the_problem(memorised, tmp_path):

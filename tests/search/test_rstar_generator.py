@@ -24,6 +24,7 @@ from jaxreason.search.rstar_config import (
     RStarPrompts,
 )
 from jaxreason.search.selection import INVALID_LOGIT
+from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
 
 TASK = get_task("arith")
@@ -190,3 +191,12 @@ def test_batched_trees_equal_one_problem_at_a_time(policy, batched):
         for name in ("tokens", "length", "candidates", "candidate_len", "generated_tokens"):
             np.testing.assert_array_equal(getattr(tree.embeddings, name)[0], getattr(batched.embeddings, name)[row],
                                           err_msg=f"problem {row}: {name}")
+
+
+def test_trees_split_over_a_mesh_equal_unsplit(policy, batched):
+    mesh = make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
+    [(tree, real)] = list(rstar_trees(PROBLEMS, policy=policy, tokenizer=TOKENIZER, task=TASK, config=SMALL, key=KEY,
+                                      mesh=mesh))
+    assert real == 3 and tree.node_visits.shape[0] == 4  # the batch rounded up to a multiple of the devices
+    for name in ("tokens", "candidates", "generated_tokens"):
+        np.testing.assert_array_equal(getattr(tree.embeddings, name)[:3], getattr(batched.embeddings, name))

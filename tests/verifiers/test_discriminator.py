@@ -75,7 +75,7 @@ class ScriptedGenerate:
     def __init__(self, prompt_len: int):
         self.prompt_len, self.calls = prompt_len, []
 
-    def __call__(self, model, tokens, mask, keys, config, *, eos_ids, pad_id):
+    def __call__(self, model, tokens, mask, keys, config, *, eos_ids, pad_id, stop_table):
         self.calls.append((np.asarray(tokens), np.asarray(mask), keys))
         texts = [f"The answer is {int(m.sum()) - self.prompt_len}" for m in np.asarray(mask)]
         ids = [TOKENIZER.encode(t, add_special_tokens=False) for t in texts]
