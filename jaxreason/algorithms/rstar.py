@@ -7,10 +7,12 @@
             t is consistent <- a second model, completing t cut at several prefix ratios, reaches t's answer
         answer <- the consistent t of highest confidence (none consistent: the highest of all)
 
-Compared in the same run, on the same problems and prompt: greedy chain of thought, self-consistency with as
-many sampled tokens as rStar spent (generator and discriminator), and the generator's trajectories by majority
-vote; accuracy against rollouts from the same trees (a search's first r rollouts are the search with r).
-Each stage's result is kept in the run folder, so `--resume` continues at the first unfinished one.
+The trajectories are judged best first until each answer is decided (`judge_until_selected`): the same answers
+as judging every one, for fewer discriminator tokens. Compared in the same run, on the same problems and
+prompt: greedy chain of thought, self-consistency with as many sampled tokens as rStar spent (generator and
+discriminator), and the generator's trajectories by majority vote; accuracy against rollouts from the same
+trees (a search's first r rollouts are the search with r). Each stage's result is kept in the run folder, so
+`--resume` continues at the first unfinished one.
 """
 
 from __future__ import annotations

@@ -10,13 +10,18 @@ rule "mid" asks for at least half (`agreeing >= total // 2`); "loose" asks for o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jaxtyping import Array, Int
 
-from jaxreason.sampling.generate import SamplingConfig, generate
+from jaxreason.models.kv_cache import KVCache
+from jaxreason.sampling.alignment import right_align
+from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
 from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import build_stop_table
 from jaxreason.tasks.math_answers import answers_equal
@@ -119,20 +124,22 @@ def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task
     if generator_tokenizer is not None:
         check_vocab(tokenizer, generator_tokenizer)
     m = config.completions_per_candidate
-    rows, prefixes, index, owner = [], [], [], []  # discriminator inputs, prefix texts, row numbers, candidates
+    heads: dict[str, int] = {}  # prompt text -> its number: each prompt is prefilled once
+    rows, prefixes, index, owner = [], [], [], []  # (prompt number, prefix ids), prefix texts, row numbers, candidates
     for c, cand in enumerate(candidates):
         if cand.answer is None:
             continue
-        head = prompt_ids(tokenizer, cand.prompt, chat=chat)
+        head = heads.setdefault(cand.prompt, len(heads))
         traj = tokenizer.encode(cand.trajectory, add_special_tokens=False)
         for j, k in enumerate(prefix_lengths(len(traj), config.ratios)):
             text = tokenizer.decode(traj[:k], skip_special_tokens=True)
             for s in range(config.completions_per_mask):
-                rows.append(head + traj[:k])
+                rows.append((head, traj[:k]))
                 prefixes.append(text)
                 owner.append(c)
                 index.append((c if ids is None else ids[c]) * m + j * config.completions_per_mask + s)
-    texts, lengths = _complete(model, tokenizer, rows, index, config, key)
+    prompts = [prompt_ids(tokenizer, text, chat=chat) for text in heads]
+    texts, lengths = _complete(model, tokenizer, prompts, rows, index, config, key)
     completions = [[] for _ in candidates]
     agreeing, tokens = [0] * len(candidates), [0] * len(candidates)
     for c, prefix, text, n in zip(owner, prefixes, texts, lengths):
@@ -143,16 +150,20 @@ def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task
     return Consistency(consistent=consistent, agreeing=agreeing, completions=completions, tokens=tokens)
 
 
-def _complete(model, tokenizer, rows: list[list[int]], index: list[int], config: DiscriminatorConfig,
-              key: jax.Array) -> tuple[list[str], list[int]]:
-    """Completes each id row (row r with key fold_in(key, index[r])) in fixed-shape batches: texts and their
-    token counts."""
+def _complete(model, tokenizer, prompts: list[list[int]], rows: list[tuple[int, list[int]]], index: list[int],
+              config: DiscriminatorConfig, key: jax.Array) -> tuple[list[str], list[int]]:
+    """Completes each row (prompt number, prefix ids), row r with key fold_in(key, index[r]), in fixed-shape
+    batches: texts and their token counts. The prompts are prefilled once; a row reads its prefix on top of a
+    copy of its prompt's cache."""
     if not rows:
         return [], []
     pad, stop = pad_token_id(tokenizer), eos_ids(tokenizer, model.config)
     table = build_stop_table(tokenizer, [config.stop], model.config.vocab_size) if config.stop else None
-    # One width for every call: left padding then never differs between batchings of the same rows.
-    width = -(-max(map(len, rows)) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+    graphdef, state = nnx.split(model)
+    prompt_tokens, prompt_mask = pad_left(prompts, pad, multiple=_WIDTH_MULTIPLE)
+    cache, last_hidden = _prefill_prompts(graphdef, state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask))
+    # One prefix width for every call, so batchings of the same rows read the same padded inputs.
+    width = -(-max(len(tail) for _, tail in rows) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
     texts, generated, size = [], [], config.batch_size
     with progress(len(rows), description="discriminator") as bar:
         for start in range(0, len(rows), size):
@@ -160,12 +171,42 @@ def _complete(model, tokenizer, rows: list[list[int]], index: list[int], config:
             real = len(chunk)
             # Pad the last batch with copies of its last row (outputs dropped) so every call has `size` rows.
             chunk, ids = chunk + [chunk[-1]] * (size - real), ids + [ids[-1]] * (size - real)
-            tokens, mask = pad_left(chunk, pad, multiple=width)
+            tails = np.full((size, width), pad, np.int32)
+            for r, (_, tail) in enumerate(chunk):
+                tails[r, :len(tail)] = tail
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids, jnp.uint32))
-            out = generate(model, jnp.asarray(tokens), jnp.asarray(mask), keys, config.sampling, eos_ids=stop,
-                           pad_id=pad, stop_table=table)
+            out = _sample_rows(graphdef, state, cache, last_hidden, jnp.asarray([h for h, _ in chunk]),
+                               jnp.asarray(tails), jnp.asarray([len(t) for _, t in chunk], jnp.int32), keys, table,
+                               sampling=config.sampling, eos_ids=stop, pad_id=pad)
             new, lengths = np.asarray(out.tokens)[:real], np.asarray(out.lengths)[:real]
             texts += [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(new, lengths)]
             generated += [int(n) for n in lengths]
             bar.update(real)
     return texts, generated
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_prompts(graphdef, state, tokens: Int[Array, "U P"], mask: Int[Array, "U P"]):
+    """The prompts' cache [U, P] and each one's last hidden state [U, E]."""
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.init(model.config, tokens.shape[0], tokens.shape[1], dtype=model.transformer.dtype)
+    hidden, cache = model.transformer(tokens, mask, cache=cache)
+    return cache, hidden[:, -1]
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampling", "eos_ids", "pad_id"))
+def _sample_rows(graphdef, state, prompts: KVCache, last_hidden, head: Int[Array, " B"], tails: Int[Array, "B W"],
+                 tail_len: Int[Array, " B"], keys, stop_table, *, sampling: SamplingConfig, eos_ids, pad_id):
+    """Row b: prompt head[b]'s cache, then its prefix tails[b, :tail_len[b]] read on top, then sampled."""
+    model = nnx.merge(graphdef, state)
+    p, w = prompts.k.shape[3], tails.shape[1]
+    cache = KVCache.init(model.config, head.shape[0], p + w, dtype=prompts.k.dtype)
+    cache = cache.replace(k=cache.k.at[:, :, :, :p].set(prompts.k[:, head]),
+                          v=cache.v.at[:, :, :, :p].set(prompts.v[:, head]),
+                          mask=cache.mask.at[:, :p].set(prompts.mask[head]), index=jnp.asarray(p, jnp.int32))
+    steps, mask = right_align(tails, tail_len, pad_id, w)
+    hidden, cache = model.transformer(steps, mask, cache=cache)
+    last = jnp.where((tail_len > 0)[:, None], hidden[:, -1], last_hidden[head])
+    logits = model.logits_from_hidden(last[:, None])[:, 0]
+    return sample_from_cache(model, logits, cache, keys, sampling, eos_ids=eos_ids, pad_id=pad_id,
+                             stop_table=stop_table)

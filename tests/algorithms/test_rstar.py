@@ -187,3 +187,10 @@ def test_config_errors_name_the_problem(memorised, tmp_path):
         load_algorithm_config(CONFIG, ["generator.allowed_after={root: [step]}"])
     with pytest.raises(ValueError, match=r"rollouts_curve: \[16\] outside"):
         load_algorithm_config(CONFIG, ["rollouts_curve=[2, 16]"])
+
+
+@pytest.mark.parametrize("name", ["smollm2_arith.yaml", "gsm8k.yaml"])
+def test_shipped_configs_load(name):
+    algorithm, config = load_algorithm_config(f"configs/rstar/{name}")
+    assert algorithm.name == "rstar" and config.generator.prompts.prompt.endswith("Q: {question}\n")
+    assert config.generator.allowed_after == rstar.RStarConfig().allowed_after  # the paper's table

@@ -14,7 +14,7 @@ from tiny import TOKENIZER
 
 from jaxreason.data.sft_data import SFTDataset
 from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
-from jaxreason.sampling import SamplingConfig, prompt_ids
+from jaxreason.sampling import SamplingConfig
 from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
 from jaxreason.train.objectives import sft_objective
@@ -68,28 +68,28 @@ def test_prefix_lengths():
     assert prefix_lengths(0, (0.2, 0.5)) == [0, 0]
 
 
-class ScriptedGenerate:
-    """Stands in for `generate`: each row's completion is "The answer is k", k the row's trajectory tokens (after
-    a prompt of `prompt_len` tokens); records every call's inputs."""
+class ScriptedSampler:
+    """Stands in for the discriminator's sampler: each row's completion is "The answer is k", k the row's prefix
+    tokens; records every call's prompt numbers, prefixes and keys."""
 
-    def __init__(self, prompt_len: int):
-        self.prompt_len, self.calls = prompt_len, []
+    def __init__(self):
+        self.calls = []
 
-    def __call__(self, model, tokens, mask, keys, config, *, eos_ids, pad_id, stop_table):
-        self.calls.append((np.asarray(tokens), np.asarray(mask), keys))
-        texts = [f"The answer is {int(m.sum()) - self.prompt_len}" for m in np.asarray(mask)]
-        ids = [TOKENIZER.encode(t, add_special_tokens=False) for t in texts]
-        out = np.full((len(ids), config.max_new_tokens), pad_id, np.int32)
+    def __call__(self, graphdef, state, prompts, last_hidden, head, tails, tail_len, keys, stop_table, *, sampling,
+                 eos_ids, pad_id):
+        self.calls.append((np.asarray(head), np.asarray(tails), np.asarray(tail_len), keys))
+        ids = [TOKENIZER.encode(f"The answer is {int(n)}", add_special_tokens=False) for n in np.asarray(tail_len)]
+        out = np.full((len(ids), sampling.max_new_tokens), pad_id, np.int32)
         for i, row in enumerate(ids):
             out[i, :len(row)] = row
         return types.SimpleNamespace(tokens=out, lengths=np.array([len(r) for r in ids]))
 
 
 def _scripted(monkeypatch, candidates, **config):
-    fake = ScriptedGenerate(len(prompt_ids(TOKENIZER, "Q: x\n")))
-    monkeypatch.setattr(discriminator, "generate", fake)
-    result = check_consistency(candidates, model=types.SimpleNamespace(config=tiny.CONFIG), tokenizer=TOKENIZER,
-                               task=TASK, config=DiscriminatorConfig(**config), key=KEY)
+    fake = ScriptedSampler()
+    monkeypatch.setattr(discriminator, "_sample_rows", fake)
+    result = check_consistency(candidates, model=tiny.policy(), tokenizer=TOKENIZER, task=TASK,
+                               config=DiscriminatorConfig(**config), key=KEY)
     return result, fake.calls
 
 
@@ -97,11 +97,12 @@ def test_masking_keeps_each_ratios_prefix_in_fixed_shape_batches(monkeypatch):
     trajectories = ["abcdefghij", "xyz", "", "0123456789" * 9]
     candidates = [Candidate("Q: x\n", t, "1") for t in trajectories]
     candidates.insert(1, Candidate("Q: x\n", "skipped", None))
+    candidates.append(Candidate("Q: y\n", "uvw", "2"))  # another prompt: prefilled beside the first
     result, calls = _scripted(monkeypatch, candidates, batch_size=3)
-    assert all(t.shape[0] == 3 and t.shape[1] % 64 == 0 for t, _, _ in calls)
-    assert len({t.shape for t, _, _ in calls}) == 1  # one width for every call
-    rows = [list(t[m == 1]) for tokens, mask, _ in calls for t, m in zip(tokens, mask)]
-    keys = jnp.concatenate([jax.random.key_data(k) for _, _, k in calls])
+    assert all(tails.shape[0] == 3 and tails.shape[1] % 64 == 0 for _, tails, _, _ in calls)
+    assert len({tails.shape for _, tails, _, _ in calls}) == 1  # one width for every call
+    rows = [(int(h), list(t[:n])) for heads, tails, lens, _ in calls for h, t, n in zip(heads, tails, lens)]
+    keys = jnp.concatenate([jax.random.key_data(k) for *_, k in calls])
     expected, row_numbers = [], []
     for c, cand in enumerate(candidates):
         if cand.answer is None:
@@ -109,14 +110,25 @@ def test_masking_keeps_each_ratios_prefix_in_fixed_shape_batches(monkeypatch):
         traj = TOKENIZER.encode(cand.trajectory, add_special_tokens=False)
         for j, r in enumerate(CONFIG.ratios):
             k = max(1, round(r * len(traj))) if traj else 0
-            expected.append(prompt_ids(TOKENIZER, "Q: x\n") + traj[:k])
+            expected.append((0 if cand.prompt == "Q: x\n" else 1, traj[:k]))
             row_numbers.append(c * 4 + j)
     assert rows[:len(expected)] == expected  # then copies of the last row fill the last batch
     want_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(KEY, i)) for i in row_numbers])
     np.testing.assert_array_equal(keys[:len(expected)], want_keys)
-    assert result.model_calls == 16 and result.completions[1] == [] and not result.consistent[1]
+    assert result.model_calls == 20 and result.completions[1] == [] and not result.consistent[1]
     assert result.completions[0] == [f"The answer is {k}" for k in (2, 3, 4, 5)]
     assert result.generated_tokens == sum(len(c) for row in result.completions for c in row)
+
+
+def test_ids_number_the_candidates_draws(monkeypatch):
+    candidates = [Candidate("Q: x\n", "abcd", "1"), Candidate("Q: x\n", "efgh", "1")]
+    fake = ScriptedSampler()
+    monkeypatch.setattr(discriminator, "_sample_rows", fake)
+    check_consistency(candidates[1:], model=tiny.policy(), tokenizer=TOKENIZER, task=TASK, config=CONFIG, key=KEY,
+                      ids=[1])
+    keys = jax.random.key_data(fake.calls[0][3])[:4]
+    np.testing.assert_array_equal(keys, jnp.stack([jax.random.key_data(jax.random.fold_in(KEY, 4 + j))
+                                                   for j in range(4)]))
 
 
 @pytest.mark.parametrize("rule, expected", [
