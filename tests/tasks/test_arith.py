@@ -129,3 +129,12 @@ def test_evaluate_uses_the_usual_precedence():
     assert evaluate(expression_items("What is 12 + 7 * 3 - 5?")) == 28
     assert evaluate([8, "/", 3]) is None
     assert evaluate([9, "-", 4, "-", 2]) == 3
+
+
+def test_last_number_answers_a_completion_without_an_answer_line():
+    plain, lenient = ArithTask(), ArithTask(last_number=True)
+    assert plain.extract_answer("14 + 7 = 21") is None
+    assert lenient.extract_answer("14 + 7 = 21") == "21"
+    assert lenient.extract_answer("3 - 5 = -2") == "-2"
+    assert lenient.extract_answer("2 + 2 = 4\nThe answer is 5\nso 9") == "5"  # a stated answer wins
+    assert lenient.extract_answer("no numbers") is None
