@@ -49,7 +49,8 @@ def test_run_writes_report_metrics_plots_and_the_trained_model(finished):
         assert all(0 <= e[k] <= 1 for k in ("greedy", "sample", "self_consistency@2"))
     assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4]
     for s in metrics["steps"]:
-        assert 0 <= s["reward"] <= 1 and s["kl"] >= 0 and s["response_length"] > 0
+        # k3 KL is >= 0 exactly; its float32 mean can land a rounding error below
+        assert 0 <= s["reward"] <= 1 and s["kl"] >= -1e-6 and s["response_length"] > 0
     tokens = [e["generated_tokens"] for e in metrics["evaluations"]]
     assert tokens[0] == 0 and tokens[1] < tokens[2]
     report = (finished / "report.md").read_text()

@@ -106,7 +106,12 @@ def test_run_writes_report_metrics_plots_and_traces(finished, capsys):
     # A stage with no examples (a search that found no correct leaf) trains nothing and saves nothing.
     trained = [name for name in STAGES if name.split("_")[0] in ("sft", "prm", "policy", "rest") and
                "sample" not in name and stages[name]["steps"]]
-    assert {"sft", "prm_0", "prm_1", "prm_2"} <= set(trained) and any(n.startswith("policy") for n in trained)
+    # Which policies train depends on what the tiny searches find (it varies with the CPU's float rounding): some
+    # policy stage trains, and every one that did not had no examples.
+    assert {"sft", "prm_0", "prm_1", "prm_2"} <= set(trained)
+    policies = [name for name in STAGES if name.startswith(("policy_", "rest_em_policy_"))]
+    assert any(name in trained for name in policies)
+    assert all(stages[name]["examples"] == 0 for name in policies if name not in trained)
     for name in trained:
         assert any((finished / name / "checkpoints").iterdir()), name
 
