@@ -3,26 +3,18 @@ rows, resume, gold answers that never reach generation or selection, and the err
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
-from flax import nnx
 from tiny import TOKENIZER
 
 from jaxreason.algorithms import rstar
 from jaxreason.algorithms.registry import load_algorithm_config
 from jaxreason.algorithms.rstar import judge_until_selected, run_rstar, select
 from jaxreason.cli import main
-from jaxreason.data.sft_data import SFTDataset
 from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from jaxreason.models.pretrained import save_pretrained
-from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import ArithTask
-from jaxreason.train.objectives import sft_objective
-from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
-from jaxreason.train.step import init_train_state, make_train_step
 
 CONFIG = "configs/rstar/smollm2_arith.yaml"
 OPTIONS = {"min_ops": 1, "max_ops": 1, "max_operand": 12, "max_factor": 6}
@@ -41,20 +33,8 @@ SHORT = [
 def memorised(tmp_path_factory):
     """A Hugging Face folder of the tiny model trained on the run's problems until it reproduces their gold
     solutions: its answers are mostly right, so accuracy can move when the gold answers do."""
-    problems = TASK.problems("test", n=NUM_PROBLEMS, seed=0)
-    records = [{"prompt": TASK.prompt(p), "completion": TASK.format_solution(p.solution_steps, p.answer)}
-               for p in problems]
-    data = SFTDataset(TOKENIZER, records, max_len=64)
-    model = tiny.policy(seed=3)
-    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=10, total_steps=200, weight_decay=0))
-    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
-    step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh)
-    batch = data.batch(range(len(data)))
-    for _ in range(200):
-        state, metrics = step(state, batch)
-    assert float(metrics["accuracy"]) == 1.0
-    nnx.update(model, jax.tree.map(jnp.asarray, jax.device_get(state.trainable)))
+    model = tiny.memorise(tiny.policy(seed=3), TOKENIZER, TASK, TASK.problems("test", n=NUM_PROBLEMS, seed=0),
+                          steps=200)
     return str(save_pretrained(model, TOKENIZER, tmp_path_factory.mktemp("memorised") / "model"))
 
 

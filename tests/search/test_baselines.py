@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import memorise
 
-from jaxreason.data.sft_data import SFTDataset
 from jaxreason.models import CausalLM, ModelConfig, ValueModel
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 from jaxreason.sampling import SamplingConfig, generate, pad_left, prompt_ids
@@ -19,11 +19,7 @@ from jaxreason.search.baselines import beam_search, best_beams, select_beams
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.methods import MethodResult, compare, method_names, needs_verifier, register_method, run
 from jaxreason.search.votes import best_of, group_answers, majority_vote, weighted_vote
-from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
-from jaxreason.train.objectives import sft_objective
-from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
-from jaxreason.train.step import init_train_state, make_train_step
 from jaxreason.verifiers import ValueVerifier
 
 TOKENIZER = build_char_tokenizer()
@@ -308,21 +304,7 @@ def test_config_validation():
 @pytest.fixture(scope="module")
 def memorised_policy():
     """The tiny model trained on the gold solutions of PROBLEMS until it reproduces them."""
-    records = [{"prompt": TASK.prompt(p), "completion": TASK.format_solution(p.solution_steps, p.answer)}
-               for p in PROBLEMS]
-    data = SFTDataset(TOKENIZER, records, max_len=80)
-    batch = data.batch(range(len(data)))
-    model = CausalLM(MODEL, rngs=nnx.Rngs(3))
-    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=10, total_steps=150, weight_decay=0))
-    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
-    step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh)
-    for _ in range(150):
-        state, metrics = step(state, batch)
-    assert float(metrics["accuracy"]) == 1.0
-    # Uncommitted on the default device, as the random policy's are, so the baselines' programs are reused.
-    nnx.update(model, jax.tree.map(jnp.asarray, jax.device_get(state.trainable)))
-    return model
+    return memorise(CausalLM(MODEL, rngs=nnx.Rngs(3)), TOKENIZER, TASK, PROBLEMS, steps=150, max_len=80)
 
 
 def test_memorised_policy_solves_its_problems_with_every_method(memorised_policy, verifier):

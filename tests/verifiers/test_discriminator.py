@@ -9,17 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
-from flax import nnx
 from tiny import TOKENIZER
 
-from jaxreason.data.sft_data import SFTDataset
 from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from jaxreason.sampling import SamplingConfig
-from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
-from jaxreason.train.objectives import sft_objective
-from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
-from jaxreason.train.step import init_train_state, make_train_step
 from jaxreason.verifiers import discriminator
 from jaxreason.verifiers.discriminator import (
     Candidate,
@@ -161,19 +155,7 @@ def test_random_model_batching_invariance_and_skipped_candidate():
 @pytest.fixture(scope="module")
 def memorised_model():
     """The tiny model trained on the gold solutions of PROBLEMS until it reproduces them."""
-    records = [{"prompt": TASK.prompt(p), "completion": _gold(p)} for p in PROBLEMS]
-    data = SFTDataset(TOKENIZER, records, max_len=64)
-    batch = data.batch(range(len(data)))
-    model = tiny.policy(seed=3)
-    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=10, total_steps=200, weight_decay=0))
-    graphdef, state, shardings = init_train_state(model, optimizer, mesh)
-    step = make_train_step(graphdef, sft_objective, optimizer, shardings, mesh)
-    for _ in range(200):
-        state, metrics = step(state, batch)
-    assert float(metrics["accuracy"]) == 1.0
-    nnx.update(model, jax.tree.map(jnp.asarray, jax.device_get(state.trainable)))
-    return model
+    return tiny.memorise(tiny.policy(seed=3), TOKENIZER, TASK, PROBLEMS, steps=200)
 
 
 def test_memorised_model_agrees_with_right_candidates_only(memorised_model):
