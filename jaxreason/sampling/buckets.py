@@ -19,6 +19,11 @@ from jaxtyping import Array, Int
 T = TypeVar("T")
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n: a static size shared by every input up to it."""
+    return -(-n // multiple) * multiple
+
+
 def batch_sizes(batch: int, fractions: Sequence[float]) -> tuple[int, ...]:
     """`batch` and these fractions of it, rounded up, descending and distinct: the batch sizes to compile for.
 

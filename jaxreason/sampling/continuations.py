@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
 
+from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
+from jaxreason.sampling.alignment import right_align
 from jaxreason.sampling.generate import SamplingConfig, generate
 from jaxreason.sampling.prompts import pad_left
 from jaxreason.train.metrics import progress
@@ -48,3 +52,19 @@ def sample_continuations(
             out.extend(new[i, :lengths[i]] for i in range(real))
             bar.update(real)
     return out
+
+
+def read_after_prompts(model: CausalLM, prompts: KVCache, prompt_last: Float[Array, "B E"], tokens: Int[Array, "B L"],
+                       length: Int[Array, " B"], width: int, *, pad_id: int, room: int = 0):
+    """Each row's prefilled prompt (`prompts`, [B, P] filled to P), then its first `length` tokens of `tokens`
+    (left-aligned; their last `width` are read) on top: the cache, with `room` free slots after them, and the
+    next-token logits [B, V] (after the prompt alone where length is 0: `prompt_last`, its last hidden state).
+    Continuations of many prefixes of one prompt pay for that prompt once."""
+    p = prompts.k.shape[3]
+    steps, mask = right_align(tokens, length, pad_id, width)
+    cache = KVCache.init(model.config, tokens.shape[0], p + width + room, dtype=prompts.k.dtype)
+    cache = cache.replace(k=cache.k.at[:, :, :, :p].set(prompts.k), v=cache.v.at[:, :, :, :p].set(prompts.v),
+                          mask=cache.mask.at[:, :p].set(prompts.mask), index=jnp.asarray(p, jnp.int32))
+    hidden, cache = model.transformer(steps, mask, cache=cache)
+    last = jnp.where((length > 0)[:, None], hidden[:, -1], prompt_last)
+    return cache, model.logits_from_hidden(last[:, None])[:, 0]

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxreason.models.llama import CausalLM
+from jaxreason.sampling.buckets import round_up
 from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.config import Budget, MCTSConfig
@@ -63,16 +64,16 @@ def batched_trees(
     space = action_space or ActionSpace.single_step(config.num_candidates)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
     longest = max(len(p) for p in prompts)
-    max_len = _round_up(longest + config.max_depth * config.max_step_tokens, 64)
+    max_len = round_up(longest + config.max_depth * config.max_step_tokens, 64)
     tokens = np.full((len(prompts), max_len), pad_token_id(tokenizer), np.int32)
     for row, ids in enumerate(prompts):
         tokens[row, : len(ids)] = ids
     prompt_len = np.asarray([len(p) for p in prompts], np.int32)
     devices = 1 if mesh is None else mesh.size
-    batch = _round_up(min(config.batch_size, len(prompts)), devices)
+    batch = round_up(min(config.batch_size, len(prompts)), devices)
 
     spec = ExpansionSpec(
-        max_len=max_len, max_depth=config.max_depth, sampling=config.sampling, prompt_width=_round_up(longest, 16),
+        max_len=max_len, max_depth=config.max_depth, sampling=config.sampling, prompt_width=round_up(longest, 16),
         rollout_steps=config.rollout_steps, rollout_alpha=config.rollout_alpha, pad_id=pad_token_id(tokenizer),
         eos_ids=eos_ids(tokenizer, policy.config),
         verifier_shares_backbone=isinstance(verifier, ValueVerifier) and verifier.shares_backbone(policy),
@@ -168,10 +169,6 @@ def _search_program(policy_def, verifier_def, space: ActionSpace, spec: Expansio
                           check_vma=False)
     replicated, by_row = NamedSharding(mesh, same), NamedSharding(mesh, rows)
     return jax.jit(split, in_shardings=(replicated, replicated, replicated, by_row, by_row), out_shardings=by_row)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 register_method("mcts", mcts, needs_verifier=True)

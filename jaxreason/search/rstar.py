@@ -38,7 +38,8 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.alignment import right_align
-from jaxreason.sampling.buckets import smallest_fit
+from jaxreason.sampling.buckets import round_up, smallest_fit
+from jaxreason.sampling.continuations import read_after_prompts
 from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
 from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
@@ -206,15 +207,8 @@ class RStarSearch:
     def _prefill(self, policy, prompts: Prompts, tokens, length, width: int, room: int):
         """A cache of the prompt then each row's first `length` tokens (their last `width`), with `room` free
         slots, and the logits after it."""
-        p = self.sizes.prompt_width
-        steps, mask = right_align(tokens, length, self.sizes.pad_id, width)
-        cache = KVCache.init(policy.config, tokens.shape[0], p + width + room, dtype=policy.transformer.dtype)
-        cache = cache.replace(k=cache.k.at[:, :, :, :p].set(prompts.cache.k),
-                              v=cache.v.at[:, :, :, :p].set(prompts.cache.v),
-                              mask=cache.mask.at[:, :p].set(prompts.cache.mask), index=jnp.asarray(p, jnp.int32))
-        hidden, cache = policy.transformer(steps, mask, cache=cache)
-        last = jnp.where((length > 0)[:, None], hidden[:, -1], prompts.last_hidden)
-        return cache, policy.logits_from_hidden(last[:, None])[:, 0]
+        return read_after_prompts(policy, prompts.cache, prompts.last_hidden, tokens, length, width,
+                                  pad_id=self.sizes.pad_id, room=room)
 
     def _widths(self) -> tuple[int, ...]:
         most, widths, w = self.sizes.max_len, [], 64
@@ -574,7 +568,7 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
     candidate = max(cues[0] + config.step_tokens, cues[1] + config.solution_tokens,
                     cues[2] + config.step_tokens + tables.subanswer.shape[0] + config.answer_tokens,
                     cues[3] + config.answer_tokens, cues[4] + config.step_tokens)
-    sizes = _Sizes(prompt_width=0, max_len=_round_up(config.max_depth * candidate, 16), candidate_len=candidate,
+    sizes = _Sizes(prompt_width=0, max_len=round_up(config.max_depth * candidate, 16), candidate_len=candidate,
                    pad_id=pad_token_id(tokenizer), eos_ids=eos_ids(tokenizer, policy.config))
     tokens, mask = pad_left(prompts, sizes.pad_id, multiple=64)
     sizes = dataclasses.replace(sizes, prompt_width=tokens.shape[1])
@@ -583,16 +577,12 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
     program = _program(graphdef, config, sizes, mesh if devices > 1 else None)
     if devices > 1:  # on every device once, not per batch
         params, tables = jax.device_put((params, tables), NamedSharding(mesh, PartitionSpec()))
-    batch = _round_up(min(config.batch_size, len(problems)), devices)
+    batch = round_up(min(config.batch_size, len(problems)), devices)
     for start in range(0, len(problems), batch):
         rows = np.minimum(np.arange(start, start + batch), len(problems) - 1)
         row_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(key, first_index + int(r))) for r in rows])
         yield (program(params, tables, key, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), row_keys),
                min(batch, len(problems) - start))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # -- the trajectories a search found ------------------------------------------------------------------------

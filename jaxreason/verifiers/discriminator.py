@@ -20,7 +20,8 @@ from flax import nnx
 from jaxtyping import Array, Int
 
 from jaxreason.models.kv_cache import KVCache
-from jaxreason.sampling.alignment import right_align
+from jaxreason.sampling.buckets import round_up
+from jaxreason.sampling.continuations import read_after_prompts
 from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
 from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import build_stop_table
@@ -163,7 +164,7 @@ def _complete(model, tokenizer, prompts: list[list[int]], rows: list[tuple[int, 
     prompt_tokens, prompt_mask = pad_left(prompts, pad, multiple=_WIDTH_MULTIPLE)
     cache, last_hidden = _prefill_prompts(graphdef, state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask))
     # One prefix width for every call, so batchings of the same rows read the same padded inputs.
-    width = -(-max(len(tail) for _, tail in rows) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+    width = round_up(max(len(tail) for _, tail in rows), _WIDTH_MULTIPLE)
     texts, generated, size = [], [], config.batch_size
     with progress(len(rows), description="discriminator") as bar:
         for start in range(0, len(rows), size):
@@ -199,14 +200,7 @@ def _sample_rows(graphdef, state, prompts: KVCache, last_hidden, head: Int[Array
                  tail_len: Int[Array, " B"], keys, stop_table, *, sampling: SamplingConfig, eos_ids, pad_id):
     """Row b: prompt head[b]'s cache, then its prefix tails[b, :tail_len[b]] read on top, then sampled."""
     model = nnx.merge(graphdef, state)
-    p, w = prompts.k.shape[3], tails.shape[1]
-    cache = KVCache.init(model.config, head.shape[0], p + w, dtype=prompts.k.dtype)
-    cache = cache.replace(k=cache.k.at[:, :, :, :p].set(prompts.k[:, head]),
-                          v=cache.v.at[:, :, :, :p].set(prompts.v[:, head]),
-                          mask=cache.mask.at[:, :p].set(prompts.mask[head]), index=jnp.asarray(p, jnp.int32))
-    steps, mask = right_align(tails, tail_len, pad_id, w)
-    hidden, cache = model.transformer(steps, mask, cache=cache)
-    last = jnp.where((tail_len > 0)[:, None], hidden[:, -1], last_hidden[head])
-    logits = model.logits_from_hidden(last[:, None])[:, 0]
+    cache, logits = read_after_prompts(model, prompts.take_rows(head), last_hidden[head], tails, tail_len,
+                                       tails.shape[1], pad_id=pad_id)
     return sample_from_cache(model, logits, cache, keys, sampling, eos_ids=eos_ids, pad_id=pad_id,
                              stop_table=stop_table)
