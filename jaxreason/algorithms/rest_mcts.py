@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
+from jaxreason.algorithms.model_states import copy_of, snapshot
 from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
@@ -39,7 +39,15 @@ from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.algorithms.value_targets import tree_value_traces
 from jaxreason.config import to_dict
 from jaxreason.data.trace_batches import sft_batch, value_batch
-from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, Trace, TraceStore
+from jaxreason.data.trace_store import (
+    FLAG_BASELINE,
+    FLAG_CORRECT,
+    FLAG_ROLLOUT,
+    FLAG_SEARCH,
+    Trace,
+    TraceStore,
+    unique_traces,
+)
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.models.value_head import ValueModel
@@ -251,9 +259,9 @@ def _loop(r: _Run, policy) -> None:
     if c.sft is not None:  # a weak but non-zero start: SFT on a few gold solutions
         gold = gold_traces(r.task, r.tokenizer, *r.slice("gold"), chat=c.chat)
         r.train_model("sft", policy, sft_objective, gold, c.sft, lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
-    base = _snapshot(policy)
+    base = snapshot(policy)
     prm = ValueModel(policy.config, rngs=nnx.Rngs(c.seed))  # its own backbone, initialised from policy_0's
-    nnx.update(prm.transformer, _snapshot(policy.transformer))
+    nnx.update(prm.transformer, snapshot(policy.transformer))
     verifier = ValueVerifier(prm, aggregation=c.prm_aggregation) if c.guide == "prm" else TaskCheckVerifier(
         r.task, r.tokenizer, [*r.pool, *r.test], noise=c.task_check_noise, seed=c.seed)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))
@@ -262,23 +270,24 @@ def _loop(r: _Run, policy) -> None:
     _export(r, 0, policy, prm)
     write_report(r.run_dir, to_dict(c), r.stages.results)
 
-    em_policy = _copy_of(policy, base)
+    em_policy = copy_of(policy, base)
     for t in range(1, c.iterations + 1):
         since = 1 if c.accumulate else t
         search = r.stages.run(f"search_{t}", lambda: _search(r, policy, verifier, t))
         r.train_model(f"prm_{t}", prm, value_objective(c.prm_loss),
                       r.traces([0], FLAG_ROLLOUT) + r.traces(range(1, t + 1), FLAG_SEARCH), c.prm_train, value_data)
-        correct = _above_threshold(r, verifier, _unique(r.traces(range(since, t + 1), FLAG_SEARCH | FLAG_CORRECT)))
+        correct = _above_threshold(r, verifier,
+                                   unique_traces(r.traces(range(since, t + 1), FLAG_SEARCH | FLAG_CORRECT)))
         if c.policy_from_base:
-            policy = _copy_of(policy, base)
+            policy = copy_of(policy, base)
         r.train_model(f"policy_{t}", policy, sft_objective, correct, c.policy_train, policy_data)
 
         if c.rest_em.enabled:  # the same budget of generated tokens, spent on plain samples
             r.stages.run(f"rest_em_sample_{t}", lambda: _rest_em_sample(r, em_policy, t, search["generated_tokens"]))
             if c.policy_from_base:
-                em_policy = _copy_of(em_policy, base)
+                em_policy = copy_of(em_policy, base)
             r.train_model(f"rest_em_policy_{t}", em_policy, sft_objective,
-                          _unique(r.traces(range(since, t + 1), FLAG_BASELINE | FLAG_CORRECT)), c.policy_train,
+                          unique_traces(r.traces(range(since, t + 1), FLAG_BASELINE | FLAG_CORRECT)), c.policy_train,
                           policy_data)
         r.stages.run(f"eval_{t}", lambda: {
             "rest_mcts": _evaluate(r, policy, verifier),
@@ -381,17 +390,6 @@ def _export(r: _Run, t: int, policy, prm: ValueModel) -> None:
 # ---------------------------------------------------------------- helpers
 
 
-def _unique(traces: list[Trace]) -> list[Trace]:
-    """One trace per distinct (problem, token sequence)."""
-    seen, out = set(), []
-    for t in traces:
-        k = (t.problem_id, np.asarray(t.tokens).tobytes())
-        if k not in seen:
-            seen.add(k)
-            out.append(t)
-    return out
-
-
 def _above_threshold(r: _Run, verifier: Verifier, traces: list[Trace]) -> list[Trace]:
     """The traces whose whole solution the PRM scores >= `prm_threshold` (all of them when it is unset)."""
     if r.config.prm_threshold is None or not traces:
@@ -400,17 +398,6 @@ def _above_threshold(r: _Run, verifier: Verifier, traces: list[Trace]) -> list[T
                              [t.tokens[t.prompt_len:] for t in traces],
                              StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id)
     return [t for t, s in zip(traces, scored.scores) if s >= r.config.prm_threshold]
-
-
-def _snapshot(module: nnx.Module) -> nnx.State:
-    """A copy of the module's state in fresh buffers (training donates, and so deletes, the live ones)."""
-    return jax.tree.map(jnp.copy, nnx.state(module))
-
-
-def _copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
-    """A new module with `model`'s structure and a fresh copy of `state`."""
-    graphdef = nnx.graphdef(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
 def _setup(config: RestMCTSConfig, tokenizer, resume: bool) -> _Run:

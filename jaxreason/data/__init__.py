@@ -5,6 +5,7 @@ from jaxreason.data.trace_batches import sft_batch, value_batch
 from jaxreason.data.trace_store import (
                                         FLAG_BASELINE,
                                         FLAG_CORRECT,
+                                        FLAG_EVAL,
                                         FLAG_ROLLOUT,
                                         FLAG_SEARCH,
                                         Trace,
@@ -13,6 +14,6 @@ from jaxreason.data.trace_store import (
 )
 
 __all__ = [
-    "FLAG_BASELINE", "FLAG_CORRECT", "FLAG_ROLLOUT", "FLAG_SEARCH", "Trace", "TraceStore", "pad_traces", "sft_batch",
-    "shuffled_batches", "value_batch",
+    "FLAG_BASELINE", "FLAG_CORRECT", "FLAG_EVAL", "FLAG_ROLLOUT", "FLAG_SEARCH", "Trace", "TraceStore", "pad_traces",
+    "sft_batch", "shuffled_batches", "value_batch",
 ]

@@ -49,6 +49,8 @@ FLAG_CORRECT = 1 << 0  # the final answer is correct
 FLAG_SEARCH = 1 << 1  # produced by tree search
 FLAG_BASELINE = 1 << 2  # produced by baseline sampling
 FLAG_ROLLOUT = 1 << 3  # a sampled solution whose step values come from rollouts (PRM warm-up)
+FLAG_EVAL = 1 << 4  # a sample of a held-out problem, kept for evaluation
+FLAG_HINTED = 1 << 5  # drawn with the gold answer in the prompt (STaR's rationalization); stored without it
 
 FORMAT = "jaxreason.trace_store"
 VERSION = 1
@@ -352,6 +354,17 @@ def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[s
         "reward": np.array([t.reward for t in traces], np.float32),
         "problem_id": np.array([t.problem_id for t in traces], np.int64),
     }
+
+
+def unique_traces(traces: Sequence[Trace]) -> list[Trace]:
+    """The traces without repeats: one per distinct (problem, token sequence), the first of each."""
+    seen, out = set(), []
+    for t in traces:
+        key = (t.problem_id, np.asarray(t.tokens).tobytes())
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
 
 
 def _validate(trace: Trace, k: int) -> Trace:

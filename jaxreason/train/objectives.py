@@ -33,3 +33,21 @@ def value_objective(kind: str = "mse"):
         return loss, {**metrics, "num_tokens": jnp.sum(batch["value_mask"].astype(jnp.float32))}
 
     return objective
+
+
+@functools.cache  # one function per setting: train steps built with it share a compiled program
+def dpo_objective(beta: float, label_smoothing: float = 0.0):
+    """DPO on (chosen, rejected) pairs against precomputed reference log-probs (`losses.dpo_loss`). batch:
+    chosen_tokens, chosen_attention_mask, chosen_loss_mask, the same three for rejected [B, T], and ref_chosen,
+    ref_rejected [B] (log pi_ref of each completion, `losses.sequence_logprob`)."""
+
+    def objective(model, batch, key):
+        del key  # deterministic
+        both = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in
+                ("tokens", "attention_mask", "loss_mask")}
+        logp = losses.sequence_logprob(model(both["tokens"], both["attention_mask"]), both["tokens"],
+                                       both["loss_mask"])
+        chosen, rejected = jnp.split(logp, 2)
+        return losses.dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta, label_smoothing)
+
+    return objective

@@ -1,0 +1,51 @@
+"""V-STaR's verifier: a language model trained by DPO on (correct, incorrect) solution pairs, read as the implicit
+reward of DPO, beta (log pi_V(y | x) - log pi_ref(y | x)) (`jaxreason.train.losses.dpo_score`), against the
+reference it was trained from (the SFT generator).
+
+The log-ratio accumulates token by token, so the value of a partial solution that ends at a position is the
+sigmoid of the score of everything up to it; a whole solution's is read at its last token (`score_position`),
+as every verifier's is. The sum starts at each row's second real token: the prompt's tokens add a term that is the
+same for every solution of a problem (so samples of a problem rank exactly by the paper's score), which shifts
+the scores of different problems apart.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxreason.models.llama import CausalLM
+from jaxreason.train.losses import dpo_score, token_logprobs
+from jaxreason.verifiers.base import AGGREGATIONS, Verifier, register_verifier
+
+
+class DPOVerifier(Verifier):
+    """`model` (pi_V) scored against `reference` (pi_ref); both read the same tokenizer."""
+
+    def __init__(self, model: CausalLM, reference: CausalLM, beta: float, aggregation: str = "last"):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if model.config.vocab_size != reference.config.vocab_size:
+            raise ValueError(f"the verifier's vocabulary ({model.config.vocab_size} ids) differs from its "
+                             f"reference's ({reference.config.vocab_size})")
+        self.model, self.reference = model, reference
+        self.beta, self.aggregation = float(beta), aggregation
+
+    def rewards(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"]) -> Float[Array, "B T"]:
+        """The implicit reward of each row's tokens up to and including each position (0 at the first real
+        token and on padding's own columns)."""
+        # a token counts when it and the token before it are real: the first real token has no context
+        counted = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+        policy = jnp.cumsum(token_logprobs(self.model(tokens, mask), tokens) * counted, axis=1)
+        reference = jnp.cumsum(token_logprobs(self.reference(tokens, mask), tokens) * counted, axis=1)
+        return jnp.pad(dpo_score(policy, jax.lax.stop_gradient(reference), self.beta), ((0, 0), (1, 0)))
+
+    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
+                  positions: Int[Array, "B S"]) -> Float[Array, "B S"]:
+        return jax.nn.sigmoid(jnp.take_along_axis(self.rewards(tokens, mask), positions, axis=1))
+
+
+register_verifier("dpo", lambda model, reference, beta=0.1, **options: DPOVerifier(model, reference, beta, **options))
