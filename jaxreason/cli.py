@@ -75,9 +75,15 @@ def _run_algorithm(args: argparse.Namespace, resume: bool, only: str | None = No
 
 
 def _report(args: argparse.Namespace) -> None:
-    from jaxreason.algorithms.report import seed_summary
+    import json
+    from pathlib import Path
 
-    print(seed_summary(args.run_dirs), end="")
+    from jaxreason.algorithms.report import seed_summary
+    from jaxreason.algorithms.vstar_report import vstar_seed_summary
+
+    first = Path(args.run_dirs[0]) / "metrics.json"
+    vstar = first.exists() and "best_of_k" in json.loads(first.read_text())
+    print((vstar_seed_summary if vstar else seed_summary)(args.run_dirs), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides (run_dir=PATH, seed=1, ...)")
     train.set_defaults(run=_train)
 
-    report = commands.add_parser("report", help="held-out accuracy change over seeds, from several train runs")
+    report = commands.add_parser("report", help="headline figures over seeds, from several train runs (ReST-MCTS*, "
+                                                "V-STaR)")
     report.add_argument("run_dirs", nargs="+", help="run folders of `train` (one per seed)")
     report.set_defaults(run=_report)
     return parser

@@ -32,6 +32,7 @@ from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import prompt_ids
 from jaxreason.search.baselines import draw_solutions
+from jaxreason.search.command import VerifierConfig, load_verifier
 from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
 from jaxreason.search.rstar import Trajectory, generate_trajectories
@@ -60,6 +61,8 @@ class RStarRunConfig:
       baseline: how greedy (at temperature 0, the same max_new_tokens) and self-consistency sample.
       max_self_consistency: the most samples self-consistency may draw to match rStar's tokens.
       rollouts_curve: rollout counts at which accuracy is read off the trees (at most generator.num_rollouts).
+      verifier: with `verifier.path` (a value-model folder or a run folder, as the search command's), a finished
+        trajectory's reward in the generator is that verifier's score instead of its answer's majority confidence.
       judge_per_round: the discriminator judges each problem's trajectories best first, this many per round,
         until its selection is decided (`judge_until_selected`; 0: all at once, as the reference does). The
         selections are the same either way; fewer trajectories are judged.
@@ -80,6 +83,7 @@ class RStarRunConfig:
     max_self_consistency: int = 64
     rollouts_curve: tuple[int, ...] = (1, 2, 4, 8)
     judge_per_round: int = 2
+    verifier: VerifierConfig = VerifierConfig()
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
@@ -100,6 +104,7 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     judge, judge_tokenizer = (policy, tokenizer) if c.discriminator_model is None else build_model(
         c.discriminator_model, c.seed)
     check_vocab(judge_tokenizer, tokenizer)  # before any stage: the discriminator cuts the generator's token ids
+    verifier = load_verifier(c.verifier)
     run_dir = open_run_dir(c.run_dir, to_dict(c), resume)
     task = c.task.build()
     task.prompt_template = c.generator.prompts.prompt  # every method sees rStar's few-shot prompt
@@ -115,9 +120,11 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
 
     def generator():
         r = generate_trajectories(problems, policy=policy, tokenizer=tokenizer, task=task, config=c.generator,
-                                  key=jax.random.fold_in(key, 1), chat=c.chat, mesh=make_mesh(c.mesh))
+                                  key=jax.random.fold_in(key, 1), chat=c.chat, mesh=make_mesh(c.mesh),
+                                  verifier=verifier)
         return {"trajectories": [[dataclasses.asdict(t) for t in ts] for ts in r.trajectories],
-                "node_tokens": r.node_tokens.tolist(), "node_calls": r.node_calls.tolist(), "seconds": r.seconds}
+                "node_tokens": r.node_tokens.tolist(), "node_calls": r.node_calls.tolist(),
+                "node_verifier_tokens": r.node_verifier_tokens.tolist(), "seconds": r.seconds}
 
     results = {"greedy": stages.run("greedy", greedy)}
     found = stages.run("generator", generator)
@@ -143,7 +150,8 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
 
     verdicts = {(v["problem"], v["trajectory"]): v for v in stages.run("discriminator", discriminator)}
     node_tokens, node_calls = np.asarray(found["node_tokens"]), np.asarray(found["node_calls"])
-    curve = [_rstar_at(r, k, problems, trajectories, rankings, verdicts, node_tokens, node_calls)
+    node_read = np.asarray(found["node_verifier_tokens"])
+    curve = [_rstar_at(r, k, problems, trajectories, rankings, verdicts, node_tokens, node_calls, node_read)
              for k, r in enumerate(_curve_points(c))]
     results["rstar"] = curve[-1].pop("answers")  # per problem, each selection rule's answer with all rollouts
     for point in curve[:-1]:
@@ -233,7 +241,7 @@ def _ranked(trajectories: list[Trajectory], rollouts: int) -> list[int]:
 
 
 def _rstar_at(rollouts: int, point: int, problems, trajectories, rankings, verdicts, node_tokens,
-              node_calls) -> dict:
+              node_calls, node_read) -> dict:
     """Generator + majority and generator + discriminator after the first `rollouts` rollouts. The discriminator's
     cost is that of the verdicts its selection reads: its ranking down to the first consistent trajectory."""
     majority, chosen, tokens, calls = [], [], [], []
@@ -258,6 +266,7 @@ def _rstar_at(rollouts: int, point: int, problems, trajectories, rankings, verdi
             "trajectories_per_question": float(np.mean([len(r[point]) for r in rankings])),
             "tokens_per_question": {"majority": float(tokens[0]), "discriminator": float(tokens[1])},
             "calls_per_question": {"majority": float(calls[0]), "discriminator": float(calls[1])},
+            "verifier_tokens_per_question": float(node_read[:, : rollouts + 1].sum(axis=1).mean()),
             "answers": answers_by_rule}
 
 
@@ -270,7 +279,8 @@ def _metrics(c: RStarRunConfig, results: dict, curve: list[dict]) -> dict:
         {"method": f"self-consistency@{sc['num_samples']}", "accuracy": float(np.mean(sc["correct"])),
          "tokens_per_question": float(np.mean(sc["tokens"])), "calls_per_question": float(sc["num_samples"])},
     ] + [{"method": name, "accuracy": final[kind], "tokens_per_question": final["tokens_per_question"][kind],
-          "calls_per_question": final["calls_per_question"][kind]}
+          "calls_per_question": final["calls_per_question"][kind],
+          "verifier_tokens_per_question": final["verifier_tokens_per_question"]}
          for name, kind in (("rStar generator + majority", "majority"),
                             ("rStar generator + discriminator", "discriminator"))]
     return {"num_problems": c.num_problems, "seed": c.seed, "rollouts": c.generator.num_rollouts, "methods": rows,

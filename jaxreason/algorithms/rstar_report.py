@@ -25,13 +25,16 @@ def write_rstar_report(run_dir: str | Path, config: dict, metrics: dict) -> None
         f"Task `{config['task']['name']}` ({config['split']} split), {n} problems, seed {config['seed']}; "
         f"generator: {gen['num_rollouts']} rollouts, depth at most {gen['max_depth']}, c = {gen['c']}; "
         f"discriminator: prefix ratios {list(config['discriminator']['ratios'])}, rule "
-        f"`{config['discriminator']['rule']}`. Binomial standard error of each accuracy: up to "
+        f"`{config['discriminator']['rule']}`; generator reward: "
+        f"{'the verifier at ' + config['verifier']['path'] if config['verifier']['path'] else 'majority confidence'}. "
+        f"Binomial standard error of each accuracy: up to "
         f"{100 * standard_error(0.5, n):.1f} points.", "",
-        "| method | accuracy | generated tokens / question | model calls / question |",
-        "| --- | --- | --- | --- |",
+        "| method | accuracy | generated tokens / question | model calls / question | verifier tokens / question |",
+        "| --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {r['method']} | {r['accuracy']:.3f} | {r['tokens_per_question']:.0f} | "
-              f"{r['calls_per_question']:.1f} |" for r in metrics["methods"]]
+              f"{r['calls_per_question']:.1f} | {r.get('verifier_tokens_per_question', 0):.0f} |"
+              for r in metrics["methods"]]
     lines += ["", "Self-consistency votes over each problem's first N samples, N the most whose mean tokens per "
               "question stay within what rStar's generator and discriminator spent together (at most "
               f"`max_self_consistency` = {config['max_self_consistency']}).", "",

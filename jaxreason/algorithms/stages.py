@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from jaxreason.algorithms.registry import RunInterrupted
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.train.fit import FitConfig, fit
@@ -45,10 +47,11 @@ class StageLog:
         return result
 
     def train(self, name: str, model, objective, examples: Sequence, config: FitConfig,
-              make_batch: Callable[[list], dict], *, mesh, seed: int) -> None:
+              make_batch: Callable[[list], dict], *, mesh, seed: int, trainable=nnx.Param) -> None:
         """Fits `model` in place on `examples` (shuffled batches of `make_batch(list of examples)`) as stage
-        `name`, checkpointed in `run_dir/name`, and logs the stage's steps and last loss. A stage stopped by
-        SIGTERM raises RunInterrupted after its checkpoint."""
+        `name`, checkpointed in `run_dir/name`, and logs the stage's steps and last loss; `trainable` selects the
+        variables trained (`nnx.Param`; `LoRAParam` for adapters only). A stage stopped by SIGTERM raises
+        RunInterrupted after its checkpoint."""
         if not examples:
             log.warning("stage %s: no training examples; the model stays as it is", name)
             self.run(name, lambda: {"steps": 0, "examples": 0, "final_loss": None})
@@ -57,7 +60,7 @@ class StageLog:
         batches = shuffled_batches(lambda idx: make_batch([examples[i] for i in idx]), len(examples),
                                    config.batch_size, seed)
         result = fit(model, objective, batches, config, mesh=mesh, directory=self.path.parent / name, seed=seed,
-                     description=name)
+                     description=name, trainable=trainable)
         if result.interrupted:
             raise RunInterrupted(f"stage {name} stopped by SIGTERM at step {result.step} (checkpoint saved)")
         self.run(name, lambda: {"steps": result.step, "examples": len(examples),

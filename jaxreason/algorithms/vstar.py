@@ -50,6 +50,7 @@ from jaxreason.data.trace_store import (
     TraceStore,
     unique_traces,
 )
+from jaxreason.models.lora import LoRAParam, add_lora
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.models.value_head import ValueModel
@@ -63,6 +64,7 @@ from jaxreason.tasks.base import Problem, Task, TaskSpec
 from jaxreason.train.fit import FitConfig
 from jaxreason.train.metrics import progress
 from jaxreason.train.objectives import dpo_objective, sft_objective, value_objective
+from jaxreason.train.sft import LoRAConfig
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.best_of_k import best_of_k_curves
@@ -82,12 +84,19 @@ _KINDS = {"vstar": (0, FLAG_BASELINE | FLAG_EVAL), "star": (FLAG_BASELINE, FLAG_
 @dataclasses.dataclass(frozen=True)
 class VStarProblems:
     """The task's train split: the first `gold` problems are D_SFT (ReST-MCTS*'s gold slice with the same seed),
-    the next `train` the training queries; and `test` held-out problems."""
+    the next `train` the training queries; and `test` held-out problems. With `queries_are_gold` the queries are
+    the gold problems themselves (the paper's setting: D_SFT's questions; their gold solutions join D_VER as
+    correct ones) and `train` is not read."""
 
     task: TaskSpec = TaskSpec()
     gold: int = 256
     train: int = 256
     test: int = 128
+    queries_are_gold: bool = False
+
+    @property
+    def pool_size(self) -> int:
+        return self.gold if self.queries_are_gold else self.gold + self.train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,8 @@ class VerifierTraining:
     beta: float = 0.1
     label_smoothing: float = 0.0
     pairs_per_problem: int = 8
+    # adapters on G_SFT, the only weights trained; the reference is G_SFT with them off (no second copy)
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         if self.beta <= 0 or self.pairs_per_problem < 1:
@@ -172,8 +183,9 @@ class _Run:
 
     @property
     def queries(self) -> tuple[list[Problem], list[int]]:
-        g, n = self.config.problems.gold, self.config.problems.train
-        return self.pool[g:g + n], list(range(g, g + n))
+        p = self.config.problems
+        start = 0 if p.queries_are_gold else p.gold
+        return self.pool[start:], list(range(start, len(self.pool)))
 
     def key_for(self, name: str) -> jax.Array:
         return jax.random.fold_in(self.key, zlib.crc32(name.encode()))
@@ -192,8 +204,10 @@ class _Run:
         elif traces:
             self.store.append(traces)
 
-    def train_model(self, name: str, model, objective, examples, config: FitConfig, make_batch) -> None:
-        self.stages.train(name, model, objective, examples, config, make_batch, mesh=self.mesh, seed=self.config.seed)
+    def train_model(self, name: str, model, objective, examples, config: FitConfig, make_batch,
+                    trainable=nnx.Param) -> None:
+        self.stages.train(name, model, objective, examples, config, make_batch, mesh=self.mesh, seed=self.config.seed,
+                          trainable=trainable)
 
 
 def run_vstar(config: VStarConfig, resume: bool = False) -> dict:
@@ -240,8 +254,11 @@ def _loop(r: _Run, policy) -> None:
         r.stages.run(f"eval_{t}", lambda: {"vstar": _evaluate(r, generator, "vstar_eval", t),
                                            "star": _evaluate(r, star, "star_eval", t) if c.star else None})
 
-    d_ver = [s for s in r.samples("vstar", range(1, c.iterations + 1)) if not s.flags & FLAG_HINTED]
-    verifier = DPOVerifier(copy_of(policy, g_sft), copy_of(policy, g_sft), c.verifier.beta)
+    # gold solutions end as the samples do, with EOS (else its absence alone would mark a correct solution)
+    gold_ver = [dataclasses.replace(t, tokens=np.append(t.tokens, np.int32(eos)).astype(np.int32)) for t in gold]
+    d_ver = (gold_ver if c.problems.queries_are_gold else []) + [
+        s for s in r.samples("vstar", range(1, c.iterations + 1)) if not s.flags & FLAG_HINTED]
+    verifier = _dpo_verifier(c.verifier, copy_of(policy, g_sft), c.seed)
     _train_verifier(r, verifier, d_ver)
     orm = None
     if c.orm is not None:
@@ -254,7 +271,7 @@ def _loop(r: _Run, policy) -> None:
     verifiers = {"verifier": verifier} | ({"orm": ValueVerifier(orm)} if orm is not None else {})
     r.stages.run("best_of_k", lambda: _best_of_k(r, verifiers))
     _export(r, {"generator": generator, "star": star if c.star else None, "verifier": verifier.model,
-                "verifier_reference": verifier.reference}, orm)
+                "verifier_reference": verifier.reference or copy_of(policy, g_sft)}, orm)
     write_vstar_report(r.run_dir, to_dict(c), r.stages.results)
 
 
@@ -331,6 +348,14 @@ def _evaluate(r: _Run, policy, kind: str, t: int) -> dict:
                                                                                  for s in samples]))}
 
 
+def _dpo_verifier(v: VerifierTraining, g_sft, seed: int) -> DPOVerifier:
+    """pi_V starts as G_SFT (a copy, or G_SFT with fresh LoRA adapters); pi_ref is G_SFT."""
+    if v.lora is None:
+        return DPOVerifier(g_sft, copy_of(g_sft, nnx.state(g_sft)), v.beta)
+    add_lora(g_sft, v.lora.rank, v.lora.alpha, targets=v.lora.targets, rngs=nnx.Rngs(seed))
+    return DPOVerifier(g_sft, None, v.beta)
+
+
 def _train_verifier(r: _Run, verifier: DPOVerifier, d_ver: list[Trace]) -> None:
     """DPO of the verifier from G_SFT on pairs of D_VER (the reference's log-probs computed once, up front)."""
     v = r.config.verifier
@@ -338,15 +363,18 @@ def _train_verifier(r: _Run, verifier: DPOVerifier, d_ver: list[Trace]) -> None:
     log.info("verifier pairs: %s", counts)
     if "verifier_pairs" not in r.stages:
         r.stages.run("verifier_pairs", lambda: counts)
-    pairs = with_reference(pairs, verifier.reference, v.train.max_len, r.pad_id) if "verifier" not in r.stages \
-        else pairs  # a finished stage restores its checkpoint and trains no step
+    if "verifier" not in r.stages:  # a finished stage restores its checkpoint and trains no step
+        # before training, pi_V (LoRA adapters start at zero) computes what the reference does
+        pairs = with_reference(pairs, verifier.reference or verifier.model, v.train.max_len, r.pad_id)
     r.train_model("verifier", verifier.model, dpo_objective(v.beta, v.label_smoothing), pairs, v.train,
-                  lambda batch: pair_batch(batch, v.train.max_len, r.pad_id))
+                  lambda batch: pair_batch(batch, v.train.max_len, r.pad_id),
+                  trainable=nnx.Param if v.lora is None else LoRAParam)
 
 
 def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
     """Per iteration: every verifier's scores of the held-out samples of V-STaR's generator, and from them
-    Best-of-k, majority vote and pass@k at k = 1 .. N, and each verifier's AUC; for STaR's, majority and pass@k."""
+    Best-of-k, majority vote and pass@k (at every k = 1 .. N for the last iteration, at k = 1 and N before), and
+    each verifier's AUC; for the last STaR generator's samples, majority and pass@k at every k."""
     n = r.config.evaluation.num_samples
     out = {}
     for t in range(r.config.iterations + 1):
@@ -356,12 +384,14 @@ def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
         for name, verifier in verifiers.items():
             scored = score_solutions(verifier, [s.tokens[:s.prompt_len] for s in samples],
                                      [s.tokens[s.prompt_len:] for s in samples],
-                                     StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id)
+                                     StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id,
+                                     width_multiple=16)  # the samples' lengths barely vary: little padding
             scores[name] = scored.scores.reshape(correct.shape)
-        row = {"curves": _as_lists(best_of_k_curves(correct, groups, scores)),
+        ks = list(range(1, n + 1)) if t == r.config.iterations else [1, n]  # the table reads k = N; the plot all
+        row = {"curves": _as_lists(best_of_k_curves(correct, groups, scores, ks)),
                "auc": {name: roc_auc(s.ravel(), correct.ravel()) for name, s in scores.items()},
                "auc_within_problems": {name: _auc_within(s, correct) for name, s in scores.items()}}
-        if t and r.config.star:
+        if t == r.config.iterations and r.config.star:
             star_correct, star_groups = _outcomes(r, r.samples("star_eval", [t]))
             row["star_curves"] = _as_lists(best_of_k_curves(star_correct, star_groups, {}, list(range(1, n + 1))))
         out[str(t)] = row
@@ -409,10 +439,10 @@ def _setup(config: VStarConfig, tokenizer, resume: bool) -> _Run:
     run_dir = open_run_dir(config.run_dir, to_dict(config), resume)
     p = config.problems
     task = p.task.build()
-    pool = task.problems("train", n=p.gold + p.train, seed=config.seed)
-    if len(pool) < p.gold + p.train:
-        raise ValueError(f"task {p.task.name}: {len(pool)} training problems, the config needs {p.gold + p.train} "
-                         "(problems.gold + problems.train)")
+    pool = task.problems("train", n=p.pool_size, seed=config.seed)
+    if len(pool) < p.pool_size:
+        raise ValueError(f"task {p.task.name}: {len(pool)} training problems, the config needs {p.pool_size} "
+                         "(problems.gold" + ("" if p.queries_are_gold else " + problems.train") + ")")
     store_path = run_dir / "traces"
     if not store_path.exists():
         TraceStore.create(store_path).close()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 from jaxreason.algorithms.report import standard_error
 
@@ -106,3 +107,37 @@ def _plot(curves: dict, star: dict | None, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def vstar_seed_summary(run_dirs: list[str | Path]) -> str:
+    """Markdown: per seed and as mean +- standard deviation over seeds, the last iteration's held-out figures and
+    Best-of-k of every curve at k = 1, 2, 4, ... N, from each run folder's metrics.json."""
+    runs = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no metrics (has the run evaluated anything?)")
+        runs.append((json.loads((Path(d) / "config.json").read_text())["seed"], json.loads(path.read_text())))
+    n = runs[0][1]["num_samples"]
+    figures: dict[str, list[float]] = {}
+    for _, m in runs:
+        last = m["iterations"][-1]
+        row = {"V-STaR generator greedy": last["vstar"]["greedy"], "V-STaR generator pass@1": last["vstar"]["pass@1"]}
+        if last.get("star"):
+            row |= {"STaR generator greedy": last["star"]["greedy"], "STaR generator pass@1": last["star"]["pass@1"]}
+        curves = m["best_of_k"]
+        for name in _NAMES:
+            for k in (k for k in curves["k"] if k & (k - 1) == 0 or k == n):
+                if name in curves:
+                    row[f"{_NAMES[name]}, k = {k}"] = curves[name][curves["k"].index(k)]
+        for name, auc in last.get("auc_within_problems", {}).items():
+            row[f"{_NAMES[name]}: AUC within problems"] = auc
+        for key, value in row.items():
+            figures.setdefault(key, []).append(value)
+    lines = ["| figure (last iteration) | " + " | ".join(f"seed {s}" for s, _ in runs) + " | mean +- std |",
+             "| --- |" + " --- |" * (len(runs) + 1)]
+    for key, values in figures.items():
+        x = np.asarray([np.nan if v is None else v for v in values], float)
+        std = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+        lines.append(f"| {key} | " + " | ".join(f"{v:.3f}" for v in x) + f" | {x.mean():.3f} +- {std:.3f} |")
+    return "\n".join(lines) + "\n"

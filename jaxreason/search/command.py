@@ -15,7 +15,7 @@ from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.search.config import Budget
 from jaxreason.search.methods import compare, method_names, needs_verifier
 from jaxreason.tasks import TaskSpec
-from jaxreason.verifiers.base import make_verifier
+from jaxreason.verifiers.base import Verifier, make_verifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +60,17 @@ def value_model_folder(path: str | Path) -> Path:
     return stages[-1]
 
 
+def load_verifier(config: VerifierConfig) -> Verifier | None:
+    """The trained verifier `config.path` names (None when it names none)."""
+    if config.path is None:
+        return None
+    model, _ = load_value_model(value_model_folder(config.path))
+    return make_verifier(config.kind, model, **({"aggregation": config.aggregation} if config.kind == "prm" else {}))
+
+
 def run_search_command(config: SearchCommandConfig) -> list[dict]:
     policy, tokenizer = build_model(config.policy, config.seed)
-    verifier = None
-    if config.verifier.path is not None:
-        model, _ = load_value_model(value_model_folder(config.verifier.path))
-        verifier = make_verifier(config.verifier.kind, model, **(
-            {"aggregation": config.verifier.aggregation} if config.verifier.kind == "prm" else {}))
+    verifier = load_verifier(config.verifier)
     task = config.task.build()
     problems = task.problems(config.split, n=config.num_problems, seed=config.seed)
     runnable = [m for m in config.methods if verifier is not None or not needs_verifier(m)]

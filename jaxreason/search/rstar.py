@@ -17,6 +17,10 @@ depends on the problem's own key only; the backup is mctx's running mean (Q/N).
 
 Every row's random numbers come from its own key (`row_keys`), so a problem's tree is the same whether it
 is searched alone or in a batch.
+
+With a verifier (any of `jaxreason.verifiers`), a finished trajectory's reward is instead the verifier's score of
+the prompt and the trajectory (`Verifier.extend_scores` on the node's text and each finishing candidate; an A4
+candidate replaces the text after the last sub-question), and a new node's value is its A2 candidate's score.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from jaxreason.search.rstar_config import ACTIONS, FINISH, REANSWER, REPHRASE, S
 from jaxreason.search.selection import INVALID_LOGIT, is_valid_action
 from jaxreason.tasks.base import Problem, Task
 from jaxreason.train.metrics import progress
+from jaxreason.verifiers.base import Verifier
 
 NO_SUBQUESTION = -1
 
@@ -62,16 +67,17 @@ class RStarNode:
       depth: [B] actions from the root.
       node_type: [B] index in ACTIONS of the action that made the node (len(ACTIONS) at the root).
       terminal: [B] the trajectory is finished (or at max_depth).
-      reward: [B] a terminal node's reward (its answer's majority confidence); 0 otherwise.
+      reward: [B] a terminal node's reward (its answer's majority confidence, or the verifier's score); 0 otherwise.
       row_key: [B, 2] the problem's key data: every random draw of the row derives from it.
       candidates: [B, K, S] each slot's text, its action's cue first; an A4 slot replaces the answer after
         `subquestion_end`, the others are appended.
       candidate_len: [B, K] real tokens of each candidate.
       candidate_ends: [B, K] taking the candidate finishes the trajectory.
-      candidate_values: [B, K] a finishing candidate's reward (its majority confidence); 0 for the others.
+      candidate_values: [B, K] a finishing candidate's reward (as `reward`); 0 for the others.
       candidate_subquestion: [B, K] an A3 candidate's sub-question length (cue included), else NO_SUBQUESTION.
       generated_tokens: [B] tokens sampled to make this node's candidates.
       model_calls: [B] sequences sampled to make them (one per sample, as a per-call engine would count).
+      verifier_tokens: [B] tokens the verifier read to score them (0 without a verifier).
     """
 
     tokens: Int[Array, "B L"]
@@ -89,6 +95,7 @@ class RStarNode:
     candidate_subquestion: Int[Array, "B K"]
     generated_tokens: Int[Array, " B"]
     model_calls: Int[Array, " B"]
+    verifier_tokens: Int[Array, " B"]
 
 
 @struct.dataclass
@@ -168,10 +175,12 @@ class _Sizes:
 
 
 class RStarSearch:
-    """The root and recurrent functions of rStar's MCTS for one policy (`params` is its nnx state)."""
+    """The root and recurrent functions of rStar's MCTS for one policy and an optional verifier (`params` is the
+    pair of their nnx states; the verifier's is None without one)."""
 
-    def __init__(self, graphdef, config: RStarConfig, sizes: _Sizes, tables: RStarTables):
+    def __init__(self, graphdef, config: RStarConfig, sizes: _Sizes, tables: RStarTables, verifier_def=None):
         self.graphdef, self.config, self.sizes, self.tables = graphdef, config, sizes, tables
+        self.verifier_def = verifier_def
         space = config.action_space()
         self.slot_types = jnp.asarray(space.slot_types())
         self.validity = jnp.asarray(space.validity())  # [6, K]
@@ -219,12 +228,18 @@ class RStarSearch:
 
     # -- expansion --------------------------------------------------------------------------------------
 
-    def _expand(self, policy, key, prompts: Prompts, node: _Partial, live):
+    def _models(self, params):
+        policy_state, verifier_state = params
+        policy = nnx.merge(self.graphdef, policy_state)
+        return policy, None if self.verifier_def is None else nnx.merge(self.verifier_def, verifier_state)
+
+    def _expand(self, policy, verifier, key, prompts: Prompts, node: _Partial, live):
         """The candidates of every action `node` may take, for the rows in `live`."""
         longest = jnp.max(jnp.where(live, node.length, 0))
-        return smallest_fit(self._widths(), longest, lambda w: self._expand_at(policy, key, prompts, node, live, w))
+        return smallest_fit(self._widths(), longest,
+                            lambda w: self._expand_at(policy, verifier, key, prompts, node, live, w))
 
-    def _expand_at(self, policy, key, prompts: Prompts, node: _Partial, live, width: int):
+    def _expand_at(self, policy, verifier, key, prompts: Prompts, node: _Partial, live, width: int):
         cfg, t, s = self.config, self.tables, self.sizes.candidate_len
         b = node.length.shape[0]
         allowed = self.validity[node.node_type]  # [B, K]
@@ -336,9 +351,33 @@ class RStarSearch:
         valid = allowed & live[:, None] & ~_duplicates(cand, cand_len)
         valid = valid & ((self.slot_types != ACTIONS.index(REANSWER)) | has_subq[:, None])
         valid = valid & (cand_len > jnp.asarray([c.shape[0] for c in t.cues])[self.slot_types])  # sampled something
+        read = jnp.zeros((b,), jnp.int32)
+        if verifier is not None:
+            scores, read = self._verified(verifier, prompts, node, cand, cand_len, ends & valid)
+            values = jnp.where(ends, scores, values)
+            share = scores[:, self.slots[FINISH][0]]
         return _Expansion(candidates=cand, candidate_len=cand_len, candidate_ends=ends, candidate_values=values,
                           candidate_subquestion=subq_cut, prior_logits=jnp.where(valid, 0.0, INVALID_LOGIT),
-                          generated_tokens=generated, model_calls=calls, finish_share=share)
+                          generated_tokens=generated, model_calls=calls, verifier_tokens=read, finish_share=share)
+
+    def _verified(self, verifier, prompts: Prompts, node: _Partial, cand, cand_len, scored):
+        """The verifier's score [B, K] of the prompt, the node's text and each candidate (an A4 candidate after the
+        text up to the last sub-question), and the tokens it read for the candidates in `scored` [B, K]."""
+        b, k = cand_len.shape
+        text = jnp.pad(prompts.tokens, ((0, 0), (0, node.tokens.shape[1])), constant_values=self.sizes.pad_id)
+        text = jax.vmap(_write)(text, prompts.length, node.tokens, node.length)
+        up_to_subquestion = jnp.where(node.subquestion_end == NO_SUBQUESTION, node.length, node.subquestion_end)
+        a4 = self.slots[REANSWER]
+        scores, read = jnp.zeros((b, k)), jnp.zeros((b,), jnp.int32)
+        for slots, cut in ((np.setdiff1d(np.arange(k), a4), node.length), (a4, up_to_subquestion)):
+            if not len(slots):
+                continue
+            base = prompts.length + cut
+            scores = scores.at[:, slots].set(verifier.extend_scores(text, base, cand[:, slots], cand_len[:, slots]))
+            mine = scored[:, slots]
+            cost = verifier.extend_cost(base, jnp.where(mine, cand_len[:, slots], 0))
+            read = read + jnp.where(jnp.any(mine, axis=1), cost, 0).astype(jnp.int32)
+        return scores, read
 
     def _eos(self, tokens, lens):
         last = jnp.take_along_axis(tokens, jnp.maximum(lens - 1, 0)[..., None], -1)[..., 0]
@@ -362,8 +401,8 @@ class RStarSearch:
 
     # -- nodes ------------------------------------------------------------------------------------------
 
-    def _node(self, policy, key, prompts: Prompts, partial: _Partial, live):
-        ex = self._expand(policy, key, prompts, partial, live & ~partial.terminal)
+    def _node(self, policy, verifier, key, prompts: Prompts, partial: _Partial, live):
+        ex = self._expand(policy, verifier, key, prompts, partial, live & ~partial.terminal)
         finish_slot = self.slots[FINISH][0]
         has_finish = is_valid_action(ex.prior_logits[:, finish_slot])
         # A node none of whose candidates is valid (all empty or repeated) is a dead end: terminal, reward 0.
@@ -375,30 +414,32 @@ class RStarSearch:
                          reward=partial.reward, row_key=partial.row_key, candidates=ex.candidates,
                          candidate_len=ex.candidate_len, candidate_ends=ex.candidate_ends,
                          candidate_values=ex.candidate_values, candidate_subquestion=ex.candidate_subquestion,
-                         generated_tokens=ex.generated_tokens, model_calls=ex.model_calls)
+                         generated_tokens=ex.generated_tokens, model_calls=ex.model_calls,
+                         verifier_tokens=ex.verifier_tokens)
         return node, ex.prior_logits, value
 
     def root_fn(self, params, key, prompts: Prompts, row_keys) -> mctx.RootFnOutput:
-        policy = nnx.merge(self.graphdef, params)
+        policy, verifier = self._models(params)
         b = prompts.length.shape[0]
         zeros = jnp.zeros((b,), jnp.int32)
         root = _Partial(tokens=jnp.full((b, self.sizes.max_len), self.sizes.pad_id, jnp.int32), length=zeros,
                         subquestion_end=jnp.full((b,), NO_SUBQUESTION, jnp.int32), depth=zeros,
                         node_type=jnp.full((b,), len(ACTIONS), jnp.int32), terminal=jnp.zeros((b,), bool),
                         reward=jnp.zeros((b,)), row_key=row_keys)
-        node, prior, value = self._node(policy, key, prompts, root, jnp.ones((b,), bool))
+        node, prior, value = self._node(policy, verifier, key, prompts, root, jnp.ones((b,), bool))
         return mctx.RootFnOutput(prior_logits=prior, value=value, embedding=node)
 
     def recurrent_fn(self, params, key, action, parent: RStarNode, prompts: Prompts):
         """Takes candidate `action` at each parent. Below a terminal node nothing changes: the same node and
         reward are backed up again (its copy counts no tokens)."""
-        policy = nnx.merge(self.graphdef, params)
+        policy, verifier = self._models(params)
         stay = parent.terminal
         child = self._take(parent, action)
-        node, prior, value = self._node(policy, key, prompts, child, ~stay)
+        node, prior, value = self._node(policy, verifier, key, prompts, child, ~stay)
         node = jax.tree.map(lambda p, c: jnp.where(_rows(stay, c), p, c), parent, node)
         node = node.replace(generated_tokens=jnp.where(stay, 0, node.generated_tokens),
-                            model_calls=jnp.where(stay, 0, node.model_calls))
+                            model_calls=jnp.where(stay, 0, node.model_calls),
+                            verifier_tokens=jnp.where(stay, 0, node.verifier_tokens))
         value = jnp.where(stay, parent.reward, value)
         prior = jnp.where(stay[:, None], INVALID_LOGIT, prior)
         out = mctx.RecurrentFnOutput(reward=jnp.where(node.terminal, value, 0.0),
@@ -424,11 +465,13 @@ class RStarSearch:
 
 @struct.dataclass
 class Prompts:
-    """The problems' prompts, prefilled once per search: cache [B, P] right-aligned, last hidden [B, E]."""
+    """The problems' prompts, prefilled once per search: cache [B, P] right-aligned, last hidden [B, E]; their
+    ids left-aligned (a verifier reads them before the trajectory)."""
 
     cache: KVCache
     last_hidden: Float[Array, "B E"]
     length: Int[Array, " B"]
+    tokens: Int[Array, "B P"]
 
 
 @struct.dataclass
@@ -453,6 +496,7 @@ class _Expansion:
     prior_logits: Float[Array, "B K"]
     generated_tokens: Int[Array, " B"]
     model_calls: Int[Array, " B"]
+    verifier_tokens: Int[Array, " B"]
     finish_share: Float[Array, " B"]
 
 
@@ -521,17 +565,21 @@ def rstar_interior_selection(rng_key, tree, node_index, depth, *, c):
 
 
 @functools.lru_cache(maxsize=8)
-def _program(graphdef, config: RStarConfig, sizes: _Sizes, mesh: Mesh | None = None):
+def _program(graphdef, config: RStarConfig, sizes: _Sizes, mesh: Mesh | None = None, verifier_def=None):
     """The jitted prompts -> tree program; with a mesh, each device searches its share of the rows (`shard_map`,
-    no collectives: problems do not interact, and every random draw comes from a row's own key)."""
+    no collectives: problems do not interact, and every random draw comes from a row's own key). `params`: the
+    policy's nnx state and the verifier's (None without one)."""
 
     def program(params, tables, key, prompt_tokens, prompt_mask, row_keys):
-        search = RStarSearch(graphdef, config, sizes, tables)
-        policy = nnx.merge(graphdef, params)
+        search = RStarSearch(graphdef, config, sizes, tables, verifier_def)
+        policy, _ = search._models(params)
         b, p = prompt_tokens.shape
         cache = KVCache.init(policy.config, b, p, dtype=policy.transformer.dtype)
         hidden, cache = policy.transformer(prompt_tokens, prompt_mask, cache=cache)
-        prompts = Prompts(cache=cache, last_hidden=hidden[:, -1], length=jnp.sum(prompt_mask, axis=1))
+        length = jnp.sum(prompt_mask, axis=1)
+        left = jax.vmap(lambda row, n: jnp.roll(row, n - p))(prompt_tokens, length)  # left-padded -> left-aligned
+        left = jnp.where(jnp.arange(p)[None] < length[:, None], left, sizes.pad_id)
+        prompts = Prompts(cache=cache, last_hidden=hidden[:, -1], length=length, tokens=left)
         root_key, search_key = jax.random.split(key)
         root = search.root_fn(params, root_key, prompts, row_keys)
         invalid = (~is_valid_action(root.prior_logits)).astype(jnp.float32)
@@ -554,8 +602,8 @@ def _program(graphdef, config: RStarConfig, sizes: _Sizes, mesh: Mesh | None = N
 
 
 def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, task: Task, config: RStarConfig,
-                key: jax.Array, chat: bool = False, first_index: int = 0,
-                mesh: Mesh | None = None) -> Iterator[tuple[mctx.Tree, int]]:
+                key: jax.Array, chat: bool = False, first_index: int = 0, mesh: Mesh | None = None,
+                verifier: Verifier | None = None) -> Iterator[tuple[mctx.Tree, int]]:
     """rStar's trees, `config.batch_size` problems per jitted call, with how many rows of each are real.
 
     Problem i (counted from `first_index`) searches with `fold_in(key, i)`, so its tree does not depend on the
@@ -572,9 +620,11 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
                    pad_id=pad_token_id(tokenizer), eos_ids=eos_ids(tokenizer, policy.config))
     tokens, mask = pad_left(prompts, sizes.pad_id, multiple=64)
     sizes = dataclasses.replace(sizes, prompt_width=tokens.shape[1])
-    graphdef, params = nnx.split(policy)
+    graphdef, policy_params = nnx.split(policy)
+    verifier_def, verifier_params = nnx.split(verifier) if verifier is not None else (None, None)
+    params = (policy_params, verifier_params)
     devices = 1 if mesh is None else mesh.size
-    program = _program(graphdef, config, sizes, mesh if devices > 1 else None)
+    program = _program(graphdef, config, sizes, mesh if devices > 1 else None, verifier_def)
     if devices > 1:  # on every device once, not per batch
         params, tables = jax.device_put((params, tables), NamedSharding(mesh, PartitionSpec()))
     batch = round_up(min(config.batch_size, len(problems)), devices)
@@ -595,7 +645,7 @@ class Trajectory:
     Attributes:
       text: the solution after the prompt (special tokens removed).
       answer: the task's answer extracted from it (None: it states none).
-      score: the generator's reward of it: its answer's majority confidence.
+      score: the generator's reward of it: its answer's majority confidence, or the verifier's score of it.
       action: the action that finished it.
       node: the tree node whose candidate it is; node n exists after n rollouts (the root after none).
     """
@@ -637,27 +687,33 @@ class RStarResult:
       node_tokens: [P, N + 1] tokens sampled to create each node of the problem's tree (0 for a node that
         was never created); summed up to node r, the cost of r rollouts.
       node_calls: [P, N + 1] sequences sampled to create each node.
+      node_verifier_tokens: [P, N + 1] tokens the verifier read to score each node's candidates (0 without one).
       seconds: wall-clock time, compilation included.
     """
 
     trajectories: list[list[Trajectory]]
     node_tokens: np.ndarray
     node_calls: np.ndarray
+    node_verifier_tokens: np.ndarray
     seconds: float
 
 
 def generate_trajectories(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, task: Task, config: RStarConfig,
-                          key: jax.Array, chat: bool = False, mesh: Mesh | None = None) -> RStarResult:
+                          key: jax.Array, chat: bool = False, mesh: Mesh | None = None,
+                          verifier: Verifier | None = None) -> RStarResult:
     """rStar's generator on every problem (`rstar_trees`, with a progress bar)."""
     started = time.perf_counter()
-    trajectories, tokens, calls = [], [], []
+    trajectories, tokens, calls, read = [], [], [], []
     with progress(len(problems), description="rstar") as bar:
         for tree, real in rstar_trees(problems, policy=policy, tokenizer=tokenizer, task=task, config=config, key=key,
-                                      chat=chat, mesh=mesh):
+                                      chat=chat, mesh=mesh, verifier=verifier):
             created = np.asarray(tree.node_visits) > 0
             tokens.append((np.asarray(tree.embeddings.generated_tokens) * created)[:real])
             calls.append((np.asarray(tree.embeddings.model_calls) * created)[:real])
+            read.append((np.asarray(tree.embeddings.verifier_tokens) * created)[:real])
             trajectories += [finished_trajectories(tree, r, config, tokenizer, task) for r in range(real)]
             bar.update(real)
     return RStarResult(trajectories=trajectories, node_tokens=np.concatenate(tokens).astype(np.int64),
-                       node_calls=np.concatenate(calls).astype(np.int64), seconds=time.perf_counter() - started)
+                       node_calls=np.concatenate(calls).astype(np.int64),
+                       node_verifier_tokens=np.concatenate(read).astype(np.int64),
+                       seconds=time.perf_counter() - started)

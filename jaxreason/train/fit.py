@@ -62,6 +62,7 @@ def fit(
     directory: str | Path,
     seed: int,
     description: str,
+    trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> LoopResult:
     """Trains `model` (updated in place) for `config.num_steps` on `batches(position)`.
 
@@ -70,7 +71,7 @@ def fit(
     """
     directory = Path(directory)
     optimizer = make_optimizer(config.optimizer.for_steps(config.num_steps))
-    graphdef, state, shardings = init_train_state(model, optimizer, mesh, seed=seed)
+    graphdef, state, shardings = init_train_state(model, optimizer, mesh, trainable, seed=seed)
     step = make_train_step(graphdef, objective, optimizer, shardings, mesh)
     checkpointer = Checkpointer.from_config(directory / "checkpoints", config.checkpoint)
     logger = MetricsLogger(directory, description) if is_main_process() else None

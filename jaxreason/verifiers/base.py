@@ -87,6 +87,15 @@ class Verifier(nnx.Module):
         """Each solution's score: its step scores under `aggregation`."""
         return aggregate(self.step_scores(tokens, mask, step_ends), step_ends > 0, self.aggregation)
 
+    def scored(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], step_ends: Int[Array, "B S"],
+               prompt_len: Int[Array, " B"]) -> tuple[Float[Array, "B S"], Float[Array, " B"], Float[Array, " B"]]:
+        """`step_scores`, `scores` and the value of each row's prompt alone (its first `prompt_len` tokens), from
+        one `values_at` call."""
+        positions = jnp.concatenate([score_position(jnp.maximum(step_ends, 1)), prompt_len[:, None] - 1], axis=1)
+        values = self.values_at(tokens, mask, positions)
+        steps = jnp.where(step_ends > 0, values[:, :-1], 0.0)
+        return steps, aggregate(steps, step_ends > 0, self.aggregation), values[:, -1]
+
     def extend_scores(self, tokens: Int[Array, "B L"], length: Int[Array, " B"], candidates: Int[Array, "B K S"],
                       candidate_len: Int[Array, "B K"], width: int | None = None) -> Float[Array, "B K"]:
         """The step score of each left-aligned candidate appended to each left-aligned partial solution

@@ -35,9 +35,7 @@ class ScoredSolutions:
 
 @functools.partial(jax.jit, static_argnames=("verifier_def",))
 def _step_scores_jit(verifier_def, verifier_state, tokens, mask, step_ends, prompt_len):
-    verifier = nnx.merge(verifier_def, verifier_state)
-    return (verifier.step_scores(tokens, mask, step_ends), verifier.scores(tokens, mask, step_ends),
-            verifier.values_at(tokens, mask, prompt_len[:, None] - 1)[:, 0])
+    return nnx.merge(verifier_def, verifier_state).scored(tokens, mask, step_ends, prompt_len)
 
 
 def score_solutions(

@@ -13,22 +13,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxreason.models.llama import CausalLM
+from jaxreason.models.lora import lora_disabled
 from jaxreason.train.losses import dpo_score, token_logprobs
 from jaxreason.verifiers.base import AGGREGATIONS, Verifier, register_verifier
 
 
 class DPOVerifier(Verifier):
-    """`model` (pi_V) scored against `reference` (pi_ref); both read the same tokenizer."""
+    """`model` (pi_V) scored against `reference` (pi_ref); both read the same tokenizer. With `reference` None,
+    `model` carries LoRA adapters and the reference is the model with them off (`lora_disabled`): no second copy."""
 
-    def __init__(self, model: CausalLM, reference: CausalLM, beta: float, aggregation: str = "last"):
+    def __init__(self, model: CausalLM, reference: CausalLM | None, beta: float, aggregation: str = "last"):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        if model.config.vocab_size != reference.config.vocab_size:
+        if reference is None and not any(hasattr(m, "lora_scale") for _, m in nnx.iter_graph(model)):
+            raise ValueError("a DPO verifier without a reference model needs LoRA adapters on its model "
+                             "(models.lora.add_lora): the reference is the model with them off")
+        if reference is not None and model.config.vocab_size != reference.config.vocab_size:
             raise ValueError(f"the verifier's vocabulary ({model.config.vocab_size} ids) differs from its "
                              f"reference's ({reference.config.vocab_size})")
         self.model, self.reference = model, reference
@@ -40,7 +46,12 @@ class DPOVerifier(Verifier):
         # a token counts when it and the token before it are real: the first real token has no context
         counted = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
         policy = jnp.cumsum(token_logprobs(self.model(tokens, mask), tokens) * counted, axis=1)
-        reference = jnp.cumsum(token_logprobs(self.reference(tokens, mask), tokens) * counted, axis=1)
+        if self.reference is None:
+            with lora_disabled(self.model):
+                reference_logits = self.model(tokens, mask)
+        else:
+            reference_logits = self.reference(tokens, mask)
+        reference = jnp.cumsum(token_logprobs(reference_logits, tokens) * counted, axis=1)
         return jnp.pad(dpo_score(policy, jax.lax.stop_gradient(reference), self.beta), ((0, 0), (1, 0)))
 
     def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],

@@ -13,7 +13,7 @@ from jaxreason.algorithms.registry import load_algorithm_config
 from jaxreason.algorithms.rstar import judge_until_selected, run_rstar, select
 from jaxreason.cli import main
 from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
-from jaxreason.models.pretrained import save_pretrained
+from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.tasks import ArithTask
 
 CONFIG = "configs/rstar/smollm2_arith.yaml"
@@ -174,3 +174,17 @@ def test_shipped_configs_load(name):
     algorithm, config = load_algorithm_config(f"configs/rstar/{name}")
     assert algorithm.name == "rstar" and config.generator.prompts.prompt.endswith("Q: {question}\n")
     assert config.generator.allowed_after == rstar.RStarConfig().allowed_after  # the paper's table
+
+
+def test_a_trained_verifier_can_replace_the_majority_reward(memorised, tmp_path):
+    folder = save_value_model(tiny.value_model(seed=4), tmp_path / "orm", tokenizer=TOKENIZER)
+    metrics = run_rstar(load_algorithm_config(CONFIG, _args(memorised, tmp_path / "run", f"verifier.path={folder}",
+                                                            "verifier.kind=orm"))[1])
+    rows = {r["method"]: r for r in metrics["methods"]}
+    assert rows["rStar generator + discriminator"]["verifier_tokens_per_question"] > 0
+    assert rows["greedy chain of thought"].get("verifier_tokens_per_question", 0) == 0
+    found = json.loads((tmp_path / "run" / "stages.json").read_text())["generator"]["trajectories"]
+    scores = [t["score"] for ts in found for t in ts]
+    # a random head's values, not the vote shares 0, 1/2, 1 of two votes
+    assert scores and any(s not in (0.0, 0.5, 1.0) for s in scores)
+    assert "verifier tokens / question" in (tmp_path / "run" / "report.md").read_text()

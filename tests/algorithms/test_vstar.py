@@ -26,7 +26,8 @@ SHORT = [
     "iterations=2", "samples_per_problem=4", "sampling.max_new_tokens=32", "sampling.temperature=1.0",
     "sample_batch=4", "rationalization=true", "generator_train.num_steps=5", "generator_train.batch_size=8",
     "verifier.train.num_steps=5", "verifier.train.batch_size=8", "orm.num_steps=5", "orm.batch_size=8",
-    "evaluation.num_samples=4", "evaluation.sampling.max_new_tokens=32", "evaluation.greedy.sampling.max_new_tokens=32",
+    "verifier.lora={rank: 4, alpha: 8}", "evaluation.num_samples=4", "evaluation.sampling.max_new_tokens=32",
+    "evaluation.greedy.sampling.max_new_tokens=32",
 ]
 
 
@@ -124,3 +125,26 @@ def test_majority_and_pass_in_the_table_agree_with_the_samples(finished):
     assert last["vstar"]["majority@4"] == pytest.approx(metrics["best_of_k"]["majority"][-1])
     assert last["vstar"]["pass@4"] == pytest.approx(metrics["best_of_k"]["pass"][-1])
     assert np.isclose(last["vstar"]["pass@1"], metrics["best_of_k"]["pass"][0])
+
+
+def test_queries_can_be_the_gold_problems_whose_solutions_join_the_verifier_data(tmp_path):
+    metrics = run_vstar(_config(tmp_path, "problems.queries_are_gold=true", "problems.gold=16", "iterations=1",
+                                "star=false", "orm=null", "rationalization=false"))
+    pairs = metrics["verifier_pairs"]
+    assert pairs["problems"] == 16  # every query has its gold solution: none has only incorrect samples
+    assert pairs["only_incorrect"] == 0 and pairs["problems_with_pairs"] + pairs["only_correct"] == 16
+    store = TraceStore(tmp_path / "traces")
+    try:
+        ids = {t.problem_id for t in store.read(store.select(iteration=1, flags_none=FLAG_EVAL))}
+    finally:
+        store.close()
+    assert ids == set(range(16))
+    assert set(metrics["best_of_k"]) == {"k", "verifier", "majority", "pass"}
+
+
+def test_report_command_summarises_seeds(finished, capsys):
+    main(["report", str(finished), str(finished)])
+    out = capsys.readouterr().out
+    metrics = json.loads((finished / "metrics.json").read_text())
+    best = metrics["best_of_k"]["verifier"][-1]
+    assert f"| V-STaR verifier (DPO), k = 4 | {best:.3f} | {best:.3f} | {best:.3f} +- 0.000 |" in out

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from tiny import CONFIG, TOKENIZER
 
-from jaxreason.models import CausalLM
+from jaxreason.models import CausalLM, ValueModel
+from jaxreason.sampling import prompt_ids
 from jaxreason.search.actions import ROOT
 from jaxreason.search.rstar import AnswerKeys, finished_trajectories, majority, rstar_trees
 from jaxreason.search.rstar_config import (
@@ -26,6 +27,7 @@ from jaxreason.search.rstar_config import (
 from jaxreason.search.selection import INVALID_LOGIT
 from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
+from jaxreason.verifiers import ValueVerifier
 
 TASK = get_task("arith")
 PROBLEMS = TASK.problems("test", n=3, seed=0)
@@ -200,3 +202,33 @@ def test_trees_split_over_a_mesh_equal_unsplit(policy, batched):
     assert real == 3 and tree.node_visits.shape[0] == 4  # the batch rounded up to a multiple of the devices
     for name in ("tokens", "candidates", "generated_tokens"):
         np.testing.assert_array_equal(getattr(tree.embeddings, name)[:3], getattr(batched.embeddings, name))
+
+
+def test_a_verifier_replaces_the_majority_confidence(policy):
+    """Every finishing candidate's reward is the verifier's value of the prompt, the node's text (up to the last
+    sub-question for an A4 candidate) and the candidate, read straight from the value model."""
+    value_model = ValueModel(CONFIG, rngs=nnx.Rngs(5))
+    value_model.head[...] = jax.random.normal(jax.random.key(6), value_model.head.shape)  # values that differ
+    verifier = ValueVerifier(value_model)
+    checked = 0
+    for config in (SMALL, CHAIN):
+        [(tree, _)] = list(rstar_trees(PROBLEMS, policy=policy, tokenizer=TOKENIZER, task=TASK, config=config,
+                                       key=KEY, verifier=verifier))
+        slot_types = config.action_space().slot_types()
+        for row, problem in enumerate(PROBLEMS):
+            prompt = prompt_ids(TOKENIZER, config.prompts.prompt.format(question=problem.question))
+            e = jax.tree.map(lambda x: np.asarray(x[row]), tree.embeddings)
+            created = np.flatnonzero(np.asarray(tree.node_visits[row]) > 0)
+            assert np.all(e.verifier_tokens[created][~e.terminal[created]] > 0)  # what expanded read its candidates
+            prior = np.asarray(tree.children_prior_logits[row])
+            for n in created:
+                if e.terminal[n]:
+                    continue
+                for k in np.flatnonzero(e.candidate_ends[n] & (prior[n] > INVALID_LOGIT / 2)):
+                    start = e.subquestion_end[n] if ACTIONS[slot_types[k]] == REANSWER else e.length[n]
+                    ids = jnp.asarray([prompt + e.tokens[n, :start].tolist()
+                                       + e.candidates[n, k, :e.candidate_len[n, k]].tolist()])
+                    expected = jax.nn.sigmoid(value_model(ids, jnp.ones_like(ids))[0, -1])
+                    assert e.candidate_values[n, k] == pytest.approx(float(expected), abs=2e-4)
+                    checked += 1
+    assert checked > 0

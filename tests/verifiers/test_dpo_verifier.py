@@ -1,6 +1,7 @@
 """The DPO verifier through the verifier interface: its score is beta (log pi_V - log pi_ref), read at the one
 score position, the same under any padding, and ranks the solutions of a prompt by the paper's score."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +9,11 @@ import tiny
 from flax import nnx
 
 from jaxreason.models import CausalLM
+from jaxreason.models.lora import add_lora
+from jaxreason.sampling import SamplingConfig
+from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
+from jaxreason.search.methods import run
+from jaxreason.tasks import get_task
 from jaxreason.train.losses import dpo_score, sequence_logprob
 from jaxreason.verifiers import StepSplitter, make_verifier, score_solutions
 from jaxreason.verifiers.dpo import DPOVerifier
@@ -70,3 +76,32 @@ def test_registered_and_checked():
         DPOVerifier(model, other, BETA)
     with pytest.raises(ValueError, match="beta must be > 0"):
         DPOVerifier(model, reference, 0.0)
+
+
+def test_with_lora_the_reference_is_the_model_with_its_adapters_off():
+    model = tiny.policy(4)
+    with pytest.raises(ValueError, match="needs LoRA adapters"):
+        DPOVerifier(model, None, BETA)
+    add_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(0))
+    verifier = DPOVerifier(model, None, BETA)
+    tokens = jnp.asarray([tiny.TOKENIZER.encode("Q: 2+2=?\n2+2=4\n", add_special_tokens=False)])
+    at = jnp.arange(tokens.shape[1])[None]
+    np.testing.assert_allclose(verifier.values_at(tokens, jnp.ones_like(tokens), at), 0.5, atol=1e-6)  # B = 0
+    layers = model.transformer.layers
+    layers.attention.q_lora_b[...] = jnp.ones_like(layers.attention.q_lora_b[...]) * 0.1  # the adapters move pi_V
+    base = tiny.policy(4)
+    np.testing.assert_allclose(verifier.values_at(tokens, jnp.ones_like(tokens), at),
+                               DPOVerifier(model, base, BETA).values_at(tokens, jnp.ones_like(tokens), at), atol=1e-5)
+
+
+def test_every_scoring_method_takes_it(verifier):
+    task = get_task("arith", max_ops=1)
+    budget = Budget(baseline=BaselineConfig(num_samples=2, sampling=SamplingConfig(max_new_tokens=16), beam_width=2,
+                                            proposals_per_beam=2, max_steps=2, max_step_tokens=8),
+                    mcts=MCTSConfig(num_simulations=2, num_candidates=2, max_depth=2,
+                                    sampling=SamplingConfig(max_new_tokens=8)))
+    problems = task.problems("test", n=2)
+    for method in ("best_of_n", "weighted_best_of_n", "beam_search", "mcts"):
+        result = run(method, problems, policy=verifier.reference, verifier=verifier, tokenizer=tiny.TOKENIZER,
+                     task=task, budget=budget, key=jax.random.key(0))
+        assert len(result.correct) == 2 and result.total_verifier_tokens > 0, method
