@@ -206,29 +206,26 @@ def test_trees_split_over_a_mesh_equal_unsplit(policy, batched):
 
 def test_a_verifier_replaces_the_majority_confidence(policy):
     """Every finishing candidate's reward is the verifier's value of the prompt, the node's text (up to the last
-    sub-question for an A4 candidate) and the candidate, read straight from the value model."""
+    sub-question for an A4 candidate) and the candidate, read straight from the value model; on CHAIN's path
+    through every kind of node."""
     value_model = ValueModel(CONFIG, rngs=nnx.Rngs(5))
     value_model.head[...] = jax.random.normal(jax.random.key(6), value_model.head.shape)  # values that differ
-    verifier = ValueVerifier(value_model)
-    checked = 0
-    for config in (SMALL, CHAIN):
-        [(tree, _)] = list(rstar_trees(PROBLEMS, policy=policy, tokenizer=TOKENIZER, task=TASK, config=config,
-                                       key=KEY, verifier=verifier))
-        slot_types = config.action_space().slot_types()
-        for row, problem in enumerate(PROBLEMS):
-            prompt = prompt_ids(TOKENIZER, config.prompts.prompt.format(question=problem.question))
-            e = jax.tree.map(lambda x: np.asarray(x[row]), tree.embeddings)
-            created = np.flatnonzero(np.asarray(tree.node_visits[row]) > 0)
-            assert np.all(e.verifier_tokens[created][~e.terminal[created]] > 0)  # what expanded read its candidates
-            prior = np.asarray(tree.children_prior_logits[row])
-            for n in created:
-                if e.terminal[n]:
-                    continue
-                for k in np.flatnonzero(e.candidate_ends[n] & (prior[n] > INVALID_LOGIT / 2)):
-                    start = e.subquestion_end[n] if ACTIONS[slot_types[k]] == REANSWER else e.length[n]
-                    ids = jnp.asarray([prompt + e.tokens[n, :start].tolist()
-                                       + e.candidates[n, k, :e.candidate_len[n, k]].tolist()])
-                    expected = jax.nn.sigmoid(value_model(ids, jnp.ones_like(ids))[0, -1])
-                    assert e.candidate_values[n, k] == pytest.approx(float(expected), abs=2e-4)
-                    checked += 1
-    assert checked > 0
+    [(tree, _)] = list(rstar_trees(PROBLEMS, policy=policy, tokenizer=TOKENIZER, task=TASK, config=CHAIN, key=KEY,
+                                   verifier=ValueVerifier(value_model)))
+    slot_types = CHAIN.action_space().slot_types()
+    checked, read = 0, 0
+    for row, problem in enumerate(PROBLEMS):
+        prompt = prompt_ids(TOKENIZER, CHAIN.prompts.prompt.format(question=problem.question))
+        e = jax.tree.map(lambda x: np.asarray(x[row]), tree.embeddings)
+        created = np.flatnonzero(np.asarray(tree.node_visits[row]) > 0)
+        read += e.verifier_tokens[created].sum()
+        prior = np.asarray(tree.children_prior_logits[row])
+        for n in created[~e.terminal[created]]:
+            for k in np.flatnonzero(e.candidate_ends[n] & (prior[n] > INVALID_LOGIT / 2)):
+                start = e.subquestion_end[n] if ACTIONS[slot_types[k]] == REANSWER else e.length[n]
+                ids = jnp.asarray([prompt + e.tokens[n, :start].tolist()
+                                   + e.candidates[n, k, :e.candidate_len[n, k]].tolist()])
+                expected = jax.nn.sigmoid(value_model(ids, jnp.ones_like(ids))[0, -1])
+                assert e.candidate_values[n, k] == pytest.approx(float(expected), abs=2e-4)
+                checked += 1
+    assert checked > 0 and read > 0
