@@ -188,3 +188,10 @@ def test_a_trained_verifier_can_replace_the_majority_reward(memorised, tmp_path)
     # a random head's values, not the vote shares 0, 1/2, 1 of two votes
     assert scores and any(s not in (0.0, 0.5, 1.0) for s in scores)
     assert "verifier tokens / question" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_gsm8k_config_takes_reasoning_gym_word_problems_without_files():
+    _, config = load_algorithm_config("configs/rstar/gsm8k.yaml", ["task={name: reasoning_gym/gsm_symbolic}"])
+    problems = config.task.build().problems(config.split, n=2, seed=0)
+    assert len(problems) == 2 and all(p.question and p.answer for p in problems)
+    assert config.generator.prompts.prompt.format(question=problems[0].question).endswith(problems[0].question + "\n")

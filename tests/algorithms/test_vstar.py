@@ -148,3 +148,9 @@ def test_report_command_summarises_seeds(finished, capsys):
     metrics = json.loads((finished / "metrics.json").read_text())
     best = metrics["best_of_k"]["verifier"][-1]
     assert f"| V-STaR verifier (DPO), k = 4 | {best:.3f} | {best:.3f} | {best:.3f} +- 0.000 |" in out
+
+
+@pytest.mark.parametrize("name", ["arith_tiny.yaml", "smollm2_arith.yaml", "gsm8k.yaml"])
+def test_shipped_configs_load(name):
+    algorithm, config = load_algorithm_config(f"configs/vstar/{name}")
+    assert algorithm.name == "vstar" and config.iterations == 3
