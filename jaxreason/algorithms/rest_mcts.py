@@ -17,14 +17,10 @@ states in orbax checkpoints under `run_dir/<stage>/`; `resume=True` continues fr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
-import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -35,7 +31,7 @@ from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
-from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.algorithms.value_targets import tree_value_traces
 from jaxreason.config import to_dict
 from jaxreason.data.trace_batches import sft_batch, value_batch
@@ -45,18 +41,16 @@ from jaxreason.data.trace_store import (
     FLAG_ROLLOUT,
     FLAG_SEARCH,
     Trace,
-    TraceStore,
     unique_traces,
 )
 from jaxreason.models.pretrained import save_pretrained, save_value_model
-from jaxreason.models.spec import ModelSpec, build_model
+from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
-from jaxreason.sampling.prompts import pad_token_id
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import search_trees
 from jaxreason.search.methods import method_names, needs_verifier, run
-from jaxreason.tasks.base import Problem, Task, TaskSpec
+from jaxreason.tasks.base import Problem, TaskSpec
 from jaxreason.train.fit import FitConfig
 from jaxreason.train.objectives import sft_objective, value_objective
 from jaxreason.verifiers.base import Verifier
@@ -186,24 +180,8 @@ class RestMCTSConfig:
             raise ValueError(f"evaluation.num_problems {too_many} exceeds problems.test = {self.problems.test}")
 
 
-@dataclasses.dataclass
-class _Run:
-    """What every stage needs: the config, the problems, the tokenizer, the mesh and the stores.
-
-    Problems are numbered by their place in the training pool (gold, then warm-up, then self-training
-    problems); that number is the trace store's problem_id.
-    """
-
-    config: RestMCTSConfig
-    run_dir: Path
-    task: Task
-    tokenizer: object
-    mesh: jax.sharding.Mesh
-    stages: StageLog
-    store: TraceStore
-    pool: list[Problem]
-    test: list[Problem]
-    key: jax.Array
+class _Run(StoreRun):
+    """ReST-MCTS*'s run (`StoreRun`): its training pool is the gold, then warm-up, then self-training problems."""
 
     def slice(self, name: str) -> tuple[list[Problem], list[int]]:
         """The problems of slice "gold", "warmup" or "train" and their problem ids."""
@@ -211,13 +189,6 @@ class _Run:
         start = {"gold": 0, "warmup": p.gold, "train": p.gold + p.warmup}[name]
         size = {"gold": p.gold, "warmup": p.warmup, "train": p.train}[name]
         return self.pool[start:start + size], list(range(start, start + size))
-
-    @property
-    def pad_id(self) -> int:
-        return pad_token_id(self.tokenizer)
-
-    def key_for(self, name: str) -> jax.Array:
-        return jax.random.fold_in(self.key, zlib.crc32(name.encode()))
 
     def traces(self, iterations: Sequence[int], flags: int) -> list[Trace]:
         """Committed traces of those iterations having all of `flags`."""
@@ -231,23 +202,10 @@ class _Run:
         elif traces:
             self.store.append(traces)
 
-    def train_model(self, name: str, model, objective, traces: Sequence[Trace], config: FitConfig, make_batch):
-        """Fits `model` in place on `traces` in stage `name` (`StageLog.train`)."""
-        self.stages.train(name, model, objective, traces, config, make_batch, mesh=self.mesh, seed=self.config.seed)
-
 
 def run_rest_mcts(config: RestMCTSConfig, resume: bool = False) -> dict:
     """Runs (or resumes) the whole loop; returns the metrics also written to run_dir/metrics.json."""
-    c = config
-    policy, tokenizer = build_model(c.policy, c.seed)
-    if tokenizer is None:
-        raise ValueError(f"{c.policy.pretrained}: no tokenizer beside the weights")
-    r = _setup(c, tokenizer, resume)
-    try:
-        _loop(r, policy)
-    finally:
-        r.store.close()  # releases the writer lock, also when a stage fails
-    return json.loads((r.run_dir / "metrics.json").read_text())
+    return run_with_store(config, _setup, _loop, resume)
 
 
 def _loop(r: _Run, policy) -> None:
@@ -401,20 +359,9 @@ def _above_threshold(r: _Run, verifier: Verifier, traces: list[Trace]) -> list[T
 
 
 def _setup(config: RestMCTSConfig, tokenizer, resume: bool) -> _Run:
-    run_dir = open_run_dir(config.run_dir, to_dict(config), resume)
     p = config.problems
-    task = p.task.build()
-    needed = p.gold + p.warmup + p.train
-    pool = task.problems("train", n=needed, seed=config.seed)
-    if len(pool) < needed:
-        raise ValueError(f"task {p.task.name}: {len(pool)} training problems, the config needs {needed} "
-                         "(problems.gold + problems.warmup + problems.train)")
-    store_path = run_dir / "traces"
-    if not store_path.exists():
-        TraceStore.create(store_path).close()
-    return _Run(config=config, run_dir=run_dir, task=task, tokenizer=tokenizer,
-                mesh=sharding.make_mesh(config.mesh), stages=StageLog(run_dir), store=TraceStore(store_path, "a"),
-                pool=pool, test=task.problems("test", n=p.test, seed=config.seed), key=jax.random.key(config.seed))
+    return _Run.open(config, tokenizer, resume, p.gold + p.warmup + p.train,
+                     "problems.gold + problems.warmup + problems.train")
 
 
 # ---------------------------------------------------------------- `algorithm: rest_mcts` for `jaxreason train`

@@ -23,10 +23,7 @@ model states in orbax checkpoints under `run_dir/<stage>/`; `--resume` continues
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import zlib
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -37,7 +34,7 @@ from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.algorithms.vstar_report import write_vstar_report
 from jaxreason.config import to_dict
 from jaxreason.data.trace_batches import sft_batch, value_batch
@@ -47,20 +44,19 @@ from jaxreason.data.trace_store import (
     FLAG_EVAL,
     FLAG_HINTED,
     Trace,
-    TraceStore,
     unique_traces,
 )
 from jaxreason.models.lora import LoRAParam, add_lora
 from jaxreason.models.pretrained import save_pretrained, save_value_model
-from jaxreason.models.spec import ModelSpec, build_model
+from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
-from jaxreason.sampling.prompts import pad_token_id, prompt_ids
+from jaxreason.sampling.prompts import prompt_ids
 from jaxreason.search.baselines import draw_solutions
 from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
 from jaxreason.search.votes import group_answers
-from jaxreason.tasks.base import Problem, Task, TaskSpec
+from jaxreason.tasks.base import Problem, TaskSpec
 from jaxreason.train.fit import FitConfig
 from jaxreason.train.metrics import progress
 from jaxreason.train.objectives import dpo_objective, sft_objective, value_objective
@@ -161,34 +157,15 @@ class VStarConfig:
             raise ValueError("rationalization_hint must contain {answer}")
 
 
-@dataclasses.dataclass
-class _Run:
-    """What every stage needs. Problems are numbered by their place in the training pool (gold, then training
-    queries), held-out ones after it; that number is the trace store's problem_id."""
-
-    config: VStarConfig
-    run_dir: Path
-    task: Task
-    tokenizer: object
-    mesh: jax.sharding.Mesh
-    stages: StageLog
-    store: TraceStore
-    pool: list[Problem]
-    test: list[Problem]
-    key: jax.Array
-
-    @property
-    def pad_id(self) -> int:
-        return pad_token_id(self.tokenizer)
+class _Run(StoreRun):
+    """V-STaR's run (`StoreRun`): its training pool is the gold problems, then the training queries (none with
+    `queries_are_gold`); held-out problems are numbered after the pool."""
 
     @property
     def queries(self) -> tuple[list[Problem], list[int]]:
         p = self.config.problems
         start = 0 if p.queries_are_gold else p.gold
         return self.pool[start:], list(range(start, len(self.pool)))
-
-    def key_for(self, name: str) -> jax.Array:
-        return jax.random.fold_in(self.key, zlib.crc32(name.encode()))
 
     def samples(self, kind: str, iterations, correct_only: bool = False) -> list[Trace]:
         """Committed samples of that kind (`_KINDS`) and those iterations, in the order they were written."""
@@ -204,23 +181,10 @@ class _Run:
         elif traces:
             self.store.append(traces)
 
-    def train_model(self, name: str, model, objective, examples, config: FitConfig, make_batch,
-                    trainable=nnx.Param) -> None:
-        self.stages.train(name, model, objective, examples, config, make_batch, mesh=self.mesh, seed=self.config.seed,
-                          trainable=trainable)
-
 
 def run_vstar(config: VStarConfig, resume: bool = False) -> dict:
     """Runs (or resumes) V-STaR; returns the metrics also written to run_dir/metrics.json."""
-    policy, tokenizer = build_model(config.policy, config.seed)
-    if tokenizer is None:
-        raise ValueError(f"{config.policy.pretrained}: no tokenizer beside the weights")
-    r = _setup(config, tokenizer, resume)
-    try:
-        _loop(r, policy)
-    finally:
-        r.store.close()  # releases the writer lock, also when a stage fails
-    return json.loads((r.run_dir / "metrics.json").read_text())
+    return run_with_store(config, _setup, _loop, resume)
 
 
 def _loop(r: _Run, policy) -> None:
@@ -436,19 +400,9 @@ def _export(r: _Run, models: dict, orm: ValueModel | None) -> None:
 
 
 def _setup(config: VStarConfig, tokenizer, resume: bool) -> _Run:
-    run_dir = open_run_dir(config.run_dir, to_dict(config), resume)
     p = config.problems
-    task = p.task.build()
-    pool = task.problems("train", n=p.pool_size, seed=config.seed)
-    if len(pool) < p.pool_size:
-        raise ValueError(f"task {p.task.name}: {len(pool)} training problems, the config needs {p.pool_size} "
-                         "(problems.gold" + ("" if p.queries_are_gold else " + problems.train") + ")")
-    store_path = run_dir / "traces"
-    if not store_path.exists():
-        TraceStore.create(store_path).close()
-    return _Run(config=config, run_dir=run_dir, task=task, tokenizer=tokenizer,
-                mesh=sharding.make_mesh(config.mesh), stages=StageLog(run_dir), store=TraceStore(store_path, "a"),
-                pool=pool, test=task.problems("test", n=p.test, seed=config.seed), key=jax.random.key(config.seed))
+    return _Run.open(config, tokenizer, resume, p.pool_size,
+                     "problems.gold" + ("" if p.queries_are_gold else " + problems.train"))
 
 
 # ---------------------------------------------------------------- `algorithm: vstar` for `jaxreason train`

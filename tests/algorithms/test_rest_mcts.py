@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from jaxreason.algorithms import rest_mcts
 from jaxreason.algorithms.registry import load_algorithm_config
 from jaxreason.algorithms.rest_mcts import RestMCTSConfig, run_rest_mcts
+from jaxreason.algorithms.stages import StageLog
 from jaxreason.cli import main
 from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, FLAG_ROLLOUT, FLAG_SEARCH, TraceStore
 from jaxreason.models import load_value_model
@@ -169,7 +169,7 @@ def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypa
     """Killed after the second search committed its traces but before it was logged, then resumed: the
     resumed run re-uses every finished stage, appends nothing twice and ends with the same metrics."""
     run_dir = tmp_path / "run"
-    original = rest_mcts.StageLog.run
+    original = StageLog.run
 
     def dies_after_search_2(self, name, fn):
         if name == "search_2":
@@ -177,10 +177,10 @@ def test_interrupted_run_resumes_to_the_same_result(finished, tmp_path, monkeypa
             raise KeyboardInterrupt("killed")
         return original(self, name, fn)
 
-    monkeypatch.setattr(rest_mcts.StageLog, "run", dies_after_search_2)
+    monkeypatch.setattr(StageLog, "run", dies_after_search_2)
     with pytest.raises(KeyboardInterrupt):
         run_rest_mcts(_config(run_dir))
-    monkeypatch.setattr(rest_mcts.StageLog, "run", original)
+    monkeypatch.setattr(StageLog, "run", original)
     assert "search_2" not in json.loads((run_dir / "stages.json").read_text())
 
     run_rest_mcts(_config(run_dir), resume=True)
