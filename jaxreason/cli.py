@@ -79,11 +79,14 @@ def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from jaxreason.algorithms.report import seed_summary
+    from jaxreason.algorithms.score_report import score_seed_summary
     from jaxreason.algorithms.vstar_report import vstar_seed_summary
 
     first = Path(args.run_dirs[0]) / "metrics.json"
-    vstar = first.exists() and "best_of_k" in json.loads(first.read_text())
-    print((vstar_seed_summary if vstar else seed_summary)(args.run_dirs), end="")
+    metrics = json.loads(first.read_text()) if first.exists() else {}
+    summary = vstar_seed_summary if "best_of_k" in metrics else score_seed_summary if "models" in metrics \
+        else seed_summary
+    print(summary(args.run_dirs), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,11 +16,8 @@ per-step history is saved beside it, so `--resume` continues with the losses an 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -30,6 +27,7 @@ from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.grpo_report import write_grpo_report
 from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
 from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.algorithms.step_history import StepHistory
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
@@ -135,7 +133,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
 
     trainer = PolicyTrainer(policy, c.update, mesh=mesh, num_updates=c.num_steps * c.updates_per_step, seed=c.seed)
     checkpointer = trainer.checkpointer(run_dir / "grpo" / "checkpoints")
-    history = _History(run_dir / "grpo" / "history.json")
+    history = StepHistory(run_dir / "grpo" / "history.json")
     meta = trainer.restore(checkpointer)
     start = 0 if meta is None else int(meta["step"])
     history.truncate(start)
@@ -219,33 +217,6 @@ def _evaluate(c: GRPOConfig, trainer: PolicyTrainer, tokenizer, task, test, key,
                                   key=jax.random.fold_in(key, 1), chat=c.chat)["selection"][str(ev.num_samples)]
         out |= {"sample": drawn["random_pick"], f"self_consistency@{ev.num_samples}": drawn["self_consistency"]}
     return out
-
-
-class _History:
-    """The per-step records of the run, saved atomically beside the checkpoints."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: list[dict] = json.loads(path.read_text()) if path.exists() else []
-
-    def truncate(self, step: int) -> None:
-        """Drops the records after `step` (written before a crash, but not in the checkpoint resumed)."""
-        self.rows = [r for r in self.rows if r["step"] <= step]
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def evaluations(self) -> list[dict]:
-        return [r for r in self.rows if "eval" in r]
-
-    def generated_tokens(self) -> int:
-        return self.rows[-1]["generated_tokens"] if self.rows else 0
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.rows))
-        os.replace(tmp, self.path)
 
 
 def _summary(config: GRPOConfig, metrics: dict) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 
 # name -> the module that registers it (imported on first use)
 _BUILTIN = {"grpo": "jaxreason.algorithms.grpo", "rest_mcts": "jaxreason.algorithms.rest_mcts",
-            "rstar": "jaxreason.algorithms.rstar", "sft": "jaxreason.algorithms.sft",
-            "vstar": "jaxreason.algorithms.vstar"}
+            "rstar": "jaxreason.algorithms.rstar", "score": "jaxreason.algorithms.score",
+            "sft": "jaxreason.algorithms.sft", "vstar": "jaxreason.algorithms.vstar"}
 
 
 class RunInterrupted(RuntimeError):

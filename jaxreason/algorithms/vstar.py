@@ -121,6 +121,8 @@ class VStarEval:
     num_samples: int = 16
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.7)
     greedy: BaselineConfig = BaselineConfig()
+    # the verifiers score the last generator's samples (the claim); every iteration's with this set
+    verify_every_iteration: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,12 +338,14 @@ def _train_verifier(r: _Run, verifier: DPOVerifier, d_ver: list[Trace]) -> None:
 
 
 def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
-    """Per iteration: every verifier's scores of the held-out samples of V-STaR's generator, and from them
-    Best-of-k, majority vote and pass@k (at every k = 1 .. N for the last iteration, at k = 1 and N before), and
-    each verifier's AUC; for the last STaR generator's samples, majority and pass@k at every k."""
-    n = r.config.evaluation.num_samples
+    """Every verifier's scores of the held-out samples of V-STaR's last generator (of every iteration's with
+    `evaluation.verify_every_iteration`), and from them Best-of-k, majority vote and pass@k (at every k = 1 .. N for
+    the last iteration, at k = 1 and N before), and each verifier's AUC; for the last STaR generator's samples,
+    majority and pass@k at every k."""
+    ev, last = r.config.evaluation, r.config.iterations
+    n = ev.num_samples
     out = {}
-    for t in range(r.config.iterations + 1):
+    for t in range(last + 1) if ev.verify_every_iteration else [last]:
         samples = r.samples("vstar_eval", [t])
         correct, groups = _outcomes(r, samples)
         scores = {}
@@ -351,11 +355,11 @@ def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
                                      StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id,
                                      width_multiple=16)  # the samples' lengths barely vary: little padding
             scores[name] = scored.scores.reshape(correct.shape)
-        ks = list(range(1, n + 1)) if t == r.config.iterations else [1, n]  # the table reads k = N; the plot all
+        ks = list(range(1, n + 1)) if t == last else [1, n]  # the table reads k = N; the plot all
         row = {"curves": _as_lists(best_of_k_curves(correct, groups, scores, ks)),
                "auc": {name: roc_auc(s.ravel(), correct.ravel()) for name, s in scores.items()},
                "auc_within_problems": {name: _auc_within(s, correct) for name, s in scores.items()}}
-        if t == r.config.iterations and r.config.star:
+        if t == last and r.config.star:
             star_correct, star_groups = _outcomes(r, r.samples("star_eval", [t]))
             row["star_curves"] = _as_lists(best_of_k_curves(star_correct, star_groups, {}, list(range(1, n + 1))))
         out[str(t)] = row

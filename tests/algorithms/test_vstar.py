@@ -27,7 +27,7 @@ SHORT = [
     "sample_batch=4", "rationalization=true", "generator_train.num_steps=5", "generator_train.batch_size=8",
     "verifier.train.num_steps=5", "verifier.train.batch_size=8", "orm.num_steps=5", "orm.batch_size=8",
     "verifier.lora={rank: 4, alpha: 8}", "evaluation.num_samples=4", "evaluation.sampling.max_new_tokens=32",
-    "evaluation.greedy.sampling.max_new_tokens=32",
+    "evaluation.greedy.sampling.max_new_tokens=32", "evaluation.verify_every_iteration=true",
 ]
 
 
@@ -129,7 +129,8 @@ def test_majority_and_pass_in_the_table_agree_with_the_samples(finished):
 
 def test_queries_can_be_the_gold_problems_whose_solutions_join_the_verifier_data(tmp_path):
     metrics = run_vstar(_config(tmp_path, "problems.queries_are_gold=true", "problems.gold=16", "iterations=1",
-                                "star=false", "orm=null", "rationalization=false"))
+                                "star=false", "orm=null", "rationalization=false",
+                                "evaluation.verify_every_iteration=false"))
     pairs = metrics["verifier_pairs"]
     assert pairs["problems"] == 16  # every query has its gold solution: none has only incorrect samples
     assert pairs["only_incorrect"] == 0 and pairs["problems_with_pairs"] + pairs["only_correct"] == 16
@@ -140,6 +141,8 @@ def test_queries_can_be_the_gold_problems_whose_solutions_join_the_verifier_data
         store.close()
     assert ids == set(range(16))
     assert set(metrics["best_of_k"]) == {"k", "verifier", "majority", "pass"}
+    # by default the verifiers score the last generator's samples only
+    assert ["best_of_n" in row for row in metrics["iterations"]] == [False, True]
 
 
 def test_report_command_summarises_seeds(finished, capsys):
