@@ -17,6 +17,10 @@
 
 In Stage II attempt 1 is credited with its own reward and the one it leads to (r1 + r2); the shaping bonus
 alpha (r2 - r1) scores the change and goes to attempt 2 only (on attempt 1 it would reward a wrong first try).
+Attempt 2's reward is taken relative to r1 before the group estimator: r1 is fixed before attempt 2 starts, so
+as a baseline it leaves the gradient's expectation alone, while the group's episodes, each with its own first
+attempt, would otherwise mostly tell whether attempt 1 was right (a copied right answer would be reinforced and
+a copied wrong one punished, which taught this tiny model to stop copying altogether).
 """
 
 from __future__ import annotations
@@ -389,9 +393,9 @@ def _stage_objective(c: ScoreConfig, stage: int, rewards: np.ndarray) -> tuple[n
     groups = lambda x: np.asarray(advantage(x.reshape(-1, c.group_size))).reshape(-1)
     r1, r2 = rewards[:, 0], rewards[:, 1]
     if stage == 1:
-        return np.stack([np.zeros_like(r1), groups(r2)], axis=1), np.asarray([c.beta2, 0.0], np.float32)
+        return np.stack([np.zeros_like(r1), groups(r2 - r1)], axis=1), np.asarray([c.beta2, 0.0], np.float32)
     shaped = r2 + c.alpha * (r2 - r1)
-    return np.stack([groups(r1 + r2), groups(shaped)], axis=1), np.asarray([c.beta1, c.beta1], np.float32)
+    return np.stack([groups(r1 + r2), groups(shaped - r1)], axis=1), np.asarray([c.beta1, c.beta1], np.float32)
 
 
 def _changed(episodes: CheckedEpisodes) -> float:

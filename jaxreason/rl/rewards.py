@@ -26,8 +26,8 @@ def task_reward(task: Task, tokenizer) -> RewardFn:
 
     def reward(problems, prompts, completions):
         del prompts
-        texts = (tokenizer.decode(list(c), skip_special_tokens=True) for c in completions)
-        return np.asarray([float(task.is_correct(p, t)) for p, t in zip(problems, texts)], np.float32)
+        texts = [tokenizer.decode(list(c), skip_special_tokens=True) for c in completions]
+        return np.asarray(task.check_many(problems, texts), np.float32)
 
     reward.__name__ = f"task_reward({task.name})"
     return reward

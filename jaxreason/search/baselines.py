@@ -131,7 +131,7 @@ def _finish(method: str, task: Task, problems: Sequence[Problem], completions: l
         method=method,
         completions=completions,
         answers=[task.extract_answer(c) for c in completions],
-        correct=[task.is_correct(p, c) for p, c in zip(problems, completions)],
+        correct=task.check_many(problems, completions),
         generated_tokens=np.asarray(generated, np.int64),
         verifier_tokens=np.asarray(verified, np.int64),
         seconds=time.perf_counter() - start,

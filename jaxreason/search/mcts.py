@@ -111,7 +111,7 @@ def search_trees(problems: Sequence[Problem], *, policy: CausalLM, verifier: Ver
 
     completions = [_answer_text(t, task, config.answer) for t in traces]
     answers = [task.extract_answer(c) for c in completions]
-    correct = [task.is_correct(p, c) for p, c in zip(problems, completions)]
+    correct = task.check_many(problems, completions)
     result = MethodResult(method="mcts", completions=completions, answers=answers, correct=correct,
                           generated_tokens=np.concatenate(generated).astype(np.int64),
                           verifier_tokens=np.concatenate(verified).astype(np.int64),

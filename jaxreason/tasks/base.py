@@ -56,6 +56,13 @@ class Task(abc.ABC):
     def is_correct(self, problem: Problem, completion: str) -> bool:
         return answers_equal(self.extract_answer(completion), problem.answer)
 
+    def check_many(self, problems: Sequence[Problem], completions: Sequence[str]) -> list[bool]:
+        """`is_correct` of each (problem, completion) pair; a task whose checks are slow (run code) runs them
+        side by side."""
+        if len(problems) != len(completions):
+            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+        return [self.is_correct(p, c) for p, c in zip(problems, completions)]
+
     def format_solution(self, steps: Sequence[str], answer: str) -> str:
         """The steps, one per line, then the final-answer line: the completion a perfect policy writes."""
         return self.step_delimiter.join([*steps, f"{self.answer_prefix}{answer}"])

@@ -5,8 +5,9 @@ each completion against the problem's unit tests in the sandbox (`jaxreason.task
   entry point's name (the unit tests, not an answer string, grade), solution_steps = the canonical body's
   lines; `meta` holds test, entry_point and canonical_solution.
 - Split: HumanEval is an evaluation set with one split, "test"; any other split is a ValueError, so that no run
-  trains on it by accident. `problems("test", n, seed)` takes the first n of a seeded shuffle, so a smaller n
-  gives a prefix of a larger one.
+  trains on it by accident, unless `train_problems` > 0 sets that many aside (a fixed shuffle, the same for
+  every seed) as "train", and "test" is the rest. `problems(split, n, seed)` takes the first n of a seeded
+  shuffle, so a smaller n gives a prefix of a larger one.
 - Prompt: the raw prompt by default, which a base model continues with the function body; `prompt_template`
   (with `{question}`) can wrap it, e.g. in an instruction for a chat model.
 - Grading: the completion's code (`extract_answer`) is either the first fenced Python block, as chat models
@@ -82,24 +83,29 @@ class HumanEvalTask(Task):
     step_delimiter = "\n"
     prompt_template = "{question}"
 
-    def __init__(self, prompt_template: str | None = None, timeout_s: float = 5.0, workers: int = 4):
+    def __init__(self, prompt_template: str | None = None, timeout_s: float = 5.0, workers: int = 4,
+                 train_problems: int = 0):
         super().__init__(prompt_template)
-        self.timeout_s, self.workers = timeout_s, workers
+        self.timeout_s, self.workers, self.train_problems = timeout_s, workers, train_problems
         self._problems: list[Problem] | None = None
 
     def problems(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[Problem]:
-        """All 164 problems in file order, or the first n of a shuffle seeded by `seed`."""
-        if split != "test":
-            raise ValueError(f"humaneval has only the 'test' split (an evaluation set), not {split!r}")
+        """The split's problems in file order, or the first n of a shuffle seeded by `seed`."""
+        if split not in ("train", "test") or split == "train" and not self.train_problems:
+            raise ValueError(f"humaneval has only the 'test' split (an evaluation set), not {split!r}; "
+                             "train_problems > 0 sets some of it aside as 'train'")
         if self._problems is None:
             self._problems = load_humaneval()
+        if not 0 <= self.train_problems < len(self._problems):
+            raise ValueError(f"train_problems must be in [0, {len(self._problems)}), got {self.train_problems}")
+        aside = set(random.Random(0).sample(range(len(self._problems)), self.train_problems))
+        pool = [p for i, p in enumerate(self._problems) if (i in aside) == (split == "train")]
         if n is None:
-            return list(self._problems)
-        if not 0 <= n <= len(self._problems):
-            raise ValueError(f"asked for {n} problems but humaneval holds {len(self._problems)}")
-        order = list(self._problems)
-        random.Random(seed).shuffle(order)
-        return order[:n]
+            return pool
+        if not 0 <= n <= len(pool):
+            raise ValueError(f"asked for {n} humaneval {split} problems but there are {len(pool)}")
+        random.Random(seed).shuffle(pool)
+        return pool[:n]
 
     def extract_answer(self, completion: str) -> str | None:
         """The completion's code (`completion_code`), None when it has none. A majority vote over these

@@ -35,7 +35,7 @@ def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, 
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
     samples = draw_solutions(policy, tokenizer, prompts, sampling, key, num_samples)
     texts = [[tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in row] for row in samples]
-    correct = np.array([[task.is_correct(p, t) for t in row] for p, row in zip(problems, texts)])
+    correct = np.array([task.check_many([p] * len(row), row) for p, row in zip(problems, texts)])
     groups = np.stack([group_answers([task.extract_answer(t) for t in row]) for row in texts])
     out = {"problems": len(problems), "samples": num_samples,
            "tokens_per_sample": float(np.mean([len(s) for row in samples for s in row]))}

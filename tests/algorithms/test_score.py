@@ -122,7 +122,7 @@ def test_bad_settings_are_named(tmp_path, override, message):
         _config(tmp_path, override)
 
 
-@pytest.mark.parametrize("name", ["arith_tiny.yaml", "smollm2_arith.yaml", "gsm8k.yaml"])
+@pytest.mark.parametrize("name", ["arith_tiny.yaml", "smollm2_arith.yaml", "gsm8k.yaml", "humaneval.yaml"])
 def test_shipped_configs_load(name):
     algorithm, config = load_algorithm_config(f"configs/score/{name}")
     assert algorithm.name == "score" and config.num_steps > 0

@@ -92,16 +92,17 @@ def test_stage_one_trains_attempt_two_and_holds_attempt_one_by_the_strong_kl():
     rewards = np.asarray([[0, 1], [0, 0], [1, 1], [1, 1]], np.float32)  # two problems, two episodes each
     advantages, kl = _stage_objective(_score_config(), 1, rewards)
     assert advantages[:, 0].tolist() == [0, 0, 0, 0]
-    assert advantages[:, 1].tolist() == [1, -1, 0, 0]  # leave-one-out over each problem's episodes
+    # r2 - r1 = 1, 0 | 0, 0, then leave-one-out over each problem's episodes
+    assert advantages[:, 1].tolist() == [1, -1, 0, 0]
     assert kl.tolist() == pytest.approx([0.1, 0.0])
 
 
 def test_stage_two_rewards_both_attempts_and_the_fix_on_attempt_two():
     rewards = np.asarray([[0, 1], [1, 1], [1, 0], [1, 1]], np.float32)
     advantages, kl = _stage_objective(_score_config(), 2, rewards)
-    # attempt 1: r1 + r2 = 1, 2 | 1, 2; attempt 2: r2 + 10 (r2 - r1) = 11, 1 | -10, 1
+    # attempt 1: r1 + r2 = 1, 2 | 1, 2; attempt 2: r2 + 10 (r2 - r1) - r1 = 11, 0 | -11, 0
     assert advantages[:, 0].tolist() == [-1, 1, -1, 1]
-    assert advantages[:, 1].tolist() == [10, -10, -11, 11]
+    assert advantages[:, 1].tolist() == [11, -11, -11, 11]
     assert kl.tolist() == pytest.approx([0.01, 0.01])
 
 

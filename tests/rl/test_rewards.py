@@ -24,6 +24,15 @@ def test_task_reward_checks_the_answer():
     assert rewards.dtype == np.float32
 
 
+def test_task_reward_runs_a_code_task_in_the_sandbox_in_one_batch():
+    task = get_task("humaneval", workers=2)
+    problem = task.problems("test", n=1, seed=0)[0]
+    right, wrong = problem.meta["canonical_solution"], "    return None\n"
+    rewards = checked_rewards(task_reward(task, TOKENIZER), [problem, problem], [[], []],
+                              [TOKENIZER.encode(right), TOKENIZER.encode(wrong)])
+    np.testing.assert_array_equal(rewards, [1.0, 0.0])
+
+
 def test_verifier_reward_is_the_verifiers_score_in_unit_interval():
     completions = [_solution(p, p.answer) for p in PROBLEMS]
     rewards = checked_rewards(verifier_reward(ValueVerifier(value_model()), TOKENIZER, TASK, pad_id=PAD),

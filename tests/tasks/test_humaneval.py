@@ -47,6 +47,14 @@ def test_only_the_test_split_and_seeded_prefix_samples(task, problems):
         task.problems("test", n=165)
 
 
+def test_problems_set_aside_for_training_leave_the_test_split():
+    task = HumanEvalTask(train_problems=100)
+    train, test = task.problems("train"), task.problems("test")
+    assert len(train) == 100 and len(test) == 64 and not {p.id for p in train} & {p.id for p in test}
+    assert [p.id for p in HumanEvalTask(train_problems=100).problems("train")] == [p.id for p in train]  # fixed
+    assert {p.id for p in task.problems("train", n=10, seed=3)} <= {p.id for p in train}
+
+
 def test_prompt_template_wraps_the_problem(problems):
     chat_task = get_task("humaneval", prompt_template="Complete this function:\n```python\n{question}```\n")
     assert chat_task.prompt(problems[0]) == f"Complete this function:\n```python\n{problems[0].question}```\n"
