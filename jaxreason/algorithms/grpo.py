@@ -25,9 +25,9 @@ import numpy as np
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.grpo_report import write_grpo_report
-from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
+from jaxreason.algorithms.registry import register_algorithm
+from jaxreason.algorithms.rl_steps import StepHistory, run_rl_steps
 from jaxreason.algorithms.stages import StageLog, open_run_dir
-from jaxreason.algorithms.step_history import StepHistory
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
@@ -43,9 +43,7 @@ from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
 from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
 from jaxreason.tasks.base import TaskSpec
-from jaxreason.train.checkpoint import StopSignal
 from jaxreason.train.fit import FitConfig
-from jaxreason.train.metrics import MetricsLogger, progress
 from jaxreason.train.objectives import sft_objective
 from jaxreason.verifiers.evaluation import evaluate_verifier
 
@@ -144,59 +142,39 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     stop_ids = eos_ids(tokenizer, policy.config)
     key = jax.random.key(c.seed)
     evaluate = lambda: _evaluate(c, trainer, tokenizer, task, test, key, mesh)
-    main_process = is_main_process()  # in a multi-host job one process writes the run folder's files
-    logger = MetricsLogger(run_dir, "grpo") if main_process else None
-    try:
-        if not history.evaluations():
-            history.add({"step": 0, "generated_tokens": 0, "eval": evaluate()})
-        with StopSignal() as stop, progress(c.num_steps, start, "grpo") as bar:
-            for step in range(start, c.num_steps):
-                began = time.perf_counter()
-                rows = next(problem_rows)
-                episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
-                                           c.sampling, group_size=c.group_size, eos_ids=stop_ids, pad_id=pad,
-                                           mesh=mesh)
-                owners = rows[np.asarray(episodes.prompt_index)]  # each episode's training problem
-                rewards = checked_rewards(reward_fn, [train[i] for i in owners], [prompts[i] for i in owners],
-                                          episodes.attempt(0))
-                rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], c.truncation)
-                groups = rewards.reshape(c.prompts_per_step, c.group_size)
-                advantages = np.asarray(get_advantage(c.advantage)(groups)).reshape(-1)
-                batch = trainer.batch(episodes, per_token(advantages[:, None], episodes.token_turn), keep=keep)
-                metrics = trainer.update(batch, step)
-                lengths = np.asarray(episodes.turn_lengths[:, 0])
-                row = {"step": step + 1, "reward": float(rewards.mean()), "kl": metrics["kl"],
-                       "loss": metrics["loss"], "clip_fraction": metrics["clip_fraction"],
-                       "grad_norm": metrics["grad_norm"], "response_length": float(lengths.mean()),
-                       "truncated": float(np.mean(episodes.truncated[:, 0])),
-                       "solved_groups": float(np.mean(groups.max(axis=1) > 0)),
-                       "uniform_groups": float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
-                       "generated_tokens": history.generated_tokens() + int(lengths.sum()),
-                       "seconds": time.perf_counter() - began}
-                last = step + 1 == c.num_steps
-                if (step + 1) % c.evaluation.every == 0 or last:
-                    row["eval"] = evaluate()
-                history.add(row)
-                if logger is not None:
-                    logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
-                               | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
-                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.4f}")
-                bar.update(1)
-                interrupted = stop.requested.is_set()
-                if (step + 1) % c.checkpoint_every == 0 or last or interrupted:
-                    if main_process:  # first: a checkpoint is never ahead of the history it resumes
-                        history.save()
-                    checkpointer.save(step + 1, trainer.state, {"step": step + 1, "seed": c.seed}, wait=interrupted)
-                if interrupted:
-                    raise RunInterrupted(f"grpo stopped by SIGTERM after step {step + 1} (checkpoint saved)")
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-        if logger is not None:
-            logger.close()
-    if not main_process:
+
+    def take_step(step: int) -> dict:
+        began = time.perf_counter()
+        rows = next(problem_rows)
+        episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
+                                   c.sampling, group_size=c.group_size, eos_ids=stop_ids, pad_id=pad, mesh=mesh)
+        owners = rows[np.asarray(episodes.prompt_index)]  # each episode's training problem
+        rewards = checked_rewards(reward_fn, [train[i] for i in owners], [prompts[i] for i in owners],
+                                  episodes.attempt(0))
+        rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], c.truncation)
+        groups = rewards.reshape(c.prompts_per_step, c.group_size)
+        advantages = np.asarray(get_advantage(c.advantage)(groups)).reshape(-1)
+        batch = trainer.batch(episodes, per_token(advantages[:, None], episodes.token_turn), keep=keep)
+        metrics = trainer.update(batch, step)
+        lengths = np.asarray(episodes.turn_lengths[:, 0])
+        row = {"step": step + 1, "reward": float(rewards.mean()), "kl": metrics["kl"],
+               "loss": metrics["loss"], "clip_fraction": metrics["clip_fraction"],
+               "grad_norm": metrics["grad_norm"], "response_length": float(lengths.mean()),
+               "truncated": float(np.mean(episodes.truncated[:, 0])),
+               "solved_groups": float(np.mean(groups.max(axis=1) > 0)),
+               "uniform_groups": float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
+               "generated_tokens": history.generated_tokens() + int(lengths.sum()),
+               "seconds": time.perf_counter() - began}
+        if (step + 1) % c.evaluation.every == 0 or step + 1 == c.num_steps:
+            row["eval"] = evaluate()
+        return row
+
+    run_rl_steps("grpo", run_dir, trainer, checkpointer, history, start=start, num_steps=c.num_steps,
+                 checkpoint_every=c.checkpoint_every, seed=c.seed,
+                 first_row=lambda: {"step": 0, "generated_tokens": 0, "eval": evaluate()}, take_step=take_step,
+                 postfix=lambda row: {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.4f}"})
+    if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}
-    history.save()
     folder = run_dir / "models" / "policy"
     if not folder.exists():
         save_pretrained(trainer.policy, tokenizer, folder)

@@ -228,16 +228,21 @@ def _plot_compute(ev: dict, path: Path, iteration: int) -> None:
     plt.close(fig)
 
 
-def seed_summary(run_dirs: list[str | Path]) -> str:
-    """Markdown: per seed and as mean +- standard deviation over seeds, each headline figure of policy_0 and of
-    the last iteration for both methods, from each run folder's metrics.json."""
+def load_runs(run_dirs: list[str | Path]) -> list[tuple[int, dict]]:
+    """(seed, metrics.json) of each run folder; a folder without metrics is a FileNotFoundError naming it."""
     runs = []
     for d in run_dirs:
         path = Path(d) / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no metrics (has the run evaluated anything?)")
-        seed = json.loads((Path(d) / "config.json").read_text())["seed"]
-        runs.append((seed, json.loads(path.read_text())["iterations"]))
+        runs.append((json.loads((Path(d) / "config.json").read_text())["seed"], json.loads(path.read_text())))
+    return runs
+
+
+def seed_summary(run_dirs: list[str | Path]) -> str:
+    """Markdown: per seed and as mean +- standard deviation over seeds, each headline figure of policy_0 and of
+    the last iteration for both methods, from each run folder's metrics.json."""
+    runs = [(seed, metrics["iterations"]) for seed, metrics in load_runs(run_dirs)]
     rows = ["| figure | " + " | ".join(f"seed {s}" for s, _ in runs) + " | last iteration, mean +- std | "
             "change from policy_0, mean +- std |", "| --- |" + " --- |" * (len(runs) + 2)]
     for key, name in (("rest_mcts", "ReST-MCTS*"), ("rest_em", "ReST-EM")):

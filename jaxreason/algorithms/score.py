@@ -38,7 +38,8 @@ import numpy as np
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot
-from jaxreason.algorithms.registry import RunInterrupted, register_algorithm
+from jaxreason.algorithms.registry import register_algorithm
+from jaxreason.algorithms.rl_steps import StepHistory, run_rl_steps
 from jaxreason.algorithms.score_report import write_score_report
 from jaxreason.algorithms.self_correction import (
     DEFAULT_INSTRUCTION,
@@ -51,7 +52,6 @@ from jaxreason.algorithms.self_correction import (
     two_attempt_trace,
 )
 from jaxreason.algorithms.stages import StageLog, open_run_dir
-from jaxreason.algorithms.step_history import StepHistory
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
@@ -65,9 +65,7 @@ from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
 from jaxreason.tasks.base import TaskSpec
-from jaxreason.train.checkpoint import StopSignal
 from jaxreason.train.fit import FitConfig
-from jaxreason.train.metrics import MetricsLogger, progress
 from jaxreason.train.objectives import sft_objective
 
 log = logging.getLogger(__name__)
@@ -329,60 +327,40 @@ def _reinforce(r: _Run, policy, base_metrics: dict) -> PolicyTrainer:
     problem_rows = shuffled_batches(np.asarray, len(r.train), c.prompts_per_step, c.seed)(start)
     reward_fn = task_reward(r.task, r.tokenizer)
     key = jax.random.fold_in(r.key, 3)
-    main_process = is_main_process()
-    logger = MetricsLogger(r.run_dir, "score") if main_process else None
-    try:
-        if not history.rows:
-            history.add({"step": 0, "stage": 0, "generated_tokens": 0, "eval": base_metrics})
-        with StopSignal() as stop, progress(c.num_steps, start, "score") as bar:
-            for step in range(start, c.num_steps):
-                began = time.perf_counter()
-                stage = c.stage_at(step)
-                rows = next(problem_rows)
-                episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
-                                           c.sampling, group_size=c.group_size, eos_ids=r.eos, pad_id=r.pad_id,
-                                           instructions=[r.instruction], mesh=r.mesh)
-                owners = rows[np.asarray(episodes.prompt_index)]
-                rewards = np.stack([checked_rewards(reward_fn, [r.train[i] for i in owners],
-                                                    [prompts[i] for i in owners], episodes.attempt(j))
-                                    for j in (0, 1)], axis=1)
-                rewards = np.where(np.asarray(episodes.truncated), 0.0, rewards)  # an unfinished attempt scores 0
-                turn_advantages, kl = _stage_objective(c, stage, rewards)
-                batch = trainer.batch(episodes, per_token(turn_advantages, episodes.token_turn),
-                                      kl_coefs=per_token(np.tile(kl, (len(rewards), 1)), episodes.token_turn))
-                metrics = trainer.update(batch, step)
-                lengths = np.asarray(episodes.turn_lengths)
-                row = {"step": step + 1, "stage": stage, "reward_t1": float(rewards[:, 0].mean()),
-                       "reward_t2": float(rewards[:, 1].mean()), **{f"train_{k}": v for k, v in
-                                                                    correction_metrics(rewards).items()
-                                                                    if k.startswith("delta_")},
-                       "kl": metrics["kl"], "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                       "length_t1": float(lengths[:, 0].mean()), "length_t2": float(lengths[:, 1].mean()),
-                       "generated_tokens": history.generated_tokens() + int(lengths.sum()),
-                       "seconds": time.perf_counter() - began}
-                last = step + 1 == c.num_steps
-                if (step + 1) % c.evaluation.every == 0 or step + 1 in c.phase_ends:
-                    row["eval"] = r.evaluate(trainer.policy)
-                history.add(row)
-                if logger is not None:
-                    logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
-                               | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
-                bar.set_postfix(stage=stage, r1=f"{row['reward_t1']:.3f}", r2=f"{row['reward_t2']:.3f}")
-                bar.update(1)
-                interrupted = stop.requested.is_set()
-                if (step + 1) % c.checkpoint_every == 0 or last or interrupted:
-                    if main_process:  # first: a checkpoint is never ahead of the history it resumes
-                        history.save()
-                    checkpointer.save(step + 1, trainer.state, {"step": step + 1, "seed": c.seed}, wait=interrupted)
-                if interrupted:
-                    raise RunInterrupted(f"score stopped by SIGTERM after step {step + 1} (checkpoint saved)")
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-        if logger is not None:
-            logger.close()
-    if main_process:
-        history.save()
+
+    def take_step(step: int) -> dict:
+        began = time.perf_counter()
+        stage = c.stage_at(step)
+        rows = next(problem_rows)
+        episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
+                                   c.sampling, group_size=c.group_size, eos_ids=r.eos, pad_id=r.pad_id,
+                                   instructions=[r.instruction], mesh=r.mesh)
+        owners = rows[np.asarray(episodes.prompt_index)]
+        rewards = np.stack([checked_rewards(reward_fn, [r.train[i] for i in owners], [prompts[i] for i in owners],
+                                            episodes.attempt(j)) for j in (0, 1)], axis=1)
+        rewards = np.where(np.asarray(episodes.truncated), 0.0, rewards)  # an unfinished attempt scores 0
+        turn_advantages, kl = _stage_objective(c, stage, rewards)
+        batch = trainer.batch(episodes, per_token(turn_advantages, episodes.token_turn),
+                              kl_coefs=per_token(np.tile(kl, (len(rewards), 1)), episodes.token_turn))
+        metrics = trainer.update(batch, step)
+        lengths = np.asarray(episodes.turn_lengths)
+        row = {"step": step + 1, "stage": stage, "reward_t1": float(rewards[:, 0].mean()),
+               "reward_t2": float(rewards[:, 1].mean()),
+               **{f"train_{k}": v for k, v in correction_metrics(rewards).items() if k.startswith("delta_")},
+               "kl": metrics["kl"], "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+               "length_t1": float(lengths[:, 0].mean()), "length_t2": float(lengths[:, 1].mean()),
+               "generated_tokens": history.generated_tokens() + int(lengths.sum()),
+               "seconds": time.perf_counter() - began}
+        if (step + 1) % c.evaluation.every == 0 or step + 1 in c.phase_ends:
+            row["eval"] = r.evaluate(trainer.policy)
+        return row
+
+    run_rl_steps("score", r.run_dir, trainer, checkpointer, history, start=start, num_steps=c.num_steps,
+                 checkpoint_every=c.checkpoint_every, seed=c.seed,
+                 first_row=lambda: {"step": 0, "stage": 0, "generated_tokens": 0, "eval": base_metrics},
+                 take_step=take_step,
+                 postfix=lambda row: {"stage": row["stage"], "r1": f"{row['reward_t1']:.3f}",
+                                      "r2": f"{row['reward_t2']:.3f}"})
     return trainer
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from jaxreason.algorithms.report import standard_error
+from jaxreason.algorithms.report import load_runs, standard_error
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,12 +79,7 @@ def write_score_report(run_dir: str | Path, config: dict, stages: dict, rows: li
 
 def score_seed_summary(run_dirs: list[str | Path]) -> str:
     """Markdown: every model's held-out metrics per seed and as mean +- standard deviation over the seeds."""
-    runs = []
-    for d in run_dirs:
-        path = Path(d) / "metrics.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no metrics (has the run finished?)")
-        runs.append((json.loads((Path(d) / "config.json").read_text())["seed"], json.loads(path.read_text())))
+    runs = load_runs(run_dirs)
     lines = ["| model | figure | " + " | ".join(f"seed {s}" for s, _ in runs) + " | mean +- std |",
              "| --- | --- |" + " --- |" * (len(runs) + 1)]
     for name in MODELS:

@@ -11,7 +11,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from jaxreason.algorithms.report import standard_error
+from jaxreason.algorithms.report import load_runs, standard_error
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -112,12 +112,7 @@ def _plot(curves: dict, star: dict | None, path: Path) -> None:
 def vstar_seed_summary(run_dirs: list[str | Path]) -> str:
     """Markdown: per seed and as mean +- standard deviation over seeds, the last iteration's held-out figures and
     Best-of-k of every curve at k = 1, 2, 4, ... N, from each run folder's metrics.json."""
-    runs = []
-    for d in run_dirs:
-        path = Path(d) / "metrics.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no metrics (has the run evaluated anything?)")
-        runs.append((json.loads((Path(d) / "config.json").read_text())["seed"], json.loads(path.read_text())))
+    runs = load_runs(run_dirs)
     n = runs[0][1]["num_samples"]
     figures: dict[str, list[float]] = {}
     for _, m in runs:

@@ -1,0 +1,78 @@
+"""The step loop of an on-policy RL run (GRPO, SCoRe) and its per-step records.
+
+`run_rl_steps` takes the steps a run has left, one `take_step` each, and does what every such run does around
+them: the per-step records (`StepHistory`, saved atomically beside the checkpoints and always before them, so a
+checkpoint is never ahead of the history it resumes), TensorBoard, the progress bar, checkpoints every
+`checkpoint_every` steps, at the end and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from jaxreason.algorithms.registry import RunInterrupted
+from jaxreason.distributed import is_main_process
+from jaxreason.train.checkpoint import StopSignal
+from jaxreason.train.metrics import MetricsLogger, progress
+
+
+class StepHistory:
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = json.loads(path.read_text()) if path.exists() else []
+
+    def truncate(self, step: int) -> None:
+        """Drops the records after `step` (written before a crash, but not in the checkpoint resumed)."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def generated_tokens(self) -> int:
+        return self.rows[-1]["generated_tokens"] if self.rows else 0
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows))
+        os.replace(tmp, self.path)
+
+
+def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepHistory, *, start: int,
+                 num_steps: int, checkpoint_every: int, seed: int, first_row: Callable[[], dict],
+                 take_step: Callable[[int], dict], postfix: Callable[[dict], dict]) -> None:
+    """Steps `start` .. `num_steps` - 1 of run `name`: `first_row()` is the step-0 record of a history still
+    empty, `take_step(step)` runs one step and returns its record ({"step": step + 1, ..., "eval": {...} when it
+    evaluated}), `postfix(record)` what the progress bar shows. In a multi-host job the main process writes the
+    history and TensorBoard. Closes `checkpointer`; raises RunInterrupted after the checkpoint on SIGTERM."""
+    main_process = is_main_process()
+    logger = MetricsLogger(run_dir, name) if main_process else None
+    try:
+        if not history.rows:
+            history.add(first_row())
+        with StopSignal() as stop, progress(num_steps, start, name) as bar:
+            for step in range(start, num_steps):
+                row = take_step(step)
+                history.add(row)
+                if logger is not None:
+                    logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
+                               | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
+                bar.set_postfix(**postfix(row))
+                bar.update(1)
+                interrupted = stop.requested.is_set()
+                if (step + 1) % checkpoint_every == 0 or step + 1 == num_steps or interrupted:
+                    if main_process:  # first: a checkpoint is never ahead of the history it resumes
+                        history.save()
+                    checkpointer.save(step + 1, trainer.state, {"step": step + 1, "seed": seed}, wait=interrupted)
+                if interrupted:
+                    raise RunInterrupted(f"{name} stopped by SIGTERM after step {step + 1} (checkpoint saved)")
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        if logger is not None:
+            logger.close()
+    if main_process:
+        history.save()
