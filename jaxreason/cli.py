@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m jaxreason {generate,sft,search,train,report} ...`.
+"""Command-line entry point: `python -m jaxreason {generate,sft,search,scaling,train,report} ...`.
 
 Errors a user can fix (a missing or unreadable file, an unknown preset, a bad checkpoint, a package that is
 not installed) print one line naming the problem and exit with status 2, never a traceback.
@@ -51,6 +51,22 @@ def _search(args: argparse.Namespace) -> None:
     run_search_command(load_config(SearchCommandConfig, args.config, args.overrides))
 
 
+def _scaling(args: argparse.Namespace) -> None:
+    from jaxreason.algorithms.registry import RunInterrupted
+    from jaxreason.config import load_config
+    from jaxreason.search.scaling_command import ScalingConfig, run_scaling
+    from jaxreason.search.scaling_report import ratio_sentence
+
+    config = load_config(ScalingConfig, args.config, args.overrides)
+    try:
+        metrics = run_scaling(config)
+    except RunInterrupted as e:
+        print(f"jaxreason scaling: {e}; run the same command again", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, after the checkpoint was saved
+    print(ratio_sentence(metrics))
+    print(f"report: {config.run_dir}/report.md")
+
+
 def _train(args: argparse.Namespace) -> None:
     _run_algorithm(args, resume=args.resume)
 
@@ -80,12 +96,13 @@ def _report(args: argparse.Namespace) -> None:
 
     from jaxreason.algorithms.report import seed_summary
     from jaxreason.algorithms.score_report import score_seed_summary
+    from jaxreason.algorithms.selfplay_report import selfplay_seed_summary
     from jaxreason.algorithms.vstar_report import vstar_seed_summary
 
     first = Path(args.run_dirs[0]) / "metrics.json"
     metrics = json.loads(first.read_text()) if first.exists() else {}
     summary = vstar_seed_summary if "best_of_k" in metrics else score_seed_summary if "models" in metrics \
-        else seed_summary
+        else selfplay_seed_summary if "comparison" in metrics else seed_summary
     print(summary(args.run_dirs), end="")
 
 
@@ -113,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--config", required=True, help="YAML file (configs/search/*.yaml)")
     search.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     search.set_defaults(run=_search)
+
+    scaling = commands.add_parser("scaling", help="test-time compute scaling study: methods at budgets per difficulty "
+                                                  "bin, and the compute-optimal choice (resumes a finished stage)")
+    scaling.add_argument("--config", required=True, help="YAML file (configs/scaling/*.yaml)")
+    scaling.add_argument("overrides", nargs="*", help="key.sub=value overrides (run_dir=PATH, seed=1, ...)")
+    scaling.set_defaults(run=_scaling)
 
     train = commands.add_parser("train", help="run the training algorithm a config names (rest_mcts, sft, ...)")
     train.add_argument("--config", required=True, help="YAML file naming its `algorithm:` (configs/rest_mcts/*.yaml)")

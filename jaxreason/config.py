@@ -70,7 +70,7 @@ def from_dict(cls: type[T], raw: dict[str, Any], source: str, prefix: str = "", 
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))
     if unknown:
         raise ValueError(f"{source}: unknown key {prefix + unknown[0]!r} (known: {', '.join(sorted(fields))})")
     kwargs = {} if base is None else {name: getattr(base, name) for name in fields}

@@ -17,7 +17,9 @@ from typing import Any
 # name -> the module that registers it (imported on first use)
 _BUILTIN = {"grpo": "jaxreason.algorithms.grpo", "rest_mcts": "jaxreason.algorithms.rest_mcts",
             "rstar": "jaxreason.algorithms.rstar", "score": "jaxreason.algorithms.score",
-            "sft": "jaxreason.algorithms.sft", "vstar": "jaxreason.algorithms.vstar"}
+            "selfplay": "jaxreason.algorithms.selfplay",
+            "sft": "jaxreason.algorithms.sft", "step_rl": "jaxreason.algorithms.step_rl",
+            "vstar": "jaxreason.algorithms.vstar"}
 
 
 class RunInterrupted(RuntimeError):

@@ -58,7 +58,7 @@ def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepH
                 row = take_step(step)
                 history.add(row)
                 if logger is not None:
-                    logger.log(step + 1, {k: v for k, v in row.items() if k != "eval"}
+                    logger.log(step + 1, {k: v for k, v in row.items() if k != "eval" and v is not None}
                                | {f"eval/{m}": a for m, a in row.get("eval", {}).items()})
                 bar.set_postfix(**postfix(row))
                 bar.update(1)

@@ -65,7 +65,7 @@ from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.best_of_k import best_of_k_curves
 from jaxreason.verifiers.dpo import DPOVerifier
-from jaxreason.verifiers.metrics import roc_auc
+from jaxreason.verifiers.metrics import roc_auc, within_problem_auc
 from jaxreason.verifiers.positions import StepSplitter
 from jaxreason.verifiers.value import ValueVerifier
 
@@ -358,7 +358,7 @@ def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
         ks = list(range(1, n + 1)) if t == last else [1, n]  # the table reads k = N; the plot all
         row = {"curves": _as_lists(best_of_k_curves(correct, groups, scores, ks)),
                "auc": {name: roc_auc(s.ravel(), correct.ravel()) for name, s in scores.items()},
-               "auc_within_problems": {name: _auc_within(s, correct) for name, s in scores.items()}}
+               "auc_within_problems": {name: within_problem_auc(s, correct) for name, s in scores.items()}}
         if t == last and r.config.star:
             star_correct, star_groups = _outcomes(r, r.samples("star_eval", [t]))
             row["star_curves"] = _as_lists(best_of_k_curves(star_correct, star_groups, {}, list(range(1, n + 1))))
@@ -383,13 +383,6 @@ def _as_lists(curves: dict[str, dict[int, float]]) -> dict[str, list]:
     """{"k": [k...], curve: [accuracy at each k]}: the stage log's JSON keeps no integer keys."""
     ks = sorted(next(iter(curves.values())))
     return {"k": ks} | {name: [curve[k] for k in ks] for name, curve in curves.items()}
-
-
-def _auc_within(scores: np.ndarray, correct: np.ndarray) -> float | None:
-    """The mean AUC over problems with both correct and incorrect samples: how well the verifier ranks the samples
-    of one problem (what Best-of-k rewards)."""
-    aucs = [a for s, c in zip(scores, correct) if (a := roc_auc(s, c)) is not None]
-    return float(np.mean(aucs)) if aucs else None
 
 
 def _export(r: _Run, models: dict, orm: ValueModel | None) -> None:

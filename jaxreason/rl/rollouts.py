@@ -109,7 +109,7 @@ def sample_episodes(
             logprobs[j][r] = lp[r, :lengths[r]].tolist()
             sequences[r] = sequences[r] + turns[j][r]
         truncated[:, j] = ~stopped & (lengths >= sampling.max_new_tokens)
-    return _layout(prompts, instructions, turns, logprobs, truncated, group_size, pad_id, width)
+    return layout_episodes(prompts, instructions, turns, logprobs, truncated, group_size, pad_id, width)
 
 
 def _on_mesh(arrays, mesh: Mesh | None, rows: int):
@@ -118,9 +118,10 @@ def _on_mesh(arrays, mesh: Mesh | None, rows: int):
     return jax.device_put(arrays, sharding.batch_sharding(mesh, ndim=1))
 
 
-def _layout(prompts, instructions, turns, logprobs, truncated, group_size: int, pad_id: int,
-            width: int | None) -> Episodes:
-    """The [R, T] arrays of the episodes: each row's segments in order from column 0, then padding."""
+def layout_episodes(prompts, instructions, turns, logprobs, truncated, group_size: int, pad_id: int,
+                    width: int | None) -> Episodes:
+    """The [R, T] arrays of the episodes: each row's segments in order from column 0, then padding. turns[j][r]
+    and logprobs[j][r] are attempt j's ids and log-probs in row r, whose prompt is prompts[r // group_size]."""
     rows = len(turns[0])
     segments = []
     for r in range(rows):

@@ -221,6 +221,7 @@ def verdict_loss(
     yes_id: int,
     no_id: int,
     labels: Bool[Array, " B"],
+    rows: Bool[Array, " B"] | None = None,
 ) -> tuple[Float[Array, ""], Metrics]:
     """Generative-verifier loss: next-token cross-entropy of the correct verdict token.
 
@@ -229,14 +230,16 @@ def verdict_loss(
     The target is yes_id for a correct solution (label True) and no_id otherwise, scored with a
     full-vocabulary softmax. Rationale tokens are trained separately with `sft_loss`. `tokens` is the
     sequence the logits were computed from; the target comes from the labels, so a row may hold either
-    verdict token. Metrics: loss, accuracy (P(Yes) > P(No) agrees with the label).
+    verdict token. `rows` [B] (default: all) are the rows that hold a verdict; the means run over them (0 when
+    none does). Metrics: loss, accuracy (P(Yes) > P(No) agrees with the label).
     """
     del tokens  # the verdict target is fixed by the label, not by the token in the sequence
-    logp = _verdict_logprobs(logits, verdict_position)
+    rows = jnp.ones(labels.shape, bool) if rows is None else rows
+    logp = _verdict_logprobs(logits, jnp.maximum(verdict_position, 1))
     target = jnp.where(labels, yes_id, no_id)
-    loss = -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0])
+    loss = _masked_mean(-jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0], rows)
     says_yes = logp[:, yes_id] > logp[:, no_id]
-    return loss, {"loss": loss, "accuracy": jnp.mean((says_yes == labels).astype(jnp.float32))}
+    return loss, {"loss": loss, "accuracy": _masked_mean(says_yes == labels, rows)}
 
 
 def p_yes(

@@ -51,3 +51,38 @@ def dpo_objective(beta: float, label_smoothing: float = 0.0):
         return losses.dpo_loss(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"], beta, label_smoothing)
 
     return objective
+
+
+@functools.cache  # one function per setting: train steps built with it share a compiled program
+def generative_verifier_objective(yes_id: int, no_id: int, sft_weight: float):
+    """GenRM's objective (Zhang et al. 2024, eq. 2 with the CoT term): the verdict's cross-entropy on the verification
+    rows, plus next-token cross-entropy on their rationale tokens (CoT), plus `sft_weight` (lambda) times that on
+    the correct solutions of the solution rows. batch (`jaxreason.verifiers.generative_data.verification_batch`):
+    tokens, attention_mask, rationale_mask, solution_mask [B, T]; verdict_position [B] (0 on a solution row),
+    label [B]."""
+
+    def objective(model, batch, key):
+        del key  # deterministic
+        logits = model(batch["tokens"], batch["attention_mask"])
+        verdict, verdict_metrics = losses.verdict_loss(logits, batch["tokens"], batch["verdict_position"], yes_id,
+                                                       no_id, batch["label"], rows=batch["verdict_position"] > 0)
+        rationale, _ = losses.sft_loss(logits, batch["tokens"], batch["rationale_mask"])
+        solution, _ = losses.sft_loss(logits, batch["tokens"], batch["solution_mask"])
+        loss = verdict + rationale + sft_weight * solution
+        return loss, {"loss": loss, "verdict_loss": verdict, "verdict_accuracy": verdict_metrics["accuracy"],
+                      "rationale_loss": rationale, "solution_loss": solution}
+
+    return objective
+
+
+def bradley_terry_objective(model, batch: dict[str, jax.Array], key: jax.Array):
+    """A reward model's pairwise objective (`losses.bradley_terry_loss`) on the value head's logit at each
+    solution's last token, where `ValueVerifier` reads its score. batch (`preference_pairs.pair_batch`):
+    chosen_tokens, chosen_attention_mask, rejected_tokens, rejected_attention_mask [B, T], right-padded."""
+    del key  # deterministic
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
+    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+    scores = jnp.take_along_axis(model(tokens, mask), last[:, None], axis=1)[:, 0]
+    chosen, rejected = jnp.split(scores, 2)
+    return losses.bradley_terry_loss(chosen, rejected)

@@ -24,6 +24,14 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def within_problem_auc(scores: np.ndarray, correct: np.ndarray) -> float | None:
+    """The mean `roc_auc` over the problems (rows of [P, N] scores and correctness) that have both correct and
+    incorrect samples: how well a verifier ranks the samples of one problem, which is what best-of-N rewards.
+    None when no problem has both."""
+    aucs = [a for s, c in zip(scores, correct) if (a := roc_auc(s, c)) is not None]
+    return float(np.mean(aucs)) if aucs else None
+
+
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties sharing their mean rank."""
     order = np.argsort(x, kind="stable")
@@ -39,9 +47,18 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def selection_accuracy(groups: np.ndarray, correct: np.ndarray, scores: np.ndarray, n: int,
                        max_subsets: int = 70, seed: int = 0) -> dict[str, float]:
-    """Accuracy of each rule in `SELECTION_RULES` when it picks one of n samples, averaged over problems and
-    over subsets of n of each problem's N samples (all of them when there are at most `max_subsets`, else that
-    many drawn at random): an estimate of the rule's accuracy with n samples that uses all N drawn.
+    """Accuracy of each rule in `SELECTION_RULES` when it picks one of n samples, averaged over problems and over
+    subsets of n of each problem's N samples: the mean over problems of `selection_correct`."""
+    return {rule: float(x.mean()) for rule, x in selection_correct(groups, correct, scores, n, max_subsets,
+                                                                   seed).items()}
+
+
+def selection_correct(groups: np.ndarray, correct: np.ndarray, scores: np.ndarray, n: int,
+                      max_subsets: int = 70, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each problem's accuracy under each rule in `SELECTION_RULES` when it picks one of n samples, averaged over
+    subsets of n of the problem's N samples (all of them when there are at most `max_subsets`, else that many
+    drawn at random, the same subsets for every problem): an estimate of the rule's accuracy with n samples that
+    uses all N drawn.
 
     Args:
       groups: [P, N] answer group of each sample (`group_answers` per problem; -1: no answer).
@@ -49,8 +66,10 @@ def selection_accuracy(groups: np.ndarray, correct: np.ndarray, scores: np.ndarr
       scores: [P, N] the verifier's score of each sample.
       n: samples per selection, 1 <= n <= N.
 
-    Rules: best_of_n (highest score), weighted_vote (answer with the highest sum of scores), self_consistency
-    (majority answer), random_pick (a uniformly random sample: the mean accuracy) and pass_at_n (any correct).
+    Returns:
+      {rule: [P] float64}. Rules: best_of_n (highest score), weighted_vote (answer with the highest sum of
+      scores), self_consistency (majority answer), random_pick (a uniformly random sample: the mean accuracy) and
+      pass_at_n (any correct).
     """
     groups, correct, scores = np.asarray(groups), np.asarray(correct, bool), np.asarray(scores, np.float64)
     p, total = correct.shape
@@ -60,17 +79,17 @@ def selection_accuracy(groups: np.ndarray, correct: np.ndarray, scores: np.ndarr
     if len(subsets) > max_subsets:
         rng = np.random.default_rng(seed)
         subsets = [tuple(sorted(rng.choice(total, n, replace=False))) for _ in range(max_subsets)]
-    sums = dict.fromkeys(SELECTION_RULES, 0.0)
+    sums = {rule: np.zeros(p) for rule in SELECTION_RULES}
     for b in range(p):
         for subset in subsets:
             idx = np.asarray(subset)
             g, c, s = _relabel(groups[b, idx]), correct[b, idx], scores[b, idx]
-            sums["best_of_n"] += c[best_of(s)]
-            sums["weighted_vote"] += c[weighted_vote_of_groups(g, s)]
-            sums["self_consistency"] += c[majority_of_groups(g)]
-            sums["random_pick"] += c.mean()
-            sums["pass_at_n"] += c.any()
-    return {rule: total_ / (p * len(subsets)) for rule, total_ in sums.items()}
+            sums["best_of_n"][b] += c[best_of(s)]
+            sums["weighted_vote"][b] += c[weighted_vote_of_groups(g, s)]
+            sums["self_consistency"][b] += c[majority_of_groups(g)]
+            sums["random_pick"][b] += c.mean()
+            sums["pass_at_n"][b] += c.any()
+    return {rule: total_ / len(subsets) for rule, total_ in sums.items()}
 
 
 def _relabel(groups: np.ndarray) -> np.ndarray:

@@ -65,3 +65,4 @@ class ValueVerifier(Verifier):
 
 register_verifier("prm", ValueVerifier)
 register_verifier("orm", lambda model: ValueVerifier(model, aggregation="last"))
+register_verifier("bradley_terry", lambda model: ValueVerifier(model, aggregation="last"))  # trained on pairs

@@ -143,7 +143,8 @@ def test_the_command_line_does_not_load_the_algorithms():
             "algorithm_names; build_parser(); print(algorithm_names(), sorted(m for m in sys.modules "
             "if m == 'jax' or m.startswith('jaxreason.algorithms.') or m.startswith('jaxreason.train')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['grpo', 'rest_mcts', 'rstar', 'score', 'sft', 'vstar'] ['jaxreason.algorithms.registry']"
+    names = ['grpo', 'rest_mcts', 'rstar', 'score', 'selfplay', 'sft', 'step_rl', 'vstar']
+    assert out.strip() == f"{names} ['jaxreason.algorithms.registry']"
 
 
 # ---------------------------------------------------------------- the configs in configs/ cannot rot
