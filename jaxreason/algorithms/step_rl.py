@@ -8,9 +8,9 @@ incorrect synthetic data scales the efficiency of LLM math reasoning by eight-fo
                 identical prefixes of one problem pool their estimates (`pooled_prefix_values`)    stage "values"
     for n in sizes (the first n problems of D, nested):
         RFT_n     <- SFT(policy_0, the distinct correct samples of the n problems)                  stage "rft_n"
-        StepRL_n  <- offline RL from policy_0 on all distinct samples of the n problems (correct and
-                     incorrect), each weighted by how often it was drawn: token t of step i weighted by
-                     A_i = Q_i - Q_{i-1}, KL to policy_0                                           stage "step_rl_n"
+        StepRL_n  <- offline RL from RFT_n (`rl_start`; or from policy_0) on all distinct samples of the n
+                     problems (correct and incorrect), each weighted by how often it was drawn: token t of step i
+                     weighted by A_i = Q_i - Q_{i-1}, KL to its start                              stage "step_rl_n"
         greedy accuracy of both on the held-out problems                  stages "eval_rft_n", "eval_step_rl_n"
     data-efficiency ratio: the data RFT needs for each StepRL accuracy (`step_rl_report.data_efficiency`)
 
@@ -122,6 +122,9 @@ class StepRLConfig:
     # RFT's SFT; its epochs, batch_size and num_steps (a cap) also set StepRL's passes (the equal-data rule)
     rft: FitConfig = FitConfig(epochs=3.0, num_steps=100_000)
     update: PolicyGradientConfig = PolicyGradientConfig()  # StepRL's update: kl_coef, optimizer, aggregation
+    # where StepRL starts (and its KL reference): "rft", RFT_n (the paper: SFT on the positives, then per-step RL
+    # on positives and negatives), or "policy_0" (RL alone, against RFT alone)
+    rl_start: str = "rft"
     evaluation: BaselineConfig = BaselineConfig()  # greedy decoding reads sampling.max_new_tokens
     checkpoint_every: int = 50  # StepRL updates between checkpoints
     mesh: sharding.MeshConfig = sharding.MeshConfig()
@@ -133,6 +136,8 @@ class StepRLConfig:
         if sizes[-1] > self.problems.train:
             raise ValueError(f"sizes reach {sizes[-1]} problems but the synthetic pool (problems.train) holds "
                              f"{self.problems.train}")
+        if self.rl_start not in ("rft", "policy_0"):
+            raise ValueError(f"rl_start must be 'rft' or 'policy_0', got {self.rl_start!r}")
         if self.samples_per_problem < 1 or self.checkpoint_every < 1:
             raise ValueError("samples_per_problem and checkpoint_every must be >= 1")
         if self.update.minibatch_rows is not None and self.rft.batch_size % self.update.minibatch_rows:
@@ -317,7 +322,8 @@ def run_step_rl(config: StepRLConfig, resume: bool = False) -> dict:
         # a distinct sample weighs as often as policy_0 drew it (mean weight 1): the policy gradient's expectation
         # is over the samples as drawn, while the rows stay deduplicated as RFT's are
         weights = counts[:rows] / counts[:rows].mean()
-        trainer = _train_step_rl(r, copy_of(policy, policy_0), jax.tree.map(lambda x: x[:rows], episodes),
+        start = snapshot(models["rft"]) if c.rl_start == "rft" else policy_0
+        trainer = _train_step_rl(r, copy_of(policy, start), jax.tree.map(lambda x: x[:rows], episodes),
                                  advantages[:rows] * weights[:, None], f"step_rl_{n}")
         models["step_rl"] = trainer.policy
         r.stages.run(f"eval_step_rl_{n}", lambda: r.evaluate(models["step_rl"]))
@@ -411,7 +417,7 @@ def _trace(r: _Run, offset: int, problem: int, completion: list[int]) -> Trace:
 
 
 def _train_step_rl(r: _Run, model, episodes, advantages: np.ndarray, name: str) -> PolicyTrainer:
-    """Offline RL of `model` (a copy of policy_0, also the KL reference) on the episodes with their per-token
+    """Offline RL of `model` (a copy of its start, also the KL reference) on the episodes with their per-token
     advantages: shuffled batches of rft.batch_size rows, as many as RFT's rule gives these rows (stage `name`,
     checkpointed in run_dir/name, resumed from its last checkpoint)."""
     c = r.config

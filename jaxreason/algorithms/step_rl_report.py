@@ -17,6 +17,8 @@ from jaxreason.algorithms.report import standard_error
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+_START = {"rft": "RFT_n (SFT on the positives first, as the paper)", "policy_0": "policy_0"}
+
 
 def rft_data_needed(sizes: Sequence[int], rft: Sequence[float], accuracy: float) -> tuple[float | None, bool]:
     """The synthetic problems RFT needs to reach `accuracy`, and whether that is only an upper bound.
@@ -96,8 +98,8 @@ def write_step_rl_report(run_dir: str | Path, config: dict, stages: dict[str, An
         f"Held-out greedy accuracy on {n_test} problems (binomial standard error up to "
         f"{100 * standard_error(0.5, n_test):.1f} points); policy_0: {metrics['policy_0']:.3f}.", "",
         f"Equal data: both methods read the distinct samples of the same n problems, {_passes(config)}; RFT trains on "
-        "the correct ones, per-step RL on all of them with A_i = Q_i - Q_{i-1} on step i's tokens and KL "
-        f"{config['update']['kl_coef']} to policy_0.", "",
+        "the correct ones, per-step RL on all of them with A_i = Q_i - Q_{i-1} on step i's tokens, from "
+        f"{_START[config.get('rl_start', 'policy_0')]} and with KL {config['update']['kl_coef']} to it.", "",
         f"**Data-efficiency ratio** (n_RFT / n_RL at equal held-out accuracy, RFT's curve interpolated in log n): "
         f"{e['headline']}.", "",
         "| synthetic problems n | RFT | per-step RL | RFT needs (problems) | ratio | negatives with a pit | mean pit "

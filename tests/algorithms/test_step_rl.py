@@ -211,6 +211,7 @@ def test_resume_of_a_finished_run_redoes_no_stage(finished, monkeypatch):
     ("sizes=[8, 32]", "problems.train"),
     ("values.pit_threshold=1.0", "pit_threshold"),
     ("update.minibatch_rows=3", "must divide rft.batch_size"),
+    ("rl_start=base", "rl_start must be"),
 ])
 def test_bad_settings_are_named(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
