@@ -258,7 +258,10 @@ class _Player:
                 r.store.append(_traces(self.ids[owners], step + 1, prompts, completions, gold))
             lengths = np.asarray(episodes.turn_lengths[:, 0])
             row = {"step": step + 1, "reward": float(rewards.mean()), "gold_accuracy": float(gold.mean()),
-                   "reward_auc": roc_auc(rewards, gold > 0), "kl": metrics["kl"], "loss": metrics["loss"],
+                   "reward_auc": roc_auc(rewards, gold > 0),
+                   # what the group advantages read: the reward's ranking among the samples of one problem
+                   "reward_auc_within": within_problem_auc(groups, gold.reshape(groups.shape) > 0),
+                   "kl": metrics["kl"], "loss": metrics["loss"],
                    "response_length": float(lengths.mean()),
                    "generated_tokens": self.history.generated_tokens() + int(lengths.sum()),
                    "seconds": time.perf_counter() - began}

@@ -35,7 +35,7 @@ def collect_selfplay_metrics(config: dict, stages: dict[str, Any], histories: di
             row[name] = at[0]["eval"]["greedy"] if at else None
             row[f"{name}_tokens"] = at[0]["generated_tokens"] if at else None
             steps = [h for h in rows if (t - 1) * s < h["step"] <= t * s and h["step"] > 0]
-            for key in ("reward", "gold_accuracy", "reward_auc"):
+            for key in ("reward", "gold_accuracy", "reward_auc", "reward_auc_within"):
                 values = [h[key] for h in steps if h.get(key) is not None]
                 row[f"{name}_{key}"] = float(np.mean(values)) if values else None
         rounds.append(row)
@@ -58,13 +58,14 @@ def write_selfplay_report(run_dir: str | Path, config: dict, stages: dict[str, A
         f"standard error up to {100 * standard_error(0.5, p['test']):.1f} points). The gold answers label the "
         "verifiers' training data and score the evaluation; the self-play generator's reward never reads them.", "",
         "| round | generated tokens | self-play greedy | GRPO (gold reward) greedy | self-play mean reward | "
-        "self-play samples' gold accuracy | reward AUC vs gold | GRPO samples' gold accuracy |",
+        "self-play samples' gold accuracy | reward AUC vs gold (within problems) | GRPO samples' gold accuracy |",
         "| --- |" + " --- |" * 7,
     ]
     for row in metrics["rounds"]:
         lines.append(f"| {row['round']} | {row.get('selfplay_tokens', '-')} | {_cell(row.get('selfplay'))} | "
                      f"{_cell(row.get('grpo_gold'))} | {_cell(row.get('selfplay_reward'))} | "
-                     f"{_cell(row.get('selfplay_gold_accuracy'))} | {_cell(row.get('selfplay_reward_auc'))} | "
+                     f"{_cell(row.get('selfplay_gold_accuracy'))} | {_cell(row.get('selfplay_reward_auc'))} "
+                     f"({_cell(row.get('selfplay_reward_auc_within'))}) | "
                      f"{_cell(row.get('grpo_gold_gold_accuracy'))} |")
     comparison = metrics["comparison"]
     if comparison:
