@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     report = commands.add_parser("report", help="headline figures over seeds, from several train runs (ReST-MCTS*, "
-                                                "V-STaR)")
+                                                "V-STaR, SCoRe, self-play)")
     report.add_argument("run_dirs", nargs="+", help="run folders of `train` (one per seed)")
     report.set_defaults(run=_report)
     return parser
