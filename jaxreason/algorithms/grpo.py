@@ -26,7 +26,7 @@ from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.grpo_report import write_grpo_report
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, run_rl_steps
+from jaxreason.algorithms.rl_steps import StepHistory, group_step, run_rl_steps
 from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
@@ -34,9 +34,8 @@ from jaxreason.data.trace_batches import sft_batch
 from jaxreason.distributed import is_main_process
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
-from jaxreason.rl.advantages import get_advantage, per_token
-from jaxreason.rl.rewards import TRUNCATION_RULES, apply_truncation, checked_rewards, task_reward
-from jaxreason.rl.rollouts import sample_episodes
+from jaxreason.rl.advantages import get_advantage
+from jaxreason.rl.rewards import TRUNCATION_RULES, task_reward
 from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
@@ -145,17 +144,10 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
 
     def take_step(step: int) -> dict:
         began = time.perf_counter()
-        rows = next(problem_rows)
-        episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step),
-                                   c.sampling, group_size=c.group_size, eos_ids=stop_ids, pad_id=pad, mesh=mesh)
-        owners = rows[np.asarray(episodes.prompt_index)]  # each episode's training problem
-        rewards = checked_rewards(reward_fn, [train[i] for i in owners], [prompts[i] for i in owners],
-                                  episodes.attempt(0))
-        rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], c.truncation)
-        groups = rewards.reshape(c.prompts_per_step, c.group_size)
-        advantages = np.asarray(get_advantage(c.advantage)(groups)).reshape(-1)
-        batch = trainer.batch(episodes, per_token(advantages[:, None], episodes.token_turn), keep=keep)
-        metrics = trainer.update(batch, step)
+        done = group_step(trainer, train, prompts, next(problem_rows), step, key, sampling=c.sampling,
+                          group_size=c.group_size, advantage=c.advantage, truncation=c.truncation, reward_fn=reward_fn,
+                          eos_ids=stop_ids, pad_id=pad, mesh=mesh)
+        episodes, rewards, groups, metrics = done.episodes, done.rewards, done.groups, done.metrics
         lengths = np.asarray(episodes.turn_lengths[:, 0])
         row = {"step": step + 1, "reward": float(rewards.mean()), "kl": metrics["kl"],
                "loss": metrics["loss"], "clip_fraction": metrics["clip_fraction"],

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxreason.models.value_head import ValueModel
+
 
 def snapshot(module: nnx.Module) -> nnx.State:
     """A copy of the module's state in fresh buffers."""
@@ -17,3 +19,12 @@ def snapshot(module: nnx.Module) -> nnx.State:
 def copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
     """A new module with `model`'s structure and a fresh copy of `state`."""
     return nnx.merge(nnx.graphdef(model), jax.tree.map(jnp.copy, state))
+
+
+def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = None) -> ValueModel:
+    """A value model (PRM, ORM, reward model) on its own copy of `policy`'s backbone, with the weights `policy`
+    holds now or those of `state` (a snapshot of it); the head is new, drawn from `seed`."""
+    model = ValueModel(policy.config, rngs=nnx.Rngs(seed))
+    weights = snapshot(policy.transformer) if state is None else nnx.state(copy_of(policy, state).transformer)
+    nnx.update(model.transformer, weights)
+    return model

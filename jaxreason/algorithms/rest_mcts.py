@@ -22,11 +22,10 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import copy_of, snapshot
+from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
 from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
@@ -218,8 +217,7 @@ def _loop(r: _Run, policy) -> None:
         gold = gold_traces(r.task, r.tokenizer, *r.slice("gold"), chat=c.chat)
         r.train_model("sft", policy, sft_objective, gold, c.sft, lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
     base = snapshot(policy)
-    prm = ValueModel(policy.config, rngs=nnx.Rngs(c.seed))  # its own backbone, initialised from policy_0's
-    nnx.update(prm.transformer, snapshot(policy.transformer))
+    prm = value_model_from(policy, c.seed)  # its own backbone, initialised from policy_0's
     verifier = ValueVerifier(prm, aggregation=c.prm_aggregation) if c.guide == "prm" else TaskCheckVerifier(
         r.task, r.tokenizer, [*r.pool, *r.test], noise=c.task_check_noise, seed=c.seed)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))

@@ -1,4 +1,4 @@
-"""The step loop of an on-policy RL run (GRPO, SCoRe) and its per-step records.
+"""The step loop of an on-policy RL run (GRPO, SCoRe, self-play), its per-step records, and GRPO's step.
 
 `run_rl_steps` takes the steps a run has left, one `take_step` each, and does what every such run does around
 them: the per-step records (`StepHistory`, saved atomically beside the checkpoints and always before them, so a
@@ -8,13 +8,21 @@ checkpoint is never ahead of the history it resumes), TensorBoard, the progress 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import jax
+import numpy as np
 
 from jaxreason.algorithms.registry import RunInterrupted
 from jaxreason.distributed import is_main_process
+from jaxreason.rl.advantages import get_advantage, per_token
+from jaxreason.rl.rewards import RewardFn, apply_truncation, checked_rewards
+from jaxreason.rl.rollouts import Episodes, sample_episodes
+from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.train.checkpoint import StopSignal
 from jaxreason.train.metrics import MetricsLogger, progress
 
@@ -76,3 +84,34 @@ def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepH
             logger.close()
     if main_process:
         history.save()
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStep:
+    """One group-relative RL step: the episodes (R = N x G rows), each row's index into the caller's problems
+    (`owners` [R]), the rewards after the truncation rule ([R], and as `groups` [N, G]), the update's metrics."""
+
+    episodes: Episodes
+    owners: np.ndarray
+    rewards: np.ndarray
+    groups: np.ndarray
+    metrics: dict
+
+
+def group_step(trainer, problems: Sequence, prompts: Sequence[Sequence[int]], rows: np.ndarray, step: int,
+               key: jax.Array, *, sampling: SamplingConfig, group_size: int, advantage: str, truncation: str,
+               reward_fn: RewardFn, eos_ids: tuple[int, ...], pad_id: int, mesh) -> GroupStep:
+    """GRPO's step on the problems `rows` (indices into `problems` and `prompts`): G samples of each from the live
+    weights (key fold_in(key, step)), `reward_fn`'s rewards under the `truncation` rule, the group estimator
+    `advantage` on every token of each sample, and one `trainer.update`."""
+    episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step), sampling,
+                               group_size=group_size, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
+    owners = rows[np.asarray(episodes.prompt_index)]
+    rewards = checked_rewards(reward_fn, [problems[i] for i in owners], [prompts[i] for i in owners],
+                              episodes.attempt(0))
+    rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], truncation)
+    groups = rewards.reshape(len(rows), group_size)
+    advantages = np.asarray(get_advantage(advantage)(groups)).reshape(-1)
+    metrics = trainer.update(trainer.batch(episodes, per_token(advantages[:, None], episodes.token_turn), keep=keep),
+                             step)
+    return GroupStep(episodes, owners, rewards, groups, metrics)

@@ -27,16 +27,14 @@ import dataclasses
 import logging
 import time
 
-import jax
 import numpy as np
-from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import copy_of, snapshot
+from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, run_rl_steps
+from jaxreason.algorithms.rl_steps import StepHistory, group_step, run_rl_steps
 from jaxreason.algorithms.selfplay_report import write_selfplay_report
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.config import to_dict
@@ -46,23 +44,20 @@ from jaxreason.data.trace_store import FLAG_CORRECT, Trace, unique_traces
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
-from jaxreason.rl.advantages import get_advantage, per_token
+from jaxreason.rl.advantages import get_advantage
 from jaxreason.rl.rewards import (
     TRUNCATION_RULES,
     RewardFn,
-    apply_truncation,
     checked_rewards,
     task_reward,
     verifier_reward,
 )
-from jaxreason.rl.rollouts import sample_episodes
 from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import eos_ids, prompt_ids
 from jaxreason.search.baselines import draw_solutions
 from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
-from jaxreason.search.votes import group_answers
 from jaxreason.tasks.base import TaskSpec
 from jaxreason.train.fit import FitConfig
 from jaxreason.train.objectives import (
@@ -76,6 +71,7 @@ from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.best_of_k import best_of_k_curves
 from jaxreason.verifiers.dpo import DPOVerifier
+from jaxreason.verifiers.evaluation import draw_checked
 from jaxreason.verifiers.generative import CoTGenerativeVerifier, GenerativeVerifier
 from jaxreason.verifiers.generative_data import (
     VerdictFormat,
@@ -240,20 +236,14 @@ class _Player:
 
         def take_step(step: int) -> dict:
             began = time.perf_counter()
-            rows = next(self.rows)
-            episodes = sample_episodes(self.trainer.policy, [self.prompts[i] for i in rows],
-                                       jax.random.fold_in(key, step), c.sampling, group_size=c.group_size,
-                                       eos_ids=stop, pad_id=r.pad_id, mesh=r.mesh)
-            owners = rows[np.asarray(episodes.prompt_index)]
+            done = group_step(self.trainer, self.problems, self.prompts, next(self.rows), step, key,
+                              sampling=c.sampling, group_size=c.group_size, advantage=c.advantage,
+                              truncation=c.truncation, reward_fn=reward_fn, eos_ids=stop, pad_id=r.pad_id, mesh=r.mesh)
+            episodes, owners, rewards, groups, metrics = (done.episodes, done.owners, done.rewards, done.groups,
+                                                          done.metrics)
             problems, prompts = [self.problems[i] for i in owners], [self.prompts[i] for i in owners]
             completions = episodes.attempt(0)
-            rewards = checked_rewards(reward_fn, problems, prompts, completions)
             gold = checked_rewards(self.gold, problems, prompts, completions)  # labels and the report only
-            rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], c.truncation)
-            groups = rewards.reshape(c.prompts_per_step, c.group_size)
-            advantages = np.asarray(get_advantage(c.advantage)(groups)).reshape(-1)
-            metrics = self.trainer.update(self.trainer.batch(episodes, per_token(advantages[:, None],
-                                                                                 episodes.token_turn), keep=keep), step)
             if self.keep_samples and not len(r.store.select(iteration=step + 1)):  # a redone step wrote them
                 r.store.append(_traces(self.ids[owners], step + 1, prompts, completions, gold))
             lengths = np.asarray(episodes.turn_lengths[:, 0])
@@ -300,7 +290,7 @@ def _loop(r: _Run, policy) -> None:
     base = snapshot(policy)
     ids = verdict_ids(r.tokenizer, c.genrm.format)
     genrm = copy_of(policy, base)
-    reward_model = _value_model(policy, base, c.seed)
+    reward_model = value_model_from(policy, c.seed, base)
 
     r.stages.run("samples_0", lambda: _samples_0(r, policy))
     _train_verifiers(r, genrm, reward_model, ids, 0)
@@ -383,7 +373,7 @@ def _comparison_verifiers(r: _Run, policy, base, ids, genrm, reward_model, judge
                                               eos_ids=eos_ids(r.tokenizer, policy.config), pad_id=r.pad_id,
                                               seed=c.seed)
         elif name == "orm":
-            orm = _value_model(policy, base, c.seed)
+            orm = value_model_from(policy, c.seed, base)
             labelled = [dataclasses.replace(d, step_ends=np.asarray([len(d.tokens)], np.int32),
                                             step_values=np.asarray([d.reward], np.float32)) for d in data]
             r.train_model("orm", orm, value_objective("bce"), labelled, cmp.train,
@@ -406,17 +396,16 @@ def _compare(r: _Run, generator, verifiers: dict[str, Verifier]) -> dict:
     and the seconds each verifier took to score them (compilation included)."""
     cmp = r.config.comparison
     problems = r.test[:cmp.problems]
-    prompts = [prompt_ids(r.tokenizer, r.task.prompt(p), chat=r.config.chat) for p in problems]
-    drawn = draw_solutions(generator, r.tokenizer, prompts, cmp.sampling, r.key_for("comparison"), cmp.num_samples)
-    texts = [[r.tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in row] for row in drawn]
-    correct = np.asarray([r.task.check_many([p] * len(row), row) for p, row in zip(problems, texts)])
-    groups = np.stack([group_answers([r.task.extract_answer(x) for x in row]) for row in texts])
+    drawn = draw_checked(generator, r.tokenizer, r.task, problems, sampling=cmp.sampling, num_samples=cmp.num_samples,
+                         key=r.key_for("comparison"), chat=r.config.chat)
+    correct, groups = drawn.correct, drawn.groups
     splitter = StepSplitter(r.tokenizer, r.task.step_delimiter)
     scores, seconds = {}, {}
     for name, verifier in verifiers.items():
         began = time.perf_counter()
-        scored = score_solutions(verifier, [p for p in prompts for _ in range(cmp.num_samples)],
-                                 [s for row in drawn for s in row], splitter, pad_id=r.pad_id, width_multiple=16)
+        scored = score_solutions(verifier, [p for p in drawn.prompts for _ in range(cmp.num_samples)],
+                                 [s for row in drawn.samples for s in row], splitter, pad_id=r.pad_id,
+                                 width_multiple=16)
         scores[name] = scored.scores.reshape(correct.shape)
         seconds[name] = round(time.perf_counter() - began, 1)
         log.info("comparison %s: AUC %s", name, roc_auc(scores[name].ravel(), correct.ravel()))
@@ -439,13 +428,6 @@ def _traces(problem_ids, iteration: int, prompts, completions, correct) -> list[
                   prompt_len=len(p), step_ends=np.zeros(0, np.int32), step_values=np.zeros(0, np.float32),
                   reward=float(ok), flags=FLAG_CORRECT if ok else 0)
             for pid, p, s, ok in zip(problem_ids, prompts, completions, correct)]
-
-
-def _value_model(policy, base, seed: int) -> ValueModel:
-    """A value head on its own copy of policy_0's backbone."""
-    model = ValueModel(policy.config, rngs=nnx.Rngs(seed))
-    nnx.update(model.transformer, nnx.state(copy_of(policy, base).transformer))
-    return model
 
 
 def _export(r: _Run, models: dict, verifiers: dict[str, Verifier], reward_model: ValueModel) -> None:

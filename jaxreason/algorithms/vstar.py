@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import copy_of, snapshot
+from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
@@ -228,8 +228,7 @@ def _loop(r: _Run, policy) -> None:
     _train_verifier(r, verifier, d_ver)
     orm = None
     if c.orm is not None:
-        orm = ValueModel(policy.config, rngs=nnx.Rngs(c.seed))  # its own backbone, initialised from G_SFT's
-        nnx.update(orm.transformer, nnx.state(copy_of(policy, g_sft).transformer))
+        orm = value_model_from(policy, c.seed, g_sft)  # its own backbone, initialised from G_SFT's
         labelled = [dataclasses.replace(t, step_ends=np.asarray([len(t.tokens)], np.int32),
                                         step_values=np.asarray([t.reward], np.float32)) for t in d_ver]
         r.train_model("orm", orm, value_objective("bce"), labelled, c.orm,

@@ -21,11 +21,10 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import snapshot
+from jaxreason.algorithms.model_states import value_model_from
 from jaxreason.algorithms.rest_mcts import WarmupConfig
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
@@ -33,7 +32,6 @@ from jaxreason.config import from_dict
 from jaxreason.data.trace_batches import sft_batch, value_batch
 from jaxreason.data.trace_store import FLAG_ROLLOUT
 from jaxreason.models.spec import ModelSpec
-from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.continuations import sample_continuations
 from jaxreason.sampling.prompts import eos_ids, prompt_ids
 from jaxreason.search.command import VerifierConfig, load_verifier
@@ -191,8 +189,7 @@ def _train_prm(r: StoreRun, policy) -> Verifier:
     """PRM_0 as ReST-MCTS* trains it: a value model on policy_0's backbone (a copy), trained on rollout-labelled
     solutions of the warm-up problems (kept in the run's trace store, so a resumed run restores the PRM)."""
     c = r.config
-    prm = ValueModel(policy.config, rngs=nnx.Rngs(c.seed))
-    nnx.update(prm.transformer, snapshot(policy.transformer))
+    prm = value_model_from(policy, c.seed)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))
     traces = r.store.read(r.store.select(iteration=0, flags_all=FLAG_ROLLOUT))
     r.train_model("prm_0", prm, value_objective(c.prm_loss), traces, c.prm_train,

@@ -3,6 +3,7 @@ gives (`jaxreason.verifiers.metrics`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -19,6 +20,29 @@ from jaxreason.verifiers.metrics import first_error_accuracy, roc_auc, selection
 from jaxreason.verifiers.positions import StepSplitter
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedSamples:
+    """N samples of each of P problems: `prompts` [P] (ids), `samples` [P][N] (ids as generated), `texts` [P][N],
+    `correct` [P, N] by the task's checker, `groups` [P, N] answer groups (`group_answers`; -1: no answer)."""
+
+    prompts: list[list[int]]
+    samples: list[list[np.ndarray]]
+    texts: list[list[str]]
+    correct: np.ndarray
+    groups: np.ndarray
+
+
+def draw_checked(policy, tokenizer, task: Task, problems: Sequence[Problem], *, sampling: SamplingConfig,
+                 num_samples: int, key: jax.Array, chat: bool = False) -> CheckedSamples:
+    """`num_samples` solutions of each problem from `policy`, checked and grouped by answer."""
+    prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
+    samples = draw_solutions(policy, tokenizer, prompts, sampling, key, num_samples)
+    texts = [[tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in row] for row in samples]
+    correct = np.array([task.check_many([p] * len(row), row) for p, row in zip(problems, texts)])
+    groups = np.stack([group_answers([task.extract_answer(t) for t in row]) for row in texts])
+    return CheckedSamples(prompts, samples, texts, correct, groups)
+
+
 def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, problems: Sequence[Problem], *,
                       sampling: SamplingConfig, num_samples: int, sizes: Sequence[int], key: jax.Array,
                       chat: bool = False, first_error_threshold: float | None = None) -> dict:
@@ -32,11 +56,9 @@ def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, 
       (`first_error_accuracy`);
     - `tokens_per_sample` and `verifier_tokens_per_sample`: what it cost.
     """
-    prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
-    samples = draw_solutions(policy, tokenizer, prompts, sampling, key, num_samples)
-    texts = [[tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in row] for row in samples]
-    correct = np.array([task.check_many([p] * len(row), row) for p, row in zip(problems, texts)])
-    groups = np.stack([group_answers([task.extract_answer(t) for t in row]) for row in texts])
+    drawn = draw_checked(policy, tokenizer, task, problems, sampling=sampling, num_samples=num_samples, key=key,
+                         chat=chat)
+    prompts, samples, texts, correct, groups = drawn.prompts, drawn.samples, drawn.texts, drawn.correct, drawn.groups
     out = {"problems": len(problems), "samples": num_samples,
            "tokens_per_sample": float(np.mean([len(s) for row in samples for s in row]))}
     scores = np.zeros(correct.shape)
