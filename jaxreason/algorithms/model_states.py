@@ -23,8 +23,11 @@ def copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
 
 def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = None) -> ValueModel:
     """A value model (PRM, ORM, reward model) on its own copy of `policy`'s backbone, with the weights `policy`
-    holds now or those of `state` (a snapshot of it); the head is new, drawn from `seed`."""
-    model = ValueModel(policy.config, rngs=nnx.Rngs(seed))
+    holds now or those of `state` (a snapshot of it); the head is new, drawn from `seed`. It computes in the
+    policy's dtype and rematerialises as the policy does (the model config's `dtype` and `remat`)."""
+    backbone = policy.transformer
+    model = ValueModel(policy.config, dtype=backbone.dtype, param_dtype=backbone.embed[...].dtype,
+                       remat=backbone.remat, rngs=nnx.Rngs(seed))
     weights = snapshot(policy.transformer) if state is None else nnx.state(copy_of(policy, state).transformer)
     nnx.update(model.transformer, weights)
     return model

@@ -104,7 +104,7 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     judge, judge_tokenizer = (policy, tokenizer) if c.discriminator_model is None else build_model(
         c.discriminator_model, c.seed)
     check_vocab(judge_tokenizer, tokenizer)  # before any stage: the discriminator cuts the generator's token ids
-    verifier = load_verifier(c.verifier)
+    verifier = load_verifier(c.verifier, policy)
     run_dir = open_run_dir(c.run_dir, to_dict(c), resume)
     task = c.task.build()
     task.prompt_template = c.generator.prompts.prompt  # every method sees rStar's few-shot prompt

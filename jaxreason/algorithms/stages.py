@@ -2,7 +2,7 @@
 
 `run_dir/stages.json` maps each finished stage's name to its JSON result; it is replaced atomically after
 every stage, so a run killed at any moment resumes at the first unfinished stage. Training stages also
-checkpoint inside themselves (orbax), so they resume mid-stage.
+checkpoint inside themselves (orbax), so they resume mid-stage, and keep only their weights once finished.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,13 @@ from flax import nnx
 
 from jaxreason.algorithms.registry import RunInterrupted
 from jaxreason.data.batching import shuffled_batches
+from jaxreason.data.trace_store import TooLongError
+from jaxreason.distributed import is_main_process
+from jaxreason.train.checkpoint import restore_weights, save_weights
 from jaxreason.train.fit import FitConfig, fit
 
 log = logging.getLogger(__name__)
+WEIGHTS = "weights"  # a finished training stage's weights, in its folder
 
 
 class StageLog:
@@ -49,22 +54,60 @@ class StageLog:
     def train(self, name: str, model, objective, examples: Sequence, config: FitConfig,
               make_batch: Callable[[list], dict], *, mesh, seed: int, trainable=nnx.Param) -> None:
         """Fits `model` in place on `examples` (shuffled batches of `make_batch(list of examples)`) as stage
-        `name`, checkpointed in `run_dir/name`, and logs the stage's steps and last loss; `trainable` selects the
-        variables trained (`nnx.Param`; `LoRAParam` for adapters only). A stage stopped by SIGTERM raises
-        RunInterrupted after its checkpoint."""
+        `name`, checkpointed in `run_dir/name/checkpoints`, and logs the stage's steps and last loss; `trainable`
+        selects the variables trained (`nnx.Param`; `LoRAParam` for adapters only). A stage stopped by SIGTERM
+        raises RunInterrupted after its checkpoint.
+
+        A finished stage keeps its weights in `run_dir/name/weights` (written before the stage is logged, so a
+        logged stage always has them) and drops its checkpoints, optimizer state and all, unless
+        `config.keep_optimizer`; a resumed run loads a finished stage's weights into `model`."""
+        directory = self.path.parent / name
+        if name in self and (directory / WEIGHTS).exists():
+            log.info("stage %s: finished in an earlier run; loading its weights", name)
+            nnx.update(model, restore_weights(directory / WEIGHTS, nnx.state(model)))
+            return
+        examples, dropped = _fitting(name, examples, make_batch, config)
         if not examples:
             log.warning("stage %s: no training examples; the model stays as it is", name)
-            self.run(name, lambda: {"steps": 0, "examples": 0, "final_loss": None})
+            self.run(name, lambda: {"steps": 0, "examples": 0, "final_loss": None, "dropped_overlong": dropped})
             return
         config = config.for_examples(len(examples))
         batches = shuffled_batches(lambda idx: make_batch([examples[i] for i in idx]), len(examples),
                                    config.batch_size, seed)
-        result = fit(model, objective, batches, config, mesh=mesh, directory=self.path.parent / name, seed=seed,
+        result = fit(model, objective, batches, config, mesh=mesh, directory=directory, seed=seed,
                      description=name, trainable=trainable)
         if result.interrupted:
             raise RunInterrupted(f"stage {name} stopped by SIGTERM at step {result.step} (checkpoint saved)")
-        self.run(name, lambda: {"steps": result.step, "examples": len(examples),
+        save_weights(directory / WEIGHTS, nnx.state(model))
+        self.run(name, lambda: {"steps": result.step, "examples": len(examples), "dropped_overlong": dropped,
                                 "final_loss": result.history[-1]["loss"] if result.history else None})
+        if not config.keep_optimizer and is_main_process():
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+
+
+def _fitting(name: str, examples: Sequence, make_batch: Callable[[list], dict], config: FitConfig,
+             chunk: int = 256) -> tuple[list, int]:
+    """The examples whose batch rows fit `config.max_len` (`make_batch` raises `TooLongError` for the others),
+    and how many were dropped; with `config.overlong = "error"` a too-long example is an error naming the
+    stage."""
+    kept = []
+    for start in range(0, len(examples), chunk):
+        part = list(examples[start:start + chunk])
+        while part:  # again after a drop: a batch of two sides (pairs) reports one side at a time
+            try:
+                make_batch(part)
+                break
+            except TooLongError as e:
+                if config.overlong == "error":
+                    raise ValueError(f"stage {name}: {e}") from None
+                too_long = set(e.rows)
+                part = [x for i, x in enumerate(part) if i not in too_long]
+        kept += part
+    dropped = len(examples) - len(kept)
+    if dropped:
+        log.warning("stage %s: %d of %d examples longer than max_len = %d left out (raise max_len to keep them)",
+                    name, dropped, len(examples), config.max_len)
+    return kept, dropped
 
 
 def open_run_dir(path: str | Path, config: dict, resume: bool, *, marker: str = "stages.json") -> Path:

@@ -254,7 +254,7 @@ class TraceStore:
 
     def padded_batch(self, indices: Sequence[int] | np.ndarray, max_len: int, pad_id: int = 0
                      ) -> dict[str, np.ndarray]:
-        """The rows at `indices` as a right-padded batch; see `pad_traces` (truncation included)."""
+        """The rows at `indices` as a right-padded batch; see `pad_traces`."""
         return pad_traces(self.read(indices), max_len, pad_id)
 
     def sharded_batch(self, indices: Sequence[int] | np.ndarray, max_len: int,
@@ -316,6 +316,23 @@ class TraceStore:
                 self._arrays[name] = self._arrays[name].resolve().result()
 
 
+class TooLongError(ValueError):
+    """Rows of a training batch longer than its max_len: cutting them would drop their last tokens (the EOS, the
+    last value targets). `rows` are their indices in the batch, `lengths` their token counts."""
+
+    def __init__(self, rows: Sequence[int], lengths: Sequence[int], max_len: int, what: str):
+        self.rows, self.lengths = list(rows), list(lengths)
+        super().__init__(f"{len(self.rows)} {what} longer than max_len = {max_len} (the first has "
+                         f"{self.lengths[0]} tokens): raise max_len, or set the stage's `overlong: drop`")
+
+
+def check_lengths(lengths: Sequence[int], max_len: int, what: str) -> None:
+    """Raises `TooLongError` for the rows whose length is above `max_len`."""
+    rows = [i for i, n in enumerate(lengths) if n > max_len]
+    if rows:
+        raise TooLongError(rows, [lengths[i] for i in rows], max_len, what)
+
+
 def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Right-padded training batch from traces.
 
@@ -324,11 +341,14 @@ def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[s
     [B, max_len] float32 (each step's value at its last token, step_ends - 1), value_mask [B, max_len]
     int32 (1 there, except for steps whose value is NaN: no target, mask 0 and target 0), reward [B] float32,
     problem_id [B] int64.
-    Traces longer than max_len are cut on the right: tokens past max_len are dropped, and so is every
-    step that ends past max_len (its value target would sit on a dropped token).
+    A trace longer than max_len is a `TooLongError` naming it, never cut.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+    lengths = [len(t.tokens) for t in traces]
+    too_long = [i for i, n in enumerate(lengths) if n > max_len]
+    if too_long:
+        check_lengths(lengths, max_len, f"trace(s) (the first of problem {traces[too_long[0]].problem_id})")
     batch = len(traces)
     tokens = np.full((batch, max_len), pad_id, np.int32)
     attention_mask = np.zeros((batch, max_len), np.int32)
@@ -336,13 +356,13 @@ def pad_traces(traces: Sequence[Trace], max_len: int, pad_id: int = 0) -> dict[s
     value_targets = np.zeros((batch, max_len), np.float32)
     value_mask = np.zeros((batch, max_len), np.int32)
     for b, trace in enumerate(traces):
-        length = min(len(trace.tokens), max_len)
-        tokens[b, :length] = trace.tokens[:length]
+        length = lengths[b]
+        tokens[b, :length] = trace.tokens
         attention_mask[b, :length] = 1
         loss_mask[b, min(trace.prompt_len, length):length] = 1
         ends = np.asarray(trace.step_ends)
         values = np.asarray(trace.step_values, np.float32)
-        kept = (ends <= max_len) & ~np.isnan(values)
+        kept = ~np.isnan(values)
         value_targets[b, score_position(ends[kept])] = values[kept]
         value_mask[b, score_position(ends[kept])] = 1
     return {

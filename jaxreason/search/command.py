@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 
 from jaxreason import sharding
+from jaxreason.models.llama import CausalLM
 from jaxreason.models.pretrained import VALUE_HEAD_FILE, load_value_model
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.search.config import Budget
@@ -60,17 +61,19 @@ def value_model_folder(path: str | Path) -> Path:
     return stages[-1]
 
 
-def load_verifier(config: VerifierConfig) -> Verifier | None:
-    """The trained verifier `config.path` names (None when it names none)."""
+def load_verifier(config: VerifierConfig, policy: CausalLM) -> Verifier | None:
+    """The trained verifier `config.path` names (None when it names none), computing in `policy`'s dtype and
+    rematerialising as it does (the model config's `dtype` and `remat` reach the verifier too)."""
     if config.path is None:
         return None
-    model, _ = load_value_model(value_model_folder(config.path))
+    model, _ = load_value_model(value_model_folder(config.path), dtype=policy.transformer.dtype)
+    model.transformer.remat = policy.transformer.remat
     return make_verifier(config.kind, model, **({"aggregation": config.aggregation} if config.kind == "prm" else {}))
 
 
 def run_search_command(config: SearchCommandConfig) -> list[dict]:
     policy, tokenizer = build_model(config.policy, config.seed)
-    verifier = load_verifier(config.verifier)
+    verifier = load_verifier(config.verifier, policy)
     task = config.task.build()
     problems = task.problems(config.split, n=config.num_problems, seed=config.seed)
     runnable = [m for m in config.methods if verifier is not None or not needs_verifier(m)]

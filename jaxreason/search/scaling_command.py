@@ -171,7 +171,7 @@ def _study(r: StoreRun, policy) -> None:
         gold = gold_traces(r.task, r.tokenizer, r.pool[:c.problems.gold], list(range(c.problems.gold)), chat=c.chat)
         r.train_model("sft", policy, sft_objective, gold, c.sft,
                       lambda t: sft_batch(t, c.sft.max_len, r.pad_id, r.tokenizer.eos_token_id))
-    verifier = load_verifier(c.verifier) if c.verifier.path is not None else _train_prm(r, policy)
+    verifier = load_verifier(c.verifier, policy) if c.verifier.path is not None else _train_prm(r, policy)
     r.stages.run("pool", lambda: _pool(r, policy, verifier))
     with progress(len(c.runs), description="methods") as bar:
         for setting in c.runs:

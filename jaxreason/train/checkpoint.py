@@ -134,6 +134,33 @@ class Checkpointer:
         self._manager.close()
 
 
+def save_weights(directory: str | Path, tree) -> None:
+    """Writes `tree` (a model's state: parameters without optimizer state) to `directory`, synchronously.
+
+    Orbax writes a temporary folder and renames it when complete, so a crash leaves no half-written weights.
+    """
+    flat, _ = _flatten(tree)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(directory).absolute(), flat, force=True)
+        checkpointer.wait_until_finished()
+
+
+def restore_weights(directory: str | Path, like):
+    """The weights `save_weights` wrote to `directory`, in the structure, shapes and shardings of `like`."""
+    directory = Path(directory).absolute()
+    flat_like, treedef = _flatten(like)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flat_like.items()}
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = {k: tuple(v.shape) for k, v in checkpointer.metadata(directory).item_metadata.items()}
+        wanted = {k: tuple(v.shape) for k, v in abstract.items()}
+        if stored != wanted:
+            key = sorted(set(stored) ^ set(wanted) or (k for k in wanted if stored[k] != wanted[k]))[0]
+            raise ValueError(f"{directory}: weights do not fit this model ({key}: saved {stored.get(key, 'nothing')}, "
+                             f"model has {wanted.get(key, 'nothing')}); were they written with another config?")
+        flat = checkpointer.restore(directory, abstract)
+    return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_like])
+
+
 class StopSignal:
     """Records SIGTERM (a pre-emption) so the training loop can save a checkpoint before it exits."""
 

@@ -38,11 +38,18 @@ class FitConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     # a stage saves at its end (and on SIGTERM) only, and keeps that one checkpoint
     checkpoint: CheckpointConfig = CheckpointConfig(every=0, keep=1)
+    # a finished stage of a multi-stage run keeps its weights only; true keeps its last full checkpoint (optimizer
+    # state included, about 3x the weights' bytes with Adam) beside them
+    keep_optimizer: bool = False
+    # an example longer than max_len: drop (left out of the stage, counted in its result and the log) | error
+    overlong: str = "drop"
 
     def __post_init__(self):
         for name in ("num_steps", "batch_size", "max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.overlong not in ("drop", "error"):
+            raise ValueError(f"overlong must be 'drop' or 'error', got {self.overlong!r}")
 
     def for_examples(self, n: int) -> FitConfig:
         """This config with num_steps set for `n` training examples when `epochs` is given."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxreason.data.trace_store import FLAG_CORRECT, Trace
+from jaxreason.data.trace_store import FLAG_CORRECT, Trace, check_lengths
 from jaxreason.tasks.base import Problem, Task
 
 
@@ -103,15 +103,13 @@ def reference_rationales(task: Task, tokenizer, problems: Sequence[Problem]) -> 
 
 def verification_batch(examples: Sequence[VerifierExample], max_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """tokens, attention_mask, rationale_mask, solution_mask [B, max_len] (right-padded; a mask lies on its target
-    tokens), verdict_position [B], label [B]. A row longer than `max_len` is an error that names it."""
+    tokens), verdict_position [B], label [B]. A row longer than `max_len` is a `TooLongError`."""
     b = len(examples)
     tokens = np.full((b, max_len), pad_id, np.int32)
     attention = np.zeros((b, max_len), np.int32)
     rationale, solution = np.zeros((b, max_len), np.int32), np.zeros((b, max_len), np.int32)
+    check_lengths([len(e.tokens) for e in examples], max_len, "verifier training row(s)")
     for i, e in enumerate(examples):
-        if len(e.tokens) > max_len:
-            raise ValueError(f"a verifier training row has {len(e.tokens)} tokens, more than max_len = {max_len}: "
-                             "raise the verifier's max_len")
         tokens[i, :len(e.tokens)] = e.tokens
         attention[i, :len(e.tokens)] = 1
         if e.targets is not None:

@@ -17,6 +17,7 @@ from jaxreason.data.trace_store import (
     FLAG_BASELINE,
     FLAG_CORRECT,
     FLAG_SEARCH,
+    TooLongError,
     Trace,
     TraceStore,
     TraceStoreLockedError,
@@ -113,7 +114,7 @@ def test_select(tmp_path):
 
 
 def _small_traces():
-    # prompt [5, 6], steps end at 4 and 6 (positions 3 and 5); the second is cut by max_len=5
+    # prompt [5, 6], steps end at 4 and 6 (positions 3 and 5); 6 tokens
     long = Trace(problem_id=11, iteration=0, tokens=np.array([5, 6, 7, 8, 9, 10], np.int32), prompt_len=2,
                  step_ends=np.array([4, 6], np.int32), step_values=np.array([0.25, 1.0], np.float32),
                  reward=1.0, flags=FLAG_CORRECT | FLAG_SEARCH)
@@ -126,19 +127,24 @@ def _small_traces():
 def test_padded_batch_hand_checked(tmp_path):
     store = TraceStore.create(tmp_path / "s")
     store.append(_small_traces())
-    batch = store.padded_batch([0, 1], max_len=5, pad_id=-1)
-    np.testing.assert_array_equal(batch["tokens"], [[5, 6, 7, 8, 9], [3, 4, 5, -1, -1]])
-    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(batch["value_targets"], [[0, 0, 0, 0.25, 0], [0, 0, 0.5, 0, 0]])
-    np.testing.assert_array_equal(batch["value_mask"], [[0, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
+    batch = store.padded_batch([0, 1], max_len=7, pad_id=-1)
+    np.testing.assert_array_equal(batch["tokens"], [[5, 6, 7, 8, 9, 10, -1], [3, 4, 5, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["value_targets"], [[0, 0, 0, 0.25, 0, 1.0, 0], [0, 0, 0.5, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["value_mask"], [[0, 0, 0, 1, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["reward"], [1.0, 0.0])
     np.testing.assert_array_equal(batch["problem_id"], [11, 12])
     assert batch["tokens"].dtype == np.int32 and batch["value_targets"].dtype == np.float32
-    full = store.padded_batch([0], max_len=6)
-    np.testing.assert_array_equal(full["value_targets"], [[0, 0, 0, 0.25, 0, 1.0]])
     with pytest.raises(ValueError, match="max_len"):
         pad_traces(_small_traces(), max_len=0)
+
+
+def test_a_trace_longer_than_max_len_is_an_error_never_cut():
+    with pytest.raises(TooLongError, match=r"1 trace\(s\) \(the first of problem 11\) longer than max_len = 5 "
+                                           r"\(the first has 6 tokens\)") as e:
+        pad_traces(_small_traces(), max_len=5)
+    assert e.value.rows == [0] and e.value.lengths == [6]
 
 
 def test_nan_step_value_means_no_target(tmp_path):
@@ -164,8 +170,8 @@ def test_sharded_batch(tmp_path, mesh_shape, axes, batch_axes):
     mesh = jax.make_mesh(mesh_shape, axes)
     sharding = NamedSharding(mesh, P(batch_axes, None))
     indices = np.arange(39, 23, -1)  # 16 rows, out of order
-    got = store.sharded_batch(indices, max_len=64, sharding=sharding)
-    want = store.padded_batch(indices, max_len=64)
+    got = store.sharded_batch(indices, max_len=304, sharding=sharding)
+    want = store.padded_batch(indices, max_len=304)
     assert set(got) == set(want)
     for key, value in got.items():
         assert isinstance(value, jax.Array) and value.shape == want[key].shape
@@ -176,7 +182,7 @@ def test_sharded_batch(tmp_path, mesh_shape, axes, batch_axes):
     with pytest.raises(ValueError, match="not divisible by 8 shards"):
         store.sharded_batch(np.arange(12), max_len=64, sharding=sharding)
     with pytest.raises(ValueError, match="problem_id out of int32 range"):
-        store.sharded_batch(np.arange(8), max_len=64, sharding=sharding)
+        store.sharded_batch(np.arange(8), max_len=304, sharding=sharding)
 
 
 def _bad(field, value):
