@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m jaxreason {generate,sft,search,scaling,train,report} ...`.
+"""Command-line entry point: `python -m jaxreason {generate,sft,search,scaling,train,report,plan} ...`.
 
 Errors a user can fix (a missing or unreadable file, an unknown preset, a bad checkpoint, a package that is
 not installed) print one line naming the problem and exit with status 2, never a traceback.
@@ -106,6 +106,27 @@ def _report(args: argparse.Namespace) -> None:
     print(summary(args.run_dirs), end="")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from jaxreason.memory_plan import GIB, devices_needed, format_plan, load_plan_config, plan_config
+
+    config = load_plan_config(args.config, args.overrides)
+    devices = args.devices or _default_devices(config.mesh)
+    plan = plan_config(config, devices, args.prompt_len)
+    memory = int(args.memory_gib * GIB)
+    needed = None if plan.peak <= memory else devices_needed(config, memory, devices + 1, args.prompt_len)
+    print(format_plan(plan, memory, needed, args.prompt_len))
+
+
+def _default_devices(mesh) -> int:
+    """The mesh's own count when it fixes every axis, else this machine's devices."""
+    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    if -1 not in sizes:
+        return sizes[0] * sizes[1] * sizes[2]
+    import jax
+
+    return jax.device_count()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxreason", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "V-STaR, SCoRe, self-play)")
     report.add_argument("run_dirs", nargs="+", help="run folders of `train` (one per seed)")
     report.set_defaults(run=_report)
+
+    plan = commands.add_parser("plan", help="bytes per device of a train config's parameters, optimizer state, "
+                                            "activations and search KV caches, without allocating them")
+    plan.add_argument("--config", required=True, help="YAML file naming its `algorithm:` (configs/rest_mcts/*.yaml)")
+    plan.add_argument("--devices", type=int, default=0,
+                      help="plan for this many devices (default: the mesh's own count, else this machine's)")
+    plan.add_argument("--prompt-len", type=int, default=256, help="longest search prompt in tokens")
+    plan.add_argument("--memory-gib", type=float, default=80.0, help="device memory to fit in (H100: 80)")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides (policy.pretrained=configs/shapes/...)")
+    plan.set_defaults(run=_plan)
     return parser
 
 

@@ -129,6 +129,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def shards_weights(mesh: Mesh) -> bool:
+    """Whether the rules split parameters over `mesh` (its fsdp or tensor axis is larger than 1)."""
+    return mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
+
+
+def split_over_data(fn, mesh: Mesh, row_args: Sequence[bool]):
+    """`fn` run by each device of a mesh of `data` alone on its share of the rows ([B, ...] in, [B, ...] out) of
+    the arguments marked in `row_args` (the others whole, replicated): for programs whose rows do not interact,
+    like searches; `jax.lax.axis_index("data")` is the device's part. Meshes that shard weights take one program
+    partitioned by XLA instead (this XLA's partitioner aborts on automatic fsdp and tensor inside a manual data).
+    """
+    if shards_weights(mesh):
+        raise ValueError(f"split_over_data needs a mesh of data alone, got {dict(mesh.shape)}")
+    rows, whole = PartitionSpec("data"), PartitionSpec()
+    # check_vma off: zero-initialised caches and loop carries in such programs would each need a pcast to varying.
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(rows if r else whole for r in row_args), out_specs=rows,
+                         check_vma=False)
+
+
 def describe(state, mesh: Mesh) -> list[str]:
     """One line per variable: path, shape, logical names, the resulting spec and any dimension replicated
     because its mesh axis does not divide it (for logs and tests)."""

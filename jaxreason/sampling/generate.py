@@ -2,7 +2,9 @@
 
 Prompts are left-padded so that every row's next token is written at the same cache slot; the cache lives
 in the loop carry, which XLA updates in place. Each row draws from its own key stream
-(`fold_in(row_key, step)`), so a row's output does not depend on what else is in the batch.
+(`fold_in(row_key, step)`), so a row's output does not depend on what else is in the batch. `generate` reads
+the weights in the model's compute dtype and, given a mesh, sharded by the training rules with the rows split
+over the batch axes (`jaxreason.sampling.placement`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from jaxreason import sharding
 from jaxreason.models.kv_cache import KVCache, PrefixGrid
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.buckets import batch_sizes, put_rows
+from jaxreason.sampling.placement import inference_state
 from jaxreason.sampling.stopping import StopTable, init_stop_buffer, update_stop_buffer
 
 
@@ -136,6 +141,7 @@ def generate(
     pad_id: int = 0,
     stop_table: StopTable | None = None,
     samples_per_prompt: int = 1,
+    mesh: Mesh | None = None,
 ) -> GenerateOutput:
     """Samples up to `config.max_new_tokens` tokens after each left-padded prompt, `samples_per_prompt` = K
     times (rows prompt-major: row b * K + k is sample k of prompt b; each prompt is prefilled once).
@@ -150,6 +156,8 @@ def generate(
       pad_id: id written after a row has ended.
       stop_table: stop strings (`jaxreason.sampling.build_stop_table`); a row ends on the token that
         completes one, and that token is kept.
+      mesh: shard the weights over it by the rules (`placement.inference_state`), and the rows over its batch
+        axes where their number divides over them (the same tokens as without a mesh).
     """
     if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
         raise ValueError(
@@ -157,12 +165,12 @@ def generate(
         )
     rows = prompt_tokens.shape[0] * samples_per_prompt
     row_keys = key if _is_key_batch(key, rows) else jax.random.split(key, rows)
-    graphdef, state = nnx.split(model)
-    return _generate_jit(
-        graphdef, state, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-        row_keys, stop_table, config=config, eos_ids=tuple(eos_ids), pad_id=pad_id,
-        samples_per_prompt=samples_per_prompt,
-    )
+    graphdef, state = inference_state(model, mesh)
+    batch = (jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), row_keys)
+    if mesh is not None and not prompt_tokens.shape[0] % sharding.batch_devices(mesh):
+        batch = jax.device_put(batch, tuple(sharding.batch_sharding(mesh, x.ndim) for x in batch))
+    return _generate_jit(graphdef, state, *batch, stop_table, config=config, eos_ids=tuple(eos_ids), pad_id=pad_id,
+                         samples_per_prompt=samples_per_prompt)
 
 
 def _is_key_batch(key, batch: int) -> bool:

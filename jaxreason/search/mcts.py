@@ -5,11 +5,14 @@ The root and recurrent functions come from `expansion.StepSearch`, the selection
 finished solution by verifier score (ReST-MCTS*'s choice); a search that finished none answers with the best
 path by value.
 
-With a mesh, each batch of problems is split over the mesh's devices and every device searches its share
-(`jax.shard_map`; the models are replicated): problems do not interact during search, so nothing crosses
-devices until the trees come back. A row draws the same random numbers as in an unsplit search, so under
-ReST-MCTS*'s deterministic rule the trees are the same; under MuZero and Gumbel MuZero each device draws its
-own root noise (and samples), so their trees differ from an unsplit search's as another key's would.
+The models' weights are read in their compute dtype and, with a mesh, laid out by the training rules
+(`jaxreason.sampling.placement`): sharded over `fsdp` and `tensor`, replicated on a mesh of `data` alone. On such
+a mesh each device searches its share of a batch (`sharding.split_over_data`): problems do not interact during
+search, so nothing crosses devices until the trees come back. A row draws the same random numbers as in an
+unsplit search, so under ReST-MCTS*'s deterministic rule the trees are the same; under MuZero and Gumbel MuZero
+each device draws its own root noise (and samples), so their trees differ from an unsplit search's as another
+key's would. On a mesh that shards the weights, the unsplit search is one program that XLA partitions: rows over
+`data` x `fsdp`, the models as their weights lie; its trees are the unsplit search's under every rule.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import mctx
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from jaxreason import sharding
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.buckets import round_up
+from jaxreason.sampling.placement import inference_state
 from jaxreason.sampling.prompts import eos_ids, pad_token_id, prompt_ids
 from jaxreason.search.actions import ActionSpace
 from jaxreason.search.config import Budget, MCTSConfig
@@ -57,9 +61,10 @@ def batched_trees(
     """The search's mctx trees, one batch at a time, with how many of each batch's rows are real problems.
 
     Problems go through the jitted search `config.batch_size` at a time (the last batch padded with copies of
-    its last problem, so every call has the same shape), batch i with `fold_in(key, i)`. With `mesh`, a batch
-    is split over all its devices (rounded up to a multiple of their number); a one-device mesh is the same
-    as none. A tree's embeddings are `NodeState`s.
+    its last problem, so every call has the same shape), batch i with `fold_in(key, i)`. The models run on
+    `search_params` (their weights in their compute dtype). With `mesh`, a batch is split over its batch axes
+    (rounded up to a multiple of `data` x `fsdp`) and the weights are sharded by the rules; a one-device mesh
+    is the same as none. A tree's embeddings are `NodeState`s.
     """
     space = action_space or ActionSpace.single_step(config.num_candidates)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
@@ -69,8 +74,8 @@ def batched_trees(
     for row, ids in enumerate(prompts):
         tokens[row, : len(ids)] = ids
     prompt_len = np.asarray([len(p) for p in prompts], np.int32)
-    devices = 1 if mesh is None else mesh.size
-    batch = round_up(min(config.batch_size, len(prompts)), devices)
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    batch = round_up(min(config.batch_size, len(prompts)), 1 if mesh is None else sharding.batch_devices(mesh))
 
     spec = ExpansionSpec(
         max_len=max_len, max_depth=config.max_depth, sampling=config.sampling, prompt_width=round_up(longest, 16),
@@ -81,16 +86,24 @@ def batched_trees(
         visit_best_child=config.backup == "children_mean",
     )
     tables = build_step_tables(tokenizer, space, task.step_delimiter, task.answer_prefix, policy.config.vocab_size)
-    policy_def, policy_state = nnx.split(policy)
-    verifier_def, verifier_state = nnx.split(verifier)
-    program = _search_program(policy_def, verifier_def, space, spec, config, mesh if devices > 1 else None)
-    params = (policy_state, verifier_state)
-    if devices > 1:  # on every device once, not per batch (trained parameters may be sharded over the mesh)
-        params, tables = jax.device_put((params, tables), NamedSharding(mesh, PartitionSpec()))
+    (policy_def, verifier_def), params = search_params(policy, verifier, mesh)  # once, not per batch
+    split = mesh if mesh is not None and not sharding.shards_weights(mesh) else None
+    program = _search_program(policy_def, verifier_def, space, spec, config, split)
+    if mesh is not None:
+        tables = jax.device_put(tables, sharding.replicated(mesh))
     for i, start in enumerate(range(0, len(prompts), batch)):
         rows = np.minimum(np.arange(start, start + batch), len(prompts) - 1)  # pad with the last problem
-        yield (program(params, tables, jax.random.fold_in(key, i), jnp.asarray(tokens[rows]),
-                       jnp.asarray(prompt_len[rows])), min(batch, len(prompts) - start))
+        row_args = (jnp.asarray(tokens[rows]), jnp.asarray(prompt_len[rows]))
+        if mesh is not None:
+            row_args = jax.device_put(row_args, (sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)))
+        yield program(params, tables, jax.random.fold_in(key, i), *row_args), min(batch, len(prompts) - start)
+
+
+def search_params(policy: CausalLM, verifier: Verifier, mesh: Mesh | None = None):
+    """The graph definitions of the policy and the verifier, and the state the search reads: each model's
+    weights in its compute dtype, sharded by the rules over `mesh` (`placement.inference_state`)."""
+    (policy_def, policy_state), (verifier_def, verifier_state) = (inference_state(m, mesh) for m in (policy, verifier))
+    return (policy_def, verifier_def), (policy_state, verifier_state)
 
 
 def search_trees(problems: Sequence[Problem], *, policy: CausalLM, verifier: Verifier, tokenizer, task: Task,
@@ -141,18 +154,19 @@ def _answer_text(traces: TreeTraces, task: Task, rule: str) -> str:
 @functools.lru_cache(maxsize=16)
 def _search_program(policy_def, verifier_def, space: ActionSpace, spec: ExpansionSpec, config: MCTSConfig,
                     mesh: Mesh | None = None):
-    """The jitted prompts -> tree program, cached per (models, action space, sizes, rule, mesh)."""
+    """The jitted prompts -> tree program, cached per (models, action space, sizes, rule, mesh); with a mesh
+    (of `data` alone), split over its devices."""
 
     def program(params, tables, key, tokens, prompt_len):
         root_key, search_key = jax.random.split(key)
         if mesh is None:
             search = StepSearch(policy_def, verifier_def, space, spec, tables)
         else:  # this device's rows of the batch
-            rows, device = tokens.shape[0], jax.lax.axis_index(mesh.axis_names)
-            search = StepSearch(policy_def, verifier_def, space, spec, tables, first_row=device * rows,
-                                total_rows=rows * mesh.size)
+            rows, part = tokens.shape[0], jax.lax.axis_index("data")
+            search = StepSearch(policy_def, verifier_def, space, spec, tables, first_row=part * rows,
+                                total_rows=rows * mesh.shape["data"])
             if config.rule != "rest_mcts":  # root noise of its own on each device, not the same draws on each
-                search_key = jax.random.fold_in(search_key, device)
+                search_key = jax.random.fold_in(search_key, part)
         prompts = search.encode_prompts(params, tokens, prompt_len)
         root = search.root_fn(params, root_key, prompts)
         recurrent_fn = functools.partial(search.recurrent_fn, prompts=prompts)
@@ -162,13 +176,8 @@ def _search_program(policy_def, verifier_def, space: ActionSpace, spec: Expansio
 
     if mesh is None:
         return jax.jit(program)
-    rows, same = PartitionSpec(mesh.axis_names), PartitionSpec()
-    # No collectives inside: each device's search is the unsplit program on its rows. check_vma off, since
-    # the models' zero-initialised caches and mctx's loop carries would each need a pcast to "varying".
-    split = jax.shard_map(program, mesh=mesh, in_specs=(same, same, same, rows, rows), out_specs=rows,
-                          check_vma=False)
-    replicated, by_row = NamedSharding(mesh, same), NamedSharding(mesh, rows)
-    return jax.jit(split, in_shardings=(replicated, replicated, replicated, by_row, by_row), out_shardings=by_row)
+    # Each device's search is the unsplit program on its rows; the arguments come laid out (see the caller).
+    return jax.jit(sharding.split_over_data(program, mesh, (False, False, False, True, True)))
 
 
 register_method("mcts", mcts, needs_verifier=True)

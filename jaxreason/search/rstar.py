@@ -36,15 +36,17 @@ import jax.numpy as jnp
 import mctx
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxreason import sharding
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.alignment import right_align
 from jaxreason.sampling.buckets import round_up, smallest_fit
 from jaxreason.sampling.continuations import read_after_prompts
 from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
+from jaxreason.sampling.placement import inference_state
 from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import StopTable, build_stop_table, init_stop_buffer, update_stop_buffer
 from jaxreason.search.rstar_config import ACTIONS, FINISH, REANSWER, REPHRASE, STEP, SUBQUESTION, RStarConfig
@@ -566,9 +568,9 @@ def rstar_interior_selection(rng_key, tree, node_index, depth, *, c):
 
 @functools.lru_cache(maxsize=8)
 def _program(graphdef, config: RStarConfig, sizes: _Sizes, mesh: Mesh | None = None, verifier_def=None):
-    """The jitted prompts -> tree program; with a mesh, each device searches its share of the rows (`shard_map`,
-    no collectives: problems do not interact, and every random draw comes from a row's own key). `params`: the
-    policy's nnx state and the verifier's (None without one)."""
+    """The jitted prompts -> tree program; with a mesh (of `data` alone), each device searches its share of the
+    rows (`sharding.split_over_data`, no collectives: problems do not interact, and every random draw comes from
+    a row's own key). `params`: the policy's nnx state and the verifier's (None without one)."""
 
     def program(params, tables, key, prompt_tokens, prompt_mask, row_keys):
         search = RStarSearch(graphdef, config, sizes, tables, verifier_def)
@@ -592,13 +594,8 @@ def _program(graphdef, config: RStarConfig, sizes: _Sizes, mesh: Mesh | None = N
 
     if mesh is None:
         return jax.jit(program)
-    rows, same = PartitionSpec(mesh.axis_names), PartitionSpec()
-    # check_vma off: the zero-initialised caches and mctx's loop carries would each need a pcast to "varying".
-    split = jax.shard_map(program, mesh=mesh, in_specs=(same, same, same, rows, rows, rows), out_specs=rows,
-                          check_vma=False)
-    replicated, by_row = NamedSharding(mesh, same), NamedSharding(mesh, rows)
-    return jax.jit(split, in_shardings=(replicated, replicated, replicated, by_row, by_row, by_row),
-                   out_shardings=by_row)
+    # the arguments come laid out (see the caller)
+    return jax.jit(sharding.split_over_data(program, mesh, (False, False, False, True, True, True)))
 
 
 def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, task: Task, config: RStarConfig,
@@ -608,7 +605,9 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
 
     Problem i (counted from `first_index`) searches with `fold_in(key, i)`, so its tree does not depend on the
     batch it is in. The last batch is padded with copies of its last problem. With `mesh`, each batch (rounded up
-    to a multiple of the devices) is split over all its devices.
+    to a multiple of `data` x `fsdp`) is split over its batch axes and the models' weights are sharded by the
+    rules, in their compute dtype (`placement.inference_state`); on a mesh that shards them, the search is one
+    program that XLA partitions.
     """
     prompts = [prompt_ids(tokenizer, config.prompts.prompt.format(question=p.question), chat=chat) for p in problems]
     tables = build_tables(tokenizer, config, task, policy.config.vocab_size)
@@ -620,19 +619,22 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
                    pad_id=pad_token_id(tokenizer), eos_ids=eos_ids(tokenizer, policy.config))
     tokens, mask = pad_left(prompts, sizes.pad_id, multiple=64)
     sizes = dataclasses.replace(sizes, prompt_width=tokens.shape[1])
-    graphdef, policy_params = nnx.split(policy)
-    verifier_def, verifier_params = nnx.split(verifier) if verifier is not None else (None, None)
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    graphdef, policy_params = inference_state(policy, mesh)  # once, not per batch
+    verifier_def, verifier_params = inference_state(verifier, mesh) if verifier is not None else (None, None)
     params = (policy_params, verifier_params)
-    devices = 1 if mesh is None else mesh.size
-    program = _program(graphdef, config, sizes, mesh if devices > 1 else None, verifier_def)
-    if devices > 1:  # on every device once, not per batch
-        params, tables = jax.device_put((params, tables), NamedSharding(mesh, PartitionSpec()))
-    batch = round_up(min(config.batch_size, len(problems)), devices)
+    program = _program(graphdef, config, sizes, mesh if mesh is not None and not sharding.shards_weights(mesh)
+                       else None, verifier_def)
+    if mesh is not None:
+        tables = jax.device_put(tables, sharding.replicated(mesh))
+    batch = round_up(min(config.batch_size, len(problems)), 1 if mesh is None else sharding.batch_devices(mesh))
     for start in range(0, len(problems), batch):
         rows = np.minimum(np.arange(start, start + batch), len(problems) - 1)
         row_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(key, first_index + int(r))) for r in rows])
-        yield (program(params, tables, key, jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), row_keys),
-               min(batch, len(problems) - start))
+        row_args = (jnp.asarray(tokens[rows]), jnp.asarray(mask[rows]), row_keys)
+        if mesh is not None:
+            row_args = jax.device_put(row_args, tuple(sharding.batch_sharding(mesh, x.ndim) for x in row_args))
+        yield program(params, tables, key, *row_args), min(batch, len(problems) - start)
 
 
 # -- the trajectories a search found ------------------------------------------------------------------------
