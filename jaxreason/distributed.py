@@ -1,7 +1,9 @@
 """Multi-host start: `jax.distributed.initialize` when the job has several processes, nothing otherwise.
 
 Call `initialize()` first thing in a command, before any jax computation (jax refuses to start the
-distributed runtime once a backend exists). Where the settings come from, first match wins:
+distributed runtime once a backend exists). Then every process runs the same program; `is_main_process()` picks the
+one that writes files, `sync(name)` waits for the others and `addressable(tree)` gathers arrays split over the
+processes before that one writes them. Where the settings come from, first match wins:
 
 1. explicit arguments, or the environment `JAXREASON_COORDINATOR` (host:port), `JAXREASON_NUM_PROCESSES`,
    `JAXREASON_PROCESS_ID` (a manual launch, `launch/local.sh -n N`, a scheduler jax does not know);
@@ -116,6 +118,32 @@ def is_main_process() -> bool:
     """True on process 0, the one that writes logs, metrics and exported models. Call after `initialize()`
     (asking jax for the process index starts its backend, after which jax.distributed cannot start)."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits until every process has called `sync(name)` (the same name everywhere); nothing in a one-process
+    job. Where process 0 writes a file the others then read, or all of them check a folder before it writes."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def addressable(tree):
+    """`tree` with every jax.Array readable whole on this process: arrays split over the devices of several
+    processes are gathered to replicated ones (a collective: call it on every process, then let one write).
+    Arrays already whole on each process (one process, or replicated) stay as they are."""
+    leaves = jax.tree.leaves(tree)
+    split = [isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated for x in leaves]
+    if not any(split):
+        return tree
+    shardings = [x.sharding for x, s in zip(leaves, split) if s]
+    meshes = {x.mesh for x in shardings if isinstance(x, jax.sharding.NamedSharding)}
+    if len(meshes) != 1 or not all(isinstance(x, jax.sharding.NamedSharding) for x in shardings):
+        raise ValueError("addressable: arrays split over several processes must share one mesh (NamedSharding)")
+    whole = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+    gathered = iter(jax.jit(lambda xs: xs, out_shardings=whole)([x for x, s in zip(leaves, split) if s]))
+    return jax.tree.unflatten(jax.tree.structure(tree), [next(gathered) if s else x for x, s in zip(leaves, split)])
 
 
 _WHY = {

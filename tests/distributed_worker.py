@@ -2,8 +2,10 @@
 
 `python tests/distributed_worker.py PROCESS_ID PORT` joins a 2-process job on 127.0.0.1:PORT (run it with
 JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=4), builds the global 8-device
-mesh for every shape in MESH_SHAPES, runs the sharded SFT step on the same batch in every process and
-prints {"process": i, "devices": n, "losses": {shape: [[loss, grad_norm], ...]}} as its last line.
+mesh for every shape in MESH_SHAPES, runs the sharded SFT step on the same batch in every process, reads the
+trained weights whole (`jaxreason.distributed.addressable`: fsdp splits them over each process's devices) and
+prints {"process": i, "devices": n, "losses": {shape: [[loss, grad_norm], ...]}, "weights": {shape: sum}} as its
+last line.
 The test imports `train` from here to compute the single-process reference.
 """
 
@@ -28,11 +30,14 @@ def batch(rows: int = 8, length: int = 16) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss_mask}
 
 
-def train(mesh_shape: tuple[int, int, int], steps: int = STEPS) -> list[list[float]]:
-    """[loss, grad_norm] per step of the sharded SFT step on the global mesh of this shape."""
+def train(mesh_shape: tuple[int, int, int], steps: int = STEPS) -> tuple[list[list[float]], float]:
+    """[loss, grad_norm] per step of the sharded SFT step on the global mesh of this shape, and the sum of the
+    trained weights' absolute values, read whole on this process."""
+    import jax
     from flax import nnx
 
     from jaxreason import sharding
+    from jaxreason.distributed import addressable
     from jaxreason.models import CausalLM, ModelConfig
     from jaxreason.train.objectives import sft_objective
     from jaxreason.train.optimizer import OptimizerConfig, make_optimizer
@@ -50,7 +55,8 @@ def train(mesh_shape: tuple[int, int, int], steps: int = STEPS) -> list[list[flo
     for _ in range(steps):
         state, metrics = step(state, batch())
         out.append([float(metrics["loss"]), float(metrics["grad_norm"])])
-    return out
+    weights = jax.tree.leaves(addressable(state.trainable))
+    return out, float(sum(np.abs(np.asarray(w, np.float64)).sum() for w in weights))
 
 
 def main() -> None:
@@ -62,9 +68,10 @@ def main() -> None:
     import jax
 
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-    losses = {"x".join(map(str, shape)): train(shape) for shape in MESH_SHAPES}
+    results = {"x".join(map(str, shape)): train(shape) for shape in MESH_SHAPES}
     print(json.dumps({"process": jax.process_index(), "main": distributed.is_main_process(),
-                      "devices": jax.device_count(), "losses": losses}), flush=True)
+                      "devices": jax.device_count(), "losses": {k: v[0] for k, v in results.items()},
+                      "weights": {k: v[1] for k, v in results.items()}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The two-process test starts tests/distributed_worker.py twice on 127.0.0.1, each process with 4 fake CPU
 devices, so that the sharded SFT step runs on a global 8-device mesh across processes (gloo collectives);
-its losses must equal the same step's in this one process on its 8 devices (tests/conftest.py).
+its losses and its trained weights (gathered whole on each process) must equal the same step's in this one
+process on its 8 devices (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def test_two_processes_match_one(tmp_path):
                                           stdout=out, stderr=err, env=_worker_env(), cwd=HERE.parent))
         # The single-process reference runs here while the workers start and compile.
         reference = {"x".join(map(str, shape)): worker.train(shape) for shape in worker.MESH_SHAPES}
+        weights = {shape: w for shape, (_, w) in reference.items()}
+        reference = {shape: losses for shape, (losses, _) in reference.items()}
         # Wait for both; one that fails ends the run at once (its peer would wait for it until jax's timeout).
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
@@ -191,6 +194,7 @@ def test_two_processes_match_one(tmp_path):
         assert r["losses"].keys() == reference.keys()
         for shape, losses in r["losses"].items():
             np.testing.assert_allclose(losses, reference[shape], rtol=1e-5, err_msg=f"mesh {shape}")
+        np.testing.assert_allclose([r["weights"][s] for s in weights], list(weights.values()), rtol=1e-5)
     first = reference[next(iter(reference))]
     assert first[0][0] != first[1][0]  # the first update really changed the model
 

@@ -6,11 +6,13 @@
         o_i1..o_iG <- G samples of pi_theta for each x_i                  (the jitted sampler, live weights)
         r_ig      <- the task's checker on o_ig                           (truncated answers: `truncation`)
         A_ig      <- (r_ig - mean_g r_ig) / std_g r_ig                     (on every token of o_ig)
+                     or, with `advantage: gae`, per token: GAE on a learned critic's values, the critic then
+                     regressed one step towards the returns                (`jaxreason.rl.actor_critic`)
         theta     <- mu passes of clipped-ratio updates, KL(pi_theta || pi_0) weighted by beta
         every `eval_every` steps: greedy accuracy on the held-out problems
 
-The train state (weights, optimizer, key) is checkpointed every `checkpoint_every` steps and on SIGTERM; the
-per-step history is saved beside it, so `--resume` continues with the losses an uninterrupted run has.
+The train state (weights, optimizer, key; the critic's too) is checkpointed every `checkpoint_every` steps and on
+SIGTERM; the per-step history is saved beside it, so `--resume` continues with the losses an uninterrupted run has.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.grpo_report import write_grpo_report
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, group_step, run_rl_steps
+from jaxreason.algorithms.rl_steps import StepHistory, group_step, make_critic, restore_rl_state, run_rl_steps
 from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
@@ -34,7 +36,7 @@ from jaxreason.data.trace_batches import sft_batch
 from jaxreason.distributed import is_main_process
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
-from jaxreason.rl.advantages import get_advantage
+from jaxreason.rl.actor_critic import CriticConfig, check_advantage
 from jaxreason.rl.rewards import TRUNCATION_RULES, task_reward
 from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
 from jaxreason.sampling.generate import SamplingConfig
@@ -84,7 +86,9 @@ class GRPOConfig:
     prompts_per_step: int = 16  # N
     group_size: int = 8  # G
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=1.0)
-    advantage: str = "grpo"  # a group estimator of jaxreason.rl.advantages: grpo | rloo | dr_grpo
+    # a group estimator of jaxreason.rl.advantages (grpo | rloo | dr_grpo), or gae: actor-critic with `critic`
+    advantage: str = "grpo"
+    critic: CriticConfig = CriticConfig()  # read with advantage gae only
     truncation: str = "zero"  # an answer cut at max_new_tokens: zero (reward 0) | mask (not trained) | keep
     update: PolicyGradientConfig = PolicyGradientConfig()
     evaluation: GRPOEval = GRPOEval()
@@ -98,7 +102,7 @@ class GRPOConfig:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
         if self.truncation not in TRUNCATION_RULES:
             raise ValueError(f"truncation must be one of {TRUNCATION_RULES}, got {self.truncation!r}")
-        get_advantage(self.advantage)  # unknown names fail at load time
+        check_advantage(self.advantage)  # unknown names fail at load time
 
     @property
     def updates_per_step(self) -> int:
@@ -128,10 +132,11 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
         stages.train("sft", policy, sft_objective, gold, c.sft,
                      lambda t: sft_batch(t, c.sft.max_len, pad, tokenizer.eos_token_id), mesh=mesh, seed=c.seed)
 
+    critic = make_critic(c, policy, mesh)  # before the policy trains: its copy of the backbone is policy_0's
     trainer = PolicyTrainer(policy, c.update, mesh=mesh, num_updates=c.num_steps * c.updates_per_step, seed=c.seed)
     checkpointer = trainer.checkpointer(run_dir / "grpo" / "checkpoints")
     history = StepHistory(run_dir / "grpo" / "history.json")
-    meta = trainer.restore(checkpointer)
+    meta = restore_rl_state(checkpointer, trainer, critic)
     start = 0 if meta is None else int(meta["step"])
     history.truncate(start)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=c.chat) for p in train]
@@ -146,7 +151,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
         began = time.perf_counter()
         done = group_step(trainer, train, prompts, next(problem_rows), step, key, sampling=c.sampling,
                           group_size=c.group_size, advantage=c.advantage, truncation=c.truncation, reward_fn=reward_fn,
-                          eos_ids=stop_ids, pad_id=pad, mesh=mesh)
+                          eos_ids=stop_ids, pad_id=pad, mesh=mesh, critic=critic)
         episodes, rewards, groups, metrics = done.episodes, done.rewards, done.groups, done.metrics
         lengths = np.asarray(episodes.turn_lengths[:, 0])
         row = {"step": step + 1, "reward": float(rewards.mean()), "kl": metrics["kl"],
@@ -157,6 +162,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
                "uniform_groups": float(np.mean(groups.min(axis=1) == groups.max(axis=1))),
                "generated_tokens": history.generated_tokens() + int(lengths.sum()),
                "seconds": time.perf_counter() - began}
+        row |= {k: metrics[k] for k in ("critic_loss", "value_mae") if k in metrics}
         if (step + 1) % c.evaluation.every == 0 or step + 1 == c.num_steps:
             row["eval"] = evaluate()
         return row
@@ -164,7 +170,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
     run_rl_steps("grpo", run_dir, trainer, checkpointer, history, start=start, num_steps=c.num_steps,
                  checkpoint_every=c.checkpoint_every, seed=c.seed,
                  first_row=lambda: {"step": 0, "generated_tokens": 0, "eval": evaluate()}, take_step=take_step,
-                 postfix=lambda row: {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.4f}"})
+                 postfix=lambda row: {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.4f}"}, critic=critic)
     if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}
     folder = run_dir / "models" / "policy"

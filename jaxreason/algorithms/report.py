@@ -1,5 +1,5 @@
 """The run folder's results: metrics.json, report.md and PNG plots, rebuilt from the stage log after every
-evaluation so a stopped run still has a report of what it finished."""
+evaluation so a stopped run still has a report of what it finished (by process 0 of a multi-process job)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from jaxreason.distributed import is_main_process
 from jaxreason.search.methods import needs_verifier
 
 matplotlib.use("Agg")  # files only, no display
@@ -81,9 +82,13 @@ def _label(key: str) -> str:
 
 
 def write_report(run_dir: str | Path, config: dict, stages: dict[str, Any]) -> dict:
+    """metrics.json, report.md and the plots of a ReST-MCTS* run from its stage log, written by process 0 only;
+    returns the metrics (on every process)."""
     run_dir = Path(run_dir)
     n = config["problems"]["test"]
     metrics = collect_metrics(stages, n)
+    if not is_main_process():
+        return metrics
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     its = metrics["iterations"]
     if not its:

@@ -12,6 +12,8 @@
 
 Every stage's result lands in `run_dir/stages.json`, traces in the tensorstore store `run_dir/traces`, model
 states in orbax checkpoints under `run_dir/<stage>/`; `resume=True` continues from the last finished stage.
+A multi-process job runs the same loop on every process, on one shared run folder that process 0 alone writes
+(`StoreRun`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
+from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
@@ -42,6 +45,7 @@ from jaxreason.data.trace_store import (
     Trace,
     unique_traces,
 )
+from jaxreason.distributed import addressable, is_main_process, sync
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
@@ -199,7 +203,7 @@ class _Run(StoreRun):
         if len(self.store.select(iteration=iteration, flags_all=flag)):
             log.info("stage %s: traces already in the store", name)
         elif traces:
-            self.store.append(traces)
+            self.append(traces)
 
 
 def run_rest_mcts(config: RestMCTSConfig, resume: bool = False) -> dict:
@@ -332,15 +336,23 @@ def _verification(r: _Run, policy, verifier: Verifier | None) -> dict:
 
 def _export(r: _Run, t: int, policy, prm: ValueModel) -> None:
     """Iteration t's policy and PRM as Hugging Face folders, `models/policy_<t>` and `models/prm_<t>` (an
-    existing folder was written by an earlier run of the same iteration and stays)."""
-    for name, model, save in (("policy", policy, save_pretrained), ("prm", prm, save_value_model)):
-        folder = r.run_dir / "models" / f"{name}_{t}"
-        if not folder.exists():
-            save(model, folder=folder, tokenizer=r.tokenizer)  # save_pretrained takes (model, tokenizer, folder)
+    existing folder was written by an earlier run of the same iteration and stays). Every process gathers the
+    weights (they may be split over processes); process 0 writes."""
+    models = (("policy", policy, save_pretrained), ("prm", prm, save_value_model))
+    missing = [(r.run_dir / "models" / f"{name}_{t}", model, save) for name, model, save in models
+               if not (r.run_dir / "models" / f"{name}_{t}").exists()]
+    sync(f"jaxreason:rest_mcts:export_{t}")  # every process decided before process 0 writes a folder
+    for folder, model, save in missing:
+        graphdef, state = nnx.split(model)
+        gathered = addressable(state)
+        whole = model if gathered is state else nnx.merge(graphdef, gathered)
+        if is_main_process():
+            save(whole, folder=folder, tokenizer=r.tokenizer)  # save_pretrained takes (model, tokenizer, folder)
     keep = r.config.keep_models
-    for name in ("policy", "prm"):
-        for old in range(t - keep + 1 if keep else 0):
-            shutil.rmtree(r.run_dir / "models" / f"{name}_{old}", ignore_errors=True)
+    if is_main_process():
+        for name in ("policy", "prm"):
+            for old in range(t - keep + 1 if keep else 0):
+                shutil.rmtree(r.run_dir / "models" / f"{name}_{old}", ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers

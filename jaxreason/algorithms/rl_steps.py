@@ -3,7 +3,8 @@
 `run_rl_steps` takes the steps a run has left, one `take_step` each, and does what every such run does around
 them: the per-step records (`StepHistory`, saved atomically beside the checkpoints and always before them, so a
 checkpoint is never ahead of the history it resumes), TensorBoard, the progress bar, checkpoints every
-`checkpoint_every` steps, at the end and on SIGTERM.
+`checkpoint_every` steps, at the end and on SIGTERM. An actor-critic run's checkpoints hold the critic's train
+state beside the policy's (`rl_state`), so the two always resume from the same step.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxreason.algorithms.model_states import value_model_from
 from jaxreason.algorithms.registry import RunInterrupted
 from jaxreason.distributed import is_main_process
+from jaxreason.rl.actor_critic import GAE, CriticTrainer
 from jaxreason.rl.advantages import get_advantage, per_token
 from jaxreason.rl.rewards import RewardFn, apply_truncation, checked_rewards
 from jaxreason.rl.rollouts import Episodes, sample_episodes
@@ -49,13 +52,43 @@ class StepHistory:
         os.replace(tmp, self.path)
 
 
+def make_critic(config, policy, mesh) -> CriticTrainer | None:
+    """The critic of a run whose `config` (GRPO's, self-play's) says `advantage: gae`, else None: a value head on
+    its own copy of `policy`'s backbone as it is now (make it before the policy trains), trained with
+    `config.critic` one step per RL step. The policy's `update.micro_batches` splits its steps too."""
+    if config.advantage != GAE:
+        return None
+    return CriticTrainer(value_model_from(policy, config.seed), config.critic, mesh=mesh,
+                         num_updates=config.num_steps, seed=config.seed, micro_batches=config.update.micro_batches)
+
+
+def rl_state(trainer, critic: CriticTrainer | None = None):
+    """What an RL run's checkpoints hold: the policy's train state, with an actor-critic's critic beside it."""
+    return trainer.state if critic is None else {"policy": trainer.state, "critic": critic.state}
+
+
+def restore_rl_state(checkpointer, trainer, critic: CriticTrainer | None = None) -> dict | None:
+    """Restores the latest checkpoint's `rl_state` into `trainer` (and `critic`); its metadata, or None."""
+    restored = checkpointer.restore_latest(rl_state(trainer, critic))
+    if restored is None:
+        return None
+    _, state, meta = restored
+    if critic is None:
+        trainer.state = state
+    else:
+        trainer.state, critic.state = state["policy"], state["critic"]
+    return meta
+
+
 def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepHistory, *, start: int,
                  num_steps: int, checkpoint_every: int, seed: int, first_row: Callable[[], dict],
-                 take_step: Callable[[int], dict], postfix: Callable[[dict], dict]) -> None:
+                 take_step: Callable[[int], dict], postfix: Callable[[dict], dict],
+                 critic: CriticTrainer | None = None) -> None:
     """Steps `start` .. `num_steps` - 1 of run `name`: `first_row()` is the step-0 record of a history still
     empty, `take_step(step)` runs one step and returns its record ({"step": step + 1, ..., "eval": {...} when it
-    evaluated}), `postfix(record)` what the progress bar shows. In a multi-host job the main process writes the
-    history and TensorBoard. Closes `checkpointer`; raises RunInterrupted after the checkpoint on SIGTERM."""
+    evaluated}), `postfix(record)` what the progress bar shows. The checkpoints hold `rl_state(trainer, critic)`.
+    In a multi-host job the main process writes the history and TensorBoard. Closes `checkpointer`; raises
+    RunInterrupted after the checkpoint on SIGTERM."""
     main_process = is_main_process()
     logger = MetricsLogger(run_dir, name) if main_process else None
     try:
@@ -74,7 +107,8 @@ def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepH
                 if (step + 1) % checkpoint_every == 0 or step + 1 == num_steps or interrupted:
                     if main_process:  # first: a checkpoint is never ahead of the history it resumes
                         history.save()
-                    checkpointer.save(step + 1, trainer.state, {"step": step + 1, "seed": seed}, wait=interrupted)
+                    checkpointer.save(step + 1, rl_state(trainer, critic), {"step": step + 1, "seed": seed},
+                                      wait=interrupted)
                 if interrupted:
                     raise RunInterrupted(f"{name} stopped by SIGTERM after step {step + 1} (checkpoint saved)")
         checkpointer.wait()
@@ -88,22 +122,28 @@ def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepH
 
 @dataclasses.dataclass(frozen=True)
 class GroupStep:
-    """One group-relative RL step: the episodes (R = N x G rows), each row's index into the caller's problems
-    (`owners` [R]), the rewards after the truncation rule ([R], and as `groups` [N, G]), the update's metrics."""
+    """One on-policy RL step on G samples per problem: the episodes (R = N x G rows), each row's index into the
+    caller's problems (`owners` [R]), the rewards after the truncation rule ([R], and as `groups` [N, G]), the
+    per-token advantages the update used ([R, T]), the update's metrics (with the critic's `critic_loss` and
+    `value_mae` in actor-critic)."""
 
     episodes: Episodes
     owners: np.ndarray
     rewards: np.ndarray
     groups: np.ndarray
+    advantages: np.ndarray
     metrics: dict
 
 
 def group_step(trainer, problems: Sequence, prompts: Sequence[Sequence[int]], rows: np.ndarray, step: int,
                key: jax.Array, *, sampling: SamplingConfig, group_size: int, advantage: str, truncation: str,
-               reward_fn: RewardFn, eos_ids: tuple[int, ...], pad_id: int, mesh) -> GroupStep:
+               reward_fn: RewardFn, eos_ids: tuple[int, ...], pad_id: int, mesh,
+               critic: CriticTrainer | None = None) -> GroupStep:
     """GRPO's step on the problems `rows` (indices into `problems` and `prompts`): G samples of each from the live
-    weights (key fold_in(key, step)), `reward_fn`'s rewards under the `truncation` rule, the group estimator
-    `advantage` on every token of each sample, and one `trainer.update`."""
+    weights (key fold_in(key, step)), `reward_fn`'s rewards under the `truncation` rule, and one `trainer.update`
+    with the group estimator `advantage` on every token of each sample, or, given a `critic` (advantage "gae"),
+    actor-critic: GAE on the critic's values with each sample's reward on its last token
+    (`rl.actor_critic`), then one critic step towards the returns."""
     episodes = sample_episodes(trainer.policy, [prompts[i] for i in rows], jax.random.fold_in(key, step), sampling,
                                group_size=group_size, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
     owners = rows[np.asarray(episodes.prompt_index)]
@@ -111,7 +151,14 @@ def group_step(trainer, problems: Sequence, prompts: Sequence[Sequence[int]], ro
                               episodes.attempt(0))
     rewards, keep = apply_truncation(rewards, episodes.truncated[:, 0], truncation)
     groups = rewards.reshape(len(rows), group_size)
-    advantages = np.asarray(get_advantage(advantage)(groups)).reshape(-1)
-    metrics = trainer.update(trainer.batch(episodes, per_token(advantages[:, None], episodes.token_turn), keep=keep),
-                             step)
-    return GroupStep(episodes, owners, rewards, groups, metrics)
+    if critic is None:
+        sequence = np.asarray(get_advantage(advantage)(groups)).reshape(-1, 1)
+        advantages = np.asarray(per_token(sequence, episodes.token_turn))
+    else:
+        mask = episodes.loss_mask() * np.asarray(keep, np.int32)[:, None]
+        advantages, returns = critic.advantages(episodes, rewards, mask)
+    metrics = trainer.update(trainer.batch(episodes, advantages, keep=keep), step)
+    if critic is not None:
+        fit = critic.update(episodes, returns, mask)
+        metrics |= {"critic_loss": fit["loss"], "value_mae": fit["value_mae"]}
+    return GroupStep(episodes, owners, rewards, groups, advantages, metrics)

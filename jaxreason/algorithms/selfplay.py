@@ -7,8 +7,8 @@ arXiv 2408.15240) and a Bradley-Terry reward model, which in turn learn from the
     RM_0     <- a value head from policy_0, Bradley-Terry on D_0's (correct, incorrect) pairs     stage "reward_model_0"
     for round t = 1 .. T:
         `steps_per_round` RL steps of the generator (from policy_0, live weights): G samples of N training
-        problems each, rewarded by GenRM_{t-1}'s P(Yes) (or RM_{t-1}'s score: `reward`), group advantages,
-        the clipped update with a KL to policy_0; the samples are D_t
+        problems each, rewarded by GenRM_{t-1}'s P(Yes) (or RM_{t-1}'s score: `reward`), group advantages (or
+        actor-critic: `advantage: gae`), the clipped update with a KL to policy_0; the samples are D_t
         RM_t    <- RM_{t-1} trained on the pairs of D_0 .. D_t                       stage "reward_model_t"
         GenRM_t <- GenRM_{t-1} trained on D_0 .. D_t                                 stage "genrm_t"
         held-out greedy accuracy of the generator
@@ -34,7 +34,7 @@ from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, group_step, run_rl_steps
+from jaxreason.algorithms.rl_steps import StepHistory, group_step, make_critic, restore_rl_state, run_rl_steps
 from jaxreason.algorithms.selfplay_report import write_selfplay_report
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.config import to_dict
@@ -44,7 +44,7 @@ from jaxreason.data.trace_store import FLAG_CORRECT, Trace, unique_traces
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
-from jaxreason.rl.advantages import get_advantage
+from jaxreason.rl.actor_critic import CriticConfig, check_advantage
 from jaxreason.rl.rewards import (
     TRUNCATION_RULES,
     RewardFn,
@@ -153,7 +153,8 @@ class SelfPlayConfig:
     group_size: int = 8  # G
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.7)
     reward: str = "genrm"  # what rewards the generator: genrm (P(Yes)) | reward_model (the BT RM's score)
-    advantage: str = "grpo"
+    advantage: str = "grpo"  # grpo | rloo | dr_grpo (group estimators), or gae: actor-critic with `critic`
+    critic: CriticConfig = CriticConfig()  # read with advantage gae only
     truncation: str = "zero"
     update: PolicyGradientConfig = PolicyGradientConfig()
     genrm: GenRMConfig = GenRMConfig()
@@ -177,7 +178,7 @@ class SelfPlayConfig:
         if self.comparison.problems > self.problems.test:
             raise ValueError(f"comparison.problems ({self.comparison.problems}) exceeds problems.test "
                              f"({self.problems.test})")
-        get_advantage(self.advantage)
+        check_advantage(self.advantage)
 
     @property
     def num_steps(self) -> int:
@@ -205,16 +206,17 @@ class _Run(StoreRun):
 
 
 class _Player:
-    """A generator's RL steps (the self-play generator, or the gold-reward baseline), resumable from its own
-    checkpoints under `run_dir/<name>`."""
+    """A generator's RL steps (the self-play generator, or the gold-reward baseline), and its critic in
+    actor-critic, resumable from its own checkpoints under `run_dir/<name>`."""
 
     def __init__(self, r: _Run, name: str, policy, keep_samples: bool):
         c = r.config
         self.r, self.name, self.keep_samples = r, name, keep_samples
+        self.critic = make_critic(c, policy, r.mesh)  # before the policy trains: it starts from policy_0
         self.trainer = PolicyTrainer(policy, c.update, mesh=r.mesh, num_updates=c.num_steps * c.updates_per_step,
                                      seed=c.seed)
         checkpointer = self.trainer.checkpointer(r.run_dir / name / "checkpoints")
-        meta = self.trainer.restore(checkpointer)
+        meta = restore_rl_state(checkpointer, self.trainer, self.critic)
         checkpointer.close()
         self.done = 0 if meta is None else int(meta["step"])
         self.history = StepHistory(r.run_dir / name / "history.json")
@@ -238,7 +240,8 @@ class _Player:
             began = time.perf_counter()
             done = group_step(self.trainer, self.problems, self.prompts, next(self.rows), step, key,
                               sampling=c.sampling, group_size=c.group_size, advantage=c.advantage,
-                              truncation=c.truncation, reward_fn=reward_fn, eos_ids=stop, pad_id=r.pad_id, mesh=r.mesh)
+                              truncation=c.truncation, reward_fn=reward_fn, eos_ids=stop, pad_id=r.pad_id, mesh=r.mesh,
+                              critic=self.critic)
             episodes, owners, rewards, groups, metrics = (done.episodes, done.owners, done.rewards, done.groups,
                                                           done.metrics)
             problems, prompts = [self.problems[i] for i in owners], [self.prompts[i] for i in owners]
@@ -255,6 +258,7 @@ class _Player:
                    "response_length": float(lengths.mean()),
                    "generated_tokens": self.history.generated_tokens() + int(lengths.sum()),
                    "seconds": time.perf_counter() - began}
+            row |= {k: metrics[k] for k in ("critic_loss", "value_mae") if k in metrics}
             if (step + 1) % c.steps_per_round == 0:
                 row["eval"] = self.evaluate()
             return row
@@ -264,7 +268,8 @@ class _Player:
                      self.history, start=self.done, num_steps=until, checkpoint_every=c.checkpoint_every, seed=c.seed,
                      first_row=lambda: {"step": 0, "generated_tokens": 0, "eval": self.evaluate()},
                      take_step=take_step, postfix=lambda row: {"reward": f"{row['reward']:.3f}",
-                                                               "gold": f"{row['gold_accuracy']:.3f}"})
+                                                               "gold": f"{row['gold_accuracy']:.3f}"},
+                     critic=self.critic)
         self.done = until
 
     def evaluate(self) -> dict[str, float]:

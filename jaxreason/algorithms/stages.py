@@ -3,6 +3,7 @@
 `run_dir/stages.json` maps each finished stage's name to its JSON result; it is replaced atomically after
 every stage, so a run killed at any moment resumes at the first unfinished stage. Training stages also
 checkpoint inside themselves (orbax), so they resume mid-stage, and keep only their weights once finished.
+In a multi-process job every process runs every stage and holds its result; process 0 alone writes the log.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flax import nnx
 from jaxreason.algorithms.registry import RunInterrupted
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_store import TooLongError
-from jaxreason.distributed import is_main_process
+from jaxreason.distributed import is_main_process, sync
 from jaxreason.train.checkpoint import restore_weights, save_weights
 from jaxreason.train.fit import FitConfig, fit
 
@@ -44,11 +45,12 @@ class StageLog:
         log.info("stage %s", name)
         result = fn()
         self.results[name] = result
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        with open(tmp) as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        if is_main_process():  # every process holds the results; one writes them
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1))
+            with open(tmp) as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
         return result
 
     def train(self, name: str, model, objective, examples: Sequence, config: FitConfig,
@@ -112,14 +114,20 @@ def _fitting(name: str, examples: Sequence, make_batch: Callable[[list], dict], 
 
 def open_run_dir(path: str | Path, config: dict, resume: bool, *, marker: str = "stages.json") -> Path:
     """The run folder, made if new. A folder that holds a run (`marker` exists in it) needs `resume`, and a
-    resumed run must have the config it started with (saved as config.json)."""
+    resumed run must have the config it started with (saved as config.json).
+
+    In a multi-process job every process calls it with the same folder (one shared file system): all check
+    it, then process 0 alone makes it and writes config.json, and every process returns once it exists."""
     run_dir = Path(path)
     if (run_dir / marker).exists() and not resume:
         raise ValueError(f"{run_dir} holds a run already: pass --resume to continue it, or set run_dir=NEW")
-    run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.json"
     as_json = json.loads(json.dumps(config))
     if resume and saved.exists() and json.loads(saved.read_text()) != as_json:
         raise ValueError(f"{saved}: the run was started with a different config; resume it with the same one")
-    saved.write_text(json.dumps(as_json, indent=2))
+    sync("jaxreason:open_run_dir:checked")  # no process checks the folder after process 0 has written to it
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(as_json, indent=2))
+    sync("jaxreason:open_run_dir:made")
     return run_dir

@@ -6,6 +6,7 @@
     metrics    = trainer.update(trainer.batch(episodes, advantages), iteration)
 """
 
+from jaxreason.rl.actor_critic import CriticConfig, CriticTrainer, actor_critic_advantages
 from jaxreason.rl.advantages import (
     ADVANTAGES,
     gae,
@@ -24,9 +25,9 @@ from jaxreason.rl.rollouts import NOT_TRAINED, Episodes, sample_episodes
 from jaxreason.rl.trainer import PolicyGradientConfig, PolicyTrainer
 
 __all__ = [
-    "ADVANTAGES", "Episodes", "NOT_TRAINED", "PolicyGradientConfig", "PolicyTrainer", "PrefixValues", "RewardFn",
-    "apply_truncation", "checked_rewards", "clipped_policy_loss", "critic_objective", "critic_values", "gae",
-    "get_advantage", "group_normalized", "leave_one_out", "per_token", "policy_gradient_objective", "prefix_values",
-    "register_advantage", "sample_episodes", "sequence_token_logprobs", "step_advantages", "step_index",
-    "task_reward", "verifier_reward",
+    "ADVANTAGES", "CriticConfig", "CriticTrainer", "Episodes", "NOT_TRAINED", "PolicyGradientConfig",
+    "PolicyTrainer", "PrefixValues", "RewardFn", "actor_critic_advantages", "apply_truncation", "checked_rewards",
+    "clipped_policy_loss", "critic_objective", "critic_values", "gae", "get_advantage", "group_normalized",
+    "leave_one_out", "per_token", "policy_gradient_objective", "prefix_values", "register_advantage",
+    "sample_episodes", "sequence_token_logprobs", "step_advantages", "step_index", "task_reward", "verifier_reward",
 ]

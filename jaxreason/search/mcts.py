@@ -27,7 +27,7 @@ import mctx
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxreason import sharding
+from jaxreason import distributed, sharding
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.buckets import round_up
 from jaxreason.sampling.placement import inference_state
@@ -116,6 +116,7 @@ def search_trees(problems: Sequence[Problem], *, policy: CausalLM, verifier: Ver
     with progress(len(problems), description="mcts") as bar:
         for tree, real in batched_trees(problems, policy=policy, verifier=verifier, tokenizer=tokenizer, task=task,
                                         config=config, key=key, chat=chat, action_space=action_space, mesh=mesh):
+            tree = distributed.addressable(tree)  # a multi-host job's trees span the processes' devices
             traces += [t.decode(tokenizer) for t in extract_traces(tree, tokenizer=None)[:real]]
             visited = np.asarray(tree.node_visits) > 0
             generated.append((np.asarray(tree.embeddings.generated_tokens) * visited).sum(axis=1)[:real])

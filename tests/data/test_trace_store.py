@@ -98,6 +98,24 @@ def test_reader_follows_writer_with_refresh(tmp_path):
     assert_same(reader.read([5009]), more[-1:])
 
 
+def test_reader_sees_rows_written_into_chunks_it_has_read(tmp_path):
+    """A read-only handle (another process of a multi-host run) that read the partly filled last chunks, then
+    refreshes after the writer appended into those chunks: it reads the new rows, not its cached chunks."""
+    writer = TraceStore.create(tmp_path / "s")
+    first = random_traces(4, 7)
+    writer.append(first)
+    reader = TraceStore(tmp_path / "s")
+    assert_same(reader.read(range(7)), first)  # caches the rows' and tokens' first chunks
+    np.testing.assert_array_equal(reader.select(flags_all=FLAG_CORRECT), writer.select(flags_all=FLAG_CORRECT))
+    more = random_traces(5, 9)
+    writer.append(more)  # lands in the same chunks
+    assert reader.refresh() == 16
+    assert_same(reader.read(range(16)), first + more)
+    np.testing.assert_array_equal(reader.select(flags_all=FLAG_CORRECT), writer.select(flags_all=FLAG_CORRECT))
+    with pytest.raises(PermissionError, match="not open for appending"):
+        reader.append(more)
+
+
 def test_select(tmp_path):
     store = TraceStore.create(tmp_path / "s")
     traces = random_traces(4, 30, iteration=0) + random_traces(5, 30, iteration=1)

@@ -1,0 +1,24 @@
+"""One process of the two-process ReST-MCTS* test (tests/algorithms/test_rest_mcts_processes.py); not collected.
+
+`python tests/rest_mcts_worker.py PROCESS_ID PORT TRAIN_ARGS...` joins a 2-process job on 127.0.0.1:PORT (run
+it with JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=4) and runs
+`jaxreason train TRAIN_ARGS...` in it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    process_id, port = int(sys.argv[1]), int(sys.argv[2])
+    from jaxreason import distributed
+
+    distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    from jaxreason.cli import main as cli
+
+    cli(sys.argv[3:])
+
+
+if __name__ == "__main__":
+    main()
