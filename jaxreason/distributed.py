@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 
 import jax
+from flax import nnx
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,14 @@ def addressable(tree):
     whole = jax.sharding.NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
     gathered = iter(jax.jit(lambda xs: xs, out_shardings=whole)([x for x, s in zip(leaves, split) if s]))
     return jax.tree.unflatten(jax.tree.structure(tree), [next(gathered) if s else x for x, s in zip(leaves, split)])
+
+
+def addressable_model(model):
+    """`model`, or a copy of it whose weights are readable whole on this process (`addressable`): call it on
+    every process before one of them saves the model."""
+    graphdef, state = nnx.split(model)
+    gathered = addressable(state)
+    return model if gathered is state else nnx.merge(graphdef, gathered)
 
 
 _WHY = {

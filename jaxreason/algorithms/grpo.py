@@ -33,7 +33,7 @@ from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
-from jaxreason.distributed import is_main_process
+from jaxreason.distributed import addressable_model, is_main_process
 from jaxreason.models.pretrained import save_pretrained
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.rl.actor_critic import CriticConfig, check_advantage
@@ -171,11 +171,12 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
                  checkpoint_every=c.checkpoint_every, seed=c.seed,
                  first_row=lambda: {"step": 0, "generated_tokens": 0, "eval": evaluate()}, take_step=take_step,
                  postfix=lambda row: {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.4f}"}, critic=critic)
+    policy = addressable_model(trainer.policy)  # the weights may be split over the processes
     if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}
     folder = run_dir / "models" / "policy"
     if not folder.exists():
-        save_pretrained(trainer.policy, tokenizer, folder)
+        save_pretrained(policy, tokenizer, folder)
     return write_grpo_report(run_dir, to_dict(c), history.rows)
 
 

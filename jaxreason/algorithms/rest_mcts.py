@@ -24,7 +24,6 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
@@ -45,7 +44,7 @@ from jaxreason.data.trace_store import (
     Trace,
     unique_traces,
 )
-from jaxreason.distributed import addressable, is_main_process, sync
+from jaxreason.distributed import addressable_model, is_main_process, sync
 from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
@@ -343,9 +342,7 @@ def _export(r: _Run, t: int, policy, prm: ValueModel) -> None:
                if not (r.run_dir / "models" / f"{name}_{t}").exists()]
     sync(f"jaxreason:rest_mcts:export_{t}")  # every process decided before process 0 writes a folder
     for folder, model, save in missing:
-        graphdef, state = nnx.split(model)
-        gathered = addressable(state)
-        whole = model if gathered is state else nnx.merge(graphdef, gathered)
+        whole = addressable_model(model)
         if is_main_process():
             save(whole, folder=folder, tokenizer=r.tokenizer)  # save_pretrained takes (model, tokenizer, folder)
     keep = r.config.keep_models

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason import sharding
+from jaxreason.distributed import addressable
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.generate import SamplingConfig, generate
 from jaxreason.sampling.prompts import pad_left
@@ -103,7 +104,8 @@ def sample_episodes(
         tokens, mask, keys = _on_mesh((tokens, mask, keys), mesh, len(prefixes))
         out = generate(model, tokens, mask, keys, sampling, eos_ids=eos_ids, pad_id=pad_id,
                        samples_per_prompt=per_prefix)
-        new, lp, lengths, stopped = (np.asarray(x) for x in (out.tokens, out.logprobs, out.lengths, out.stopped))
+        new, lp, lengths, stopped = (np.asarray(x) for x in addressable((out.tokens, out.logprobs, out.lengths,
+                                                                        out.stopped)))
         for r in range(rows):
             turns[j][r] = new[r, :lengths[r]].tolist()
             logprobs[j][r] = lp[r, :lengths[r]].tolist()

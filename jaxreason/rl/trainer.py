@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxreason import sharding
+from jaxreason.distributed import addressable
 from jaxreason.models.lora import LoRAParam, lora_disabled
 from jaxreason.rl.loss import AGGREGATIONS, policy_gradient_objective, sequence_token_logprobs
 from jaxreason.rl.rollouts import Episodes
@@ -106,7 +107,8 @@ class PolicyTrainer:
         chunks = self.config.micro_batches
         if len(tokens) % chunks:
             raise ValueError(f"{len(tokens)} rows do not split into {chunks} micro-batches")
-        return np.concatenate([np.asarray(self._logprobs(t, m, reference)) for t, m in
+        # addressable: in a multi-host job the rows lie on every process's devices; each process reads them all
+        return np.concatenate([np.asarray(addressable(self._logprobs(t, m, reference))) for t, m in
                                zip(np.split(np.asarray(tokens), chunks), np.split(np.asarray(attention_mask), chunks))])
 
     def _logprobs(self, tokens, attention_mask, reference: bool) -> jax.Array:

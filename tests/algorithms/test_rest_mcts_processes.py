@@ -1,7 +1,7 @@
 """ReST-MCTS* in a multi-process job: process 0 alone writes the run folder and the trace store.
 
 The unit tests play a process other than 0 (`is_main_process` patched to False) in this one process; the last
-test runs a shortened ReST-MCTS* as two real processes (`jaxreason train` in tests/rest_mcts_worker.py, 4 fake
+test runs a shortened ReST-MCTS* as two real processes (`jaxreason train` in tests/train_worker.py, 4 fake
 CPU devices each, one 8-device mesh over both, gloo collectives) into one run folder and compares its metrics
 with the same run in this process on its 8 devices.
 """
@@ -29,7 +29,7 @@ from jaxreason.data.trace_store import Trace, TraceStore
 from jaxreason.distributed import addressable
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 
-WORKER = Path(__file__).parents[1] / "rest_mcts_worker.py"
+WORKER = Path(__file__).parents[1] / "train_worker.py"
 TIMEOUT_S = 600
 # Smaller than test_rest_mcts's run: one iteration, and the search settings evaluate on one held-out problem.
 TWO_PROCESS = [*SHORT, "iterations=1", "evaluation.num_problems={mcts: 1}"]

@@ -1,4 +1,4 @@
-"""One process of the two-process ReST-MCTS* test (tests/algorithms/test_rest_mcts_processes.py); not collected.
+"""One process of the two-process training tests (tests/algorithms/test_*_processes.py); not collected.
 
 `python tests/rest_mcts_worker.py PROCESS_ID PORT TRAIN_ARGS...` joins a 2-process job on 127.0.0.1:PORT (run
 it with JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=4) and runs
