@@ -13,6 +13,7 @@
 
 The train state (weights, optimizer, key; the critic's too) is checkpointed every `checkpoint_every` steps and on
 SIGTERM; the per-step history is saved beside it, so `--resume` continues with the losses an uninterrupted run has.
+A finished run keeps the weights only (`update.keep_optimizer: true` keeps its last checkpoints).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.grpo_report import write_grpo_report
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, group_step, make_critic, restore_rl_state, run_rl_steps
+from jaxreason.algorithms.rl_steps import (
+    StepHistory,
+    finish_rl_run,
+    group_step,
+    make_critic,
+    restore_rl_state,
+    run_rl_steps,
+)
 from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
@@ -171,6 +179,7 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
                  checkpoint_every=c.checkpoint_every, seed=c.seed,
                  first_row=lambda: {"step": 0, "generated_tokens": 0, "eval": evaluate()}, take_step=take_step,
                  postfix=lambda row: {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.4f}"}, critic=critic)
+    finish_rl_run(run_dir / "grpo", trainer, critic, step=c.num_steps, seed=c.seed)
     policy = addressable_model(trainer.policy)  # the weights may be split over the processes
     if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}

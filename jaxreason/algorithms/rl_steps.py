@@ -4,7 +4,9 @@
 them: the per-step records (`StepHistory`, saved atomically beside the checkpoints and always before them, so a
 checkpoint is never ahead of the history it resumes), TensorBoard, the progress bar, checkpoints every
 `checkpoint_every` steps, at the end and on SIGTERM. An actor-critic run's checkpoints hold the critic's train
-state beside the policy's (`rl_state`), so the two always resume from the same step.
+state beside the policy's (`rl_state`), so the two always resume from the same step. Once a run has taken all its
+steps, `finish_rl_run` keeps its weights only (the optimizer state dropped unless `update.keep_optimizer`), which
+`restore_rl_state` reads back as it reads a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,13 +23,14 @@ import numpy as np
 
 from jaxreason.algorithms.model_states import value_model_from
 from jaxreason.algorithms.registry import RunInterrupted
-from jaxreason.distributed import is_main_process
+from jaxreason.algorithms.stages import WEIGHTS
+from jaxreason.distributed import is_main_process, sync
 from jaxreason.rl.actor_critic import GAE, CriticTrainer
 from jaxreason.rl.advantages import get_advantage, per_token
 from jaxreason.rl.rewards import RewardFn, apply_truncation, checked_rewards
 from jaxreason.rl.rollouts import Episodes, sample_episodes
 from jaxreason.sampling.generate import SamplingConfig
-from jaxreason.train.checkpoint import StopSignal
+from jaxreason.train.checkpoint import StopSignal, restore_weights, save_weights
 from jaxreason.train.metrics import MetricsLogger, progress
 
 
@@ -67,17 +71,54 @@ def rl_state(trainer, critic: CriticTrainer | None = None):
     return trainer.state if critic is None else {"policy": trainer.state, "critic": critic.state}
 
 
+FINISHED = "finished.json"  # beside `weights`: the step and seed of an RL run that took all its steps
+
+
 def restore_rl_state(checkpointer, trainer, critic: CriticTrainer | None = None) -> dict | None:
-    """Restores the latest checkpoint's `rl_state` into `trainer` (and `critic`); its metadata, or None."""
-    restored = checkpointer.restore_latest(rl_state(trainer, critic))
-    if restored is None:
-        return None
-    _, state, meta = restored
+    """Restores the run's `rl_state` into `trainer` (and `critic`): a finished run's weights (`finish_rl_run`;
+    the optimizer state stays as initialised, as no step follows), else the latest checkpoint's. Returns their
+    metadata ({"step", "seed"}), or None with neither."""
+    folder = Path(checkpointer.directory).parent
+    like = rl_state(trainer, critic)
+    if (folder / FINISHED).exists():
+        state = jax.tree.map(lambda s, w: s.replace(trainable=w["trainable"], frozen=w["frozen"]), like,
+                             restore_weights(folder / WEIGHTS, _weights(like)), is_leaf=_is_train_state)
+        meta = json.loads((folder / FINISHED).read_text())
+    else:
+        restored = checkpointer.restore_latest(like)
+        if restored is None:
+            return None
+        _, state, meta = restored
     if critic is None:
         trainer.state = state
     else:
         trainer.state, critic.state = state["policy"], state["critic"]
     return meta
+
+
+def finish_rl_run(folder: Path, trainer, critic: CriticTrainer | None = None, *, step: int, seed: int) -> None:
+    """Once the RL run whose checkpoints are in `folder/checkpoints` has taken all its `step` steps: its weights
+    (the policy's, and the critic's) go to `folder/weights` and its checkpoints, optimizer state and all, are
+    deleted, unless `update.keep_optimizer`. Weights, then `finished.json`, then the deletion: a crash in between
+    leaves the checkpoints, and the run finishes again. Call it on every process."""
+    if trainer.config.keep_optimizer or (folder / FINISHED).exists():
+        return
+    save_weights(folder / WEIGHTS, _weights(rl_state(trainer, critic)))
+    if is_main_process():
+        tmp = folder / (FINISHED + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "seed": seed}))
+        os.replace(tmp, folder / FINISHED)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    sync("jaxreason:finish_rl_run")
+
+
+def _is_train_state(x) -> bool:
+    return hasattr(x, "opt_state")
+
+
+def _weights(state):
+    """The parameters of an `rl_state` (each train state's trainable and frozen variables), no optimizer state."""
+    return jax.tree.map(lambda s: {"trainable": s.trainable, "frozen": s.frozen}, state, is_leaf=_is_train_state)
 
 
 def run_rl_steps(name: str, run_dir: Path, trainer, checkpointer, history: StepHistory, *, start: int,

@@ -37,12 +37,13 @@ from jaxreason.search.config import BaselineConfig, Budget
 from jaxreason.search.methods import run as run_method
 from jaxreason.search.rstar import Trajectory, generate_trajectories
 from jaxreason.search.rstar_config import RStarConfig
+from jaxreason.search.rstar_method import consistency_check, judge_until_selected, ranked, select
 from jaxreason.search.votes import majority_vote
 from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks.base import TaskSpec
 from jaxreason.tasks.math_answers import answers_equal
 from jaxreason.train.metrics import progress
-from jaxreason.verifiers.discriminator import Candidate, DiscriminatorConfig, check_consistency, check_vocab
+from jaxreason.verifiers.discriminator import DiscriminatorConfig, check_vocab
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +132,12 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     trajectories = [[Trajectory(**t) for t in ts] for ts in found["trajectories"]]
 
     # Each problem's selection at each rollout count of the curve: its trajectories by generator score.
-    rankings = [[_ranked(ts, r) for r in _curve_points(c)] for ts in trajectories]
+    rankings = [[ranked(ts, r) for r in _curve_points(c)] for ts in trajectories]
 
     def discriminator():
-        flat = {(i, j): n for n, (i, j) in enumerate((i, j) for i, ts in enumerate(trajectories)
-                                                       for j in range(len(ts)))}
-
-        def check(pairs):
-            r = check_consistency([Candidate(prompt=task.prompt(problems[i]), trajectory=trajectories[i][j].text,
-                                             answer=trajectories[i][j].answer) for i, j in pairs],
-                                  model=judge, tokenizer=judge_tokenizer, task=task, config=c.discriminator,
-                                  key=jax.random.fold_in(key, 2), chat=c.chat, ids=[flat[p] for p in pairs])
-            return [{"consistent": ok, "agreeing": a, "tokens": t, "calls": len(x)}
-                    for ok, a, t, x in zip(r.consistent, r.agreeing, r.tokens, r.completions)]
-
+        check = consistency_check([task.prompt(p) for p in problems], trajectories, model=judge,
+                                  tokenizer=judge_tokenizer, task=task, config=c.discriminator,
+                                  key=jax.random.fold_in(key, 2), chat=c.chat)
         verdicts = judge_until_selected(rankings, check, c.judge_per_round)
         return [{"problem": i, "trajectory": j, **v} for (i, j), v in sorted(verdicts.items())]
 
@@ -190,54 +183,8 @@ def self_consistency_at(sampled: dict, problems, spent: float) -> dict:
     return {"num_samples": n, "answers": answers, "correct": correct, "tokens": tokens[:, :n].sum(axis=1).tolist()}
 
 
-def select(ranking: list[int], consistent) -> tuple[int | None, list[int]]:
-    """The paper's final answer among trajectories ranked by generator score (best first): the first consistent
-    one (`consistent(j)`); with none consistent, the generator's best; None with no trajectory. Also returns the
-    trajectories whose verdicts it read."""
-    read = []
-    for j in ranking:
-        read.append(j)
-        if consistent(j):
-            return j, read
-    return (ranking[0] if ranking else None), read
-
-
-def judge_until_selected(rankings: list[list[list[int]]], check, per_round: int) -> dict[tuple[int, int], dict]:
-    """The discriminator's verdicts on just the trajectories the selections need.
-
-    `rankings[i]` holds problem i's selections, each its trajectories' indices best first; a selection is the
-    first consistent one of its ranking, so the trajectories ranked below it never need a verdict. Each round
-    judges, for every selection not yet decided, its next `per_round` unjudged trajectories (0: all of them), all
-    problems in one `check(pairs) -> verdicts` call. The selections are those of judging every trajectory.
-    """
-    verdicts: dict[tuple[int, int], dict] = {}
-    while True:
-        todo = {}
-        for i, selections in enumerate(rankings):
-            for ranking in selections:
-                pending = []
-                for j in ranking:
-                    if (i, j) not in verdicts:
-                        pending.append((i, j))
-                        if len(pending) == per_round:
-                            break
-                    elif verdicts[(i, j)]["consistent"]:
-                        break
-                todo.update(dict.fromkeys(pending))
-        if not todo:
-            return verdicts
-        verdicts.update(zip(todo, check(list(todo))))
-
-
 def _curve_points(c: RStarRunConfig) -> list[int]:
     return sorted(set(c.rollouts_curve) | {c.generator.num_rollouts})
-
-
-def _ranked(trajectories: list[Trajectory], rollouts: int) -> list[int]:
-    """Indices of the trajectories the first `rollouts` rollouts found, highest generator score first (ties: the
-    earliest found)."""
-    found = [j for j, t in enumerate(trajectories) if t.node <= rollouts]
-    return sorted(found, key=lambda j: -trajectories[j].score)
 
 
 def _rstar_at(rollouts: int, point: int, problems, trajectories, rankings, verdicts, node_tokens,

@@ -46,6 +46,8 @@ class PolicyGradientConfig:
     micro_batches: int = 1
     reference: str = "frozen"  # frozen: a copy of the starting weights; lora_base: adapters off; none: no KL
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, warmup_steps=0, weight_decay=0.0)
+    # a finished run keeps its checkpoints, optimizer state and all (to train on from them); default: weights only
+    keep_optimizer: bool = False
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:

@@ -5,7 +5,7 @@ signature and one registry.
                                   task=task, budget=Budget(), key=jax.random.key(0))
 """
 
-from jaxreason.search import baselines as _baselines  # noqa: F401  (registers the baselines)
+from jaxreason.search import baselines, mcts, rstar_method  # noqa: F401  (register the methods, in this order)
 from jaxreason.search.actions import ActionSpace, ActionType
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import batched_trees, search_trees

@@ -1,11 +1,13 @@
-"""What each test-time method may spend and how it searches: the baselines' and MCTS's settings, and the
-`Budget` that holds both."""
+"""What each test-time method may spend and how it searches: the baselines', MCTS's and rStar's settings, and
+the `Budget` that holds them."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from jaxreason.sampling.generate import SamplingConfig
+from jaxreason.search.rstar_config import RStarConfig
+from jaxreason.verifiers.discriminator import DiscriminatorConfig
 
 RULES = ("rest_mcts", "muzero", "gumbel")
 
@@ -115,7 +117,10 @@ class MCTSConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """How much each method may spend: samples for the baselines, simulations x K for MCTS."""
+    """How much each method may spend: samples for the baselines, simulations x K for MCTS, rollouts for rStar's
+    generator and masked completions for its discriminator."""
 
     baseline: BaselineConfig = BaselineConfig()
     mcts: MCTSConfig = MCTSConfig()
+    rstar: RStarConfig = RStarConfig()
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()

@@ -59,6 +59,15 @@ def test_run_writes_report_metrics_plots_and_the_trained_model(finished):
     assert list((finished / "tensorboard" / "grpo").iterdir())
     model, _ = load_pretrained(str(finished / "models" / "policy"))
     assert model.config.hidden_size == 32
+    # finished: the weights stay, the checkpoints (optimizer state and all) do not
+    assert (finished / "grpo" / "weights").exists() and not (finished / "grpo" / "checkpoints").exists()
+
+
+def test_a_finished_run_resumes_from_its_weights_without_a_step(finished, monkeypatch):
+    before = json.loads((finished / "metrics.json").read_text())
+    monkeypatch.setattr(grpo, "group_step", lambda *a, **k: pytest.fail("a finished step ran again"))
+    run_grpo(_config(finished), resume=True)
+    assert json.loads((finished / "metrics.json").read_text()) == before
 
 
 def test_resume_after_sigterm_gives_the_same_run(finished, tmp_path, monkeypatch):

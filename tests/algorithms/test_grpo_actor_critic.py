@@ -33,8 +33,8 @@ def test_the_step_records_carry_the_critics_fit(finished):
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     for s in steps:
         assert s["critic_loss"] > 0 and 0 < s["value_mae"] < 1 and s["kl"] >= -1e-6
-    # the critic's checkpoint lies beside the policy's, in the same step folder
-    saved = json.loads((finished / "grpo" / "checkpoints" / "4" / "state" / "_METADATA").read_text())
+    # the critic's weights lie beside the policy's in the finished run's weights (as in its checkpoints)
+    saved = json.loads((finished / "grpo" / "weights" / "_METADATA").read_text())
     paths = " ".join(saved["tree_metadata"])
     assert "policy" in paths and "critic" in paths
 

@@ -3,17 +3,23 @@ rows, resume, gold answers that never reach generation or selection, and the err
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import tiny
 from tiny import TOKENIZER
 
+from jaxreason import search
 from jaxreason.algorithms import rstar
 from jaxreason.algorithms.registry import load_algorithm_config
-from jaxreason.algorithms.rstar import judge_until_selected, run_rstar, select
+from jaxreason.algorithms.rstar import run_rstar
 from jaxreason.cli import main
 from jaxreason.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from jaxreason.models.pretrained import save_pretrained, save_value_model
+from jaxreason.models.spec import build_model
+from jaxreason.search import rstar_method
+from jaxreason.search.config import Budget
+from jaxreason.search.rstar_method import judge_until_selected, select
 from jaxreason.tasks import ArithTask
 
 CONFIG = "configs/rstar/smollm2_arith.yaml"
@@ -90,7 +96,7 @@ def test_resume_reads_every_stage_back(finished, memorised, monkeypatch):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr(rstar, "generate_trajectories", fail)
-    monkeypatch.setattr(rstar, "check_consistency", fail)
+    monkeypatch.setattr(rstar_method, "check_consistency", fail)
     monkeypatch.setattr(rstar, "run_method", fail)
     monkeypatch.setattr(rstar, "draw_solutions", fail)
     _, config = load_algorithm_config(CONFIG, _args(memorised, finished))
@@ -119,6 +125,24 @@ def test_gold_answers_reach_only_the_accuracy(finished, memorised, tmp_path, mon
                 for d in (finished, tmp_path / "run")]
     assert accuracy[0]["greedy chain of thought"] == 1.0 and not any(accuracy[1].values())
     assert accuracy[0]["rStar generator + discriminator"] > 0
+
+
+def test_the_test_time_method_picks_what_the_run_picks(finished, memorised):
+    """`search.run("rstar")` (the scaling study's rStar) is the run's generator + discriminator at all rollouts:
+    the same answers, and its tokens those of the tree plus the verdicts the selection read."""
+    _, config = load_algorithm_config(CONFIG, _args(memorised, finished))
+    policy, tokenizer = build_model(config.policy, config.seed)
+    task = config.task.build()
+    result = search.run("rstar", task.problems("test", n=NUM_PROBLEMS, seed=config.seed), policy=policy,
+                        tokenizer=tokenizer, task=task, budget=Budget(rstar=config.generator,
+                                                                      discriminator=config.discriminator),
+                        key=jax.random.key(config.seed), chat=config.chat)
+    picked = json.loads((finished / "results.json").read_text())["rstar"]["discriminator"]
+    assert result.answers == picked
+    final = json.loads((finished / "metrics.json").read_text())["curve"][-1]
+    assert result.generated_tokens.mean() == pytest.approx(final["tokens_per_question"]["discriminator"])
+    assert result.generated_tokens.mean() > final["tokens_per_question"]["majority"]  # the verdicts read
+    assert result.accuracy == final["discriminator"]
 
 
 def test_select_reads_the_ranking_down_to_the_first_consistent():

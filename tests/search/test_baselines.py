@@ -270,8 +270,8 @@ def recorded():
 def test_registry_run_and_compare(recorded, policy, verifier):
     """The built-in methods are registered in order with what they need; `run` hands a method the verifier only
     when it needs one, and `compare` runs each method with `fold_in(key, i)` and reports its totals."""
-    assert method_names()[:len(BASELINES) + 1] == [*BASELINES, "mcts"]
-    assert [needs_verifier(m) for m in (*BASELINES, "mcts")] == [False, False, True, True, True, True]
+    assert method_names()[:len(BASELINES) + 2] == [*BASELINES, "mcts", "rstar"]
+    assert [needs_verifier(m) for m in (*BASELINES, "mcts", "rstar")] == [False, False, True, True, True, True, False]
     assert method_names()[-2:] == ["recorded", "recorded_scoring"]
     with pytest.raises(ValueError, match="already registered"):
         register_method("greedy", lambda *a, **k: None, needs_verifier=False)

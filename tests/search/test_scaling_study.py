@@ -178,7 +178,7 @@ def test_analyse_reports_the_ratio_at_which_compute_optimal_matches_best_of_n():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_scaling_config_loads(path):
     config = load_config(ScalingConfig, path)
-    assert {s.method for s in config.runs} >= {"greedy", "beam_search", "mcts"}
+    assert {s.method for s in config.runs} >= {"greedy", "beam_search", "mcts", "rstar"}
     assert len(CONFIGS) == 3
 
 

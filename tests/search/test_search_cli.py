@@ -34,7 +34,7 @@ def test_without_a_verifier_the_scoring_methods_are_not_run(tmp_path, capsys):
     # The methods that run first, in the config's order, then those not run.
     assert [r["method"] for r in rows] == ([m for m in METHODS if not needs_verifier(m)] +
                                            [m for m in METHODS if needs_verifier(m)])
-    assert [r["method"] for r in rows if "skipped" not in r] == ["greedy", "self_consistency"]
+    assert [r["method"] for r in rows if "skipped" not in r] == ["greedy", "self_consistency", "rstar"]
     for line, row in zip(printed[1:], rows):
         assert line.split()[0] == row["method"] and row["problems"] == 4
         if "skipped" in row:
