@@ -12,7 +12,8 @@ as judging every one, for fewer discriminator tokens. Compared in the same run, 
 prompt: greedy chain of thought, self-consistency with as many sampled tokens as rStar spent (generator and
 discriminator), and the generator's trajectories by majority vote; accuracy against rollouts from the same
 trees (a search's first r rollouts are the search with r). Each stage's result is kept in the run folder, so
-`--resume` continues at the first unfinished one.
+`--resume` continues at the first unfinished one. In a multi-process job every process runs every stage (the
+generator's batches split over all processes' devices, its trees gathered); process 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.rstar_report import write_rstar_report
 from jaxreason.algorithms.stages import StageLog, open_run_dir
 from jaxreason.config import to_dict
+from jaxreason.distributed import is_main_process, sync
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import prompt_ids
@@ -167,9 +169,11 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
 
     results["self_consistency"] = self_consistency_at(stages.run("samples", samples), problems, spent)
     metrics = _metrics(c, results, curve)
-    (run_dir / "results.json").write_text(json.dumps(
-        {"gold": [p.answer for p in problems], **results}, indent=1))
-    write_rstar_report(run_dir, to_dict(c), metrics)
+    if is_main_process():  # every process ran every stage; one writes
+        (run_dir / "results.json").write_text(json.dumps(
+            {"gold": [p.answer for p in problems], **results}, indent=1))
+        write_rstar_report(run_dir, to_dict(c), metrics)
+    sync("jaxreason:rstar:written")
     return metrics
 
 

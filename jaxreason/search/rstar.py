@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxreason import sharding
+from jaxreason.distributed import addressable
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.alignment import right_align
@@ -709,6 +710,7 @@ def generate_trajectories(problems: Sequence[Problem], *, policy: CausalLM, toke
     with progress(len(problems), description="rstar") as bar:
         for tree, real in rstar_trees(problems, policy=policy, tokenizer=tokenizer, task=task, config=config, key=key,
                                       chat=chat, mesh=mesh, verifier=verifier):
+            tree = addressable(tree)  # split over the processes of a multi-host mesh: gathered before it is read
             created = np.asarray(tree.node_visits) > 0
             tokens.append((np.asarray(tree.embeddings.generated_tokens) * created)[:real])
             calls.append((np.asarray(tree.embeddings.model_calls) * created)[:real])

@@ -9,7 +9,8 @@ scaling study (`jaxreason.search.scaling`) as a resumable run.
     the study: bins, budgets, compute-optimal choice -> metrics.json, report.md, PNG plots
 
 Every finished stage is in `run_dir/stages.json` (training stages also checkpoint under `run_dir/<stage>/`), so a
-second invocation with the same config redoes nothing it finished and rewrites the report.
+second invocation with the same config redoes nothing it finished and rewrites the report. In a multi-process job
+every process runs every stage (the searches split over all processes' devices); process 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.config import from_dict
 from jaxreason.data.trace_batches import sft_batch, value_batch
 from jaxreason.data.trace_store import FLAG_ROLLOUT
+from jaxreason.distributed import is_main_process
 from jaxreason.models.spec import ModelSpec
 from jaxreason.sampling.continuations import sample_continuations
 from jaxreason.sampling.prompts import eos_ids, prompt_ids
@@ -181,8 +183,9 @@ def _study(r: StoreRun, policy) -> None:
     metrics = analyse(settings, pass_rates, tokens_per_sample, num_bins=c.num_bins, seed=c.seed,
                       reference=c.reference)
     metrics["seconds"] = {name: result["seconds"] for name, result in r.stages.results.items() if "seconds" in result}
-    (r.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_scaling_report(r.run_dir, dataclasses.asdict(c), metrics)
+    if is_main_process():  # every process ran every stage; one writes
+        (r.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_scaling_report(r.run_dir, dataclasses.asdict(c), metrics)
 
 
 def _train_prm(r: StoreRun, policy) -> Verifier:
@@ -206,7 +209,7 @@ def _warmup_data(r: StoreRun, policy) -> dict:
         key=r.key_for("warmup"), sampling=w.sampling, max_steps=w.max_steps, chat=c.chat,
         rollout_traces=w.rollout_traces)
     if not len(r.store.select(iteration=0, flags_all=FLAG_ROLLOUT)):  # an earlier run killed before logging
-        r.store.append(traces)
+        r.append(traces)
     return {"traces": len(traces), "generated_tokens": generated}
 
 
