@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import machine
+
 PROMPT = (
     "Solve step by step. A farmer has 17 sheep and buys 3 times as many goats as sheep. "
     "He then sells 12 goats and gives away a quarter of the sheep, rounded down. "
@@ -116,6 +118,8 @@ def main():
     for name, r in results.items():
         r["tokens_per_s"] = r["new_tokens"] / r["seconds"]
     jx, pt = results["jax"], results["torch"]
+    info = machine.describe()
+    print(machine.header(info))
     print(f"SmolLM2-135M decode, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"sampling, {args.dtype}, median of {args.repeats}")
     print(f"  jaxreason     {jx['tokens_per_s']:8.1f} tokens/s  ({jx['seconds']:.2f} s; "
@@ -124,7 +128,7 @@ def main():
           f"first call {pt['warmup_seconds']:.1f} s; peak RSS {pt['peak_rss_mb']:.0f} MB; "
           f"torch threads {pt['threads']})")
     print(f"  ratio jaxreason / transformers: {jx['tokens_per_s'] / pt['tokens_per_s']:.2f}x")
-    print(json.dumps(results))
+    print(json.dumps({**results, "machine": info}))
 
 
 if __name__ == "__main__":

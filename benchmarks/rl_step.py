@@ -78,6 +78,8 @@ import sys
 import tempfile
 import time
 
+import machine
+
 SYSTEM = "You solve arithmetic problems step by step."
 QUESTION = "A shop has {a} apples and gets {b} boxes of {c} apples. How many apples now? End with 'The answer is N'."
 LR, BETAS, EPS, MAX_GRAD_NORM, KL_COEF = 1e-6, (0.9, 0.95), 1e-8, 1.0, 0.04
@@ -352,6 +354,8 @@ def main():
 
     rows = args.prompts * args.group_size
     jx = results["jax"]
+    info = machine.describe()
+    print(machine.header(info))
     print(f"SmolLM2-135M GRPO iteration: {args.prompts} prompts x {args.group_size} samples x {args.new_tokens} "
           f"new tokens (EOS ignored), one update over [{rows}, {jx['width']}] tokens, float32, AdamW lr {LR:g}, "
           f"KL {KL_COEF} (k3); median of {args.iterations} iterations after 1 warm-up")
@@ -397,7 +401,7 @@ def main():
         print(f"  ratio transformers / jaxreason: {pt['total_seconds'] / jx['total_seconds']:.2f}x total iteration "
               f"time (rollout tokens/s {jx['rollout_tokens_per_s'] / pt['rollout_tokens_per_s']:.2f}x, update "
               f"{pt['update_seconds'] / jx['update_seconds']:.2f}x)")
-    print(json.dumps({**results, "torch_tries": torch_tries}))
+    print(json.dumps({**results, "torch_tries": torch_tries, "machine": info}))
     if failed:
         sys.exit("; ".join(failed))
 

@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine
 import numpy as np
 from flax import nnx
 
@@ -87,6 +88,7 @@ def main():
     same = all(np.array_equal(x[2], y[2]) for x, y in zip(results["a_batched"]["trees"],
                                                           results["b_one_at_a_time"]["trees"]))
     a = results["a_batched"]
+    print(machine.header())
     print(f"model {args.model}, {len(problems)} questions, {args.rollouts} rollouts, {jax.device_count()} device(s)")
     print(f"ratio a/b: {a['questions_per_s'] / results['b_one_at_a_time']['questions_per_s']:.2f}x")
     print(f"per question: {a['tokens_per_question']:.0f} tokens sampled, {a['calls_per_question']:.1f} model calls "

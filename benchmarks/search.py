@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 
+import machine
+
 ENGINES = ("a_batched", "b_one_at_a_time", "c_python_torch", "d_per_candidate")
 ONE_DEVICE = "a1_one_device"  # (a) on a single device using every core: what splitting over devices gains
 JAX_ENGINES = ("a_batched", "b_one_at_a_time", ONE_DEVICE)
@@ -274,6 +276,8 @@ def main():
     for r in results.values():
         r["nodes_per_s"] = r["nodes"] / r["seconds"]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    info = machine.describe()
+    print(machine.header(info))
     print(f"search, {args.model}: {args.problems} problems, {args.simulations} simulations x K={args.candidates}, "
           f"steps <= {args.step_tokens} tokens, {args.dtype}; expansion sizes {args.expansion_sizes}, decode shrink "
           f"{args.shrink_at or 'none'}, prefill packing {args.prefill_packing or 'none'}; (c), (d) timed on "
@@ -290,7 +294,7 @@ def main():
           f"ratio a/d (/ one generate per candidate): {a / d:.1f}x   ratio a/b: {a / b:.1f}x"
           + (f"   ratio a/a1 (devices / one device): {a / results[ONE_DEVICE]['nodes_per_s']:.2f}x"
              if args.one_device else ""))
-    print(json.dumps({"model": args.model, **results}))
+    print(json.dumps({"model": args.model, **results, "machine": info}))
 
 
 if __name__ == "__main__":

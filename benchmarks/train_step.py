@@ -48,6 +48,8 @@ import subprocess
 import sys
 import time
 
+import machine
+
 PROBLEM = (
     "Solve step by step. A farmer has {a} sheep and buys {m} times as many goats as sheep. "
     "He then sells {s} goats and gives away a quarter of the sheep, rounded down. "
@@ -250,6 +252,8 @@ def main():
         r["mfu_own_peak"] = r["achieved_gflops"] / r["matmul_gflops"]
 
     jx = results["jax"]
+    info = machine.describe()
+    print(machine.header(info))
     print(f"SmolLM2-135M SFT train step, batch {args.batch} x {args.seq_len} tokens, loss on the second half, "
           f"float32, AdamW + clip 1.0, median of {args.steps} steps after {args.warmup} warm-up")
     print(f"  FLOPs/step = 6*N*B*T + 12*L*E*T^2*B = {jx['flops_per_step'] / 1e12:.3f} TFLOP "
@@ -282,7 +286,7 @@ def main():
             failed.append("the two engines did not do the same work (see 'same work' above)")
         print(f"  ratio jaxreason / transformers: {jx['tokens_per_s'] / pt['tokens_per_s']:.2f}x tokens/s "
               f"(median steps; best steps: {pt['best_seconds'] / jx['best_seconds']:.2f}x)")
-    print(json.dumps(results))
+    print(json.dumps({**results, "machine": info}))
     if failed:
         sys.exit("; ".join(failed))
 

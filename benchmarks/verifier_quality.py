@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import jax
+import machine
 
 from jaxreason.algorithms.rest_mcts import RestMCTSConfig
 from jaxreason.config import from_dict
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--noise", default="0,2,4,8", help="noise levels of the task-check verifier")
     parser.add_argument("--output", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    print(machine.header(), flush=True)
 
     run_dir = Path(args.run)
     raw = json.loads((run_dir / "config.json").read_text())
