@@ -120,6 +120,21 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def put_rows(arrays: tuple, mesh: Mesh) -> tuple:
+    """`arrays` placed with their rows (first axis) split over the mesh's batch axes, as `batch_sharding` splits
+    them. A PRNG key array goes as its raw key data and is wrapped back: device_put refuses typed keys for a mesh
+    over several processes."""
+    rows = batch_sharding(mesh, ndim=1)
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), rows),
+                                            impl=jax.random.key_impl(x))
+        return jax.device_put(x, rows)
+
+    return tuple(put(x) for x in arrays)
+
+
 def batch_devices(mesh: Mesh) -> int:
     """How many parts `batch_sharding` splits a batch into (data x fsdp); its row count must divide by it."""
     return math.prod(mesh.shape[a] for a in BATCH_AXES)

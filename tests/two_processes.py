@@ -1,5 +1,6 @@
 """Runs `jaxreason train ARGS` as a two-process jax.distributed job (tests/train_worker.py, 4 fake CPU devices
-each, one 8-device mesh over both) while this process runs its reference; not collected."""
+each, one 8-device mesh over both) while this process runs its reference, and compares what the two runs share;
+not collected."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ WORKER = Path(__file__).parent / "train_worker.py"
 
 
 def train_in_two_processes(logs_dir: Path, args: list[str], reference: Callable[[], object],
-                           timeout_s: float = 600) -> None:
+                           timeout_s: float = 600) -> list[str]:
     """Starts both processes on `args`, calls `reference()` here while they run, and fails with both processes'
-    output when either exits non-zero or they outlast `timeout_s`."""
+    output when either exits non-zero or they outlast `timeout_s`; returns each process's stdout."""
     port = _free_port()
     procs, logs = [], []
     try:
@@ -41,3 +42,18 @@ def train_in_two_processes(logs_dir: Path, args: list[str], reference: Callable[
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], _tails(logs)
+    outputs = []
+    for out, _ in logs:
+        out.seek(0)
+        outputs.append(out.read())
+    return outputs
+
+
+def structure(metrics):
+    """The metrics' structure: nested keys and list lengths, every number replaced by its type (wall times left
+    out), which a two-process run shares with the one-process run even where its floats differ."""
+    if isinstance(metrics, dict):
+        return {k: structure(v) for k, v in metrics.items() if k != "seconds"}
+    if isinstance(metrics, list):
+        return [structure(v) for v in metrics]
+    return type(metrics).__name__

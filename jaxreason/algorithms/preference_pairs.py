@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxreason.data.trace_store import FLAG_CORRECT, Trace, pad_traces
+from jaxreason.distributed import addressable
 from jaxreason.sampling.buckets import round_up
 from jaxreason.train.losses import sequence_logprob
 
@@ -79,7 +80,7 @@ def with_reference(pairs: Sequence[Pair], reference, max_len: int, pad_id: int, 
         batch = pad_traces(chunk + chunk[-1:] * (chunk_rows - real), width, pad_id)
         logp = _sequence_logprobs(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]),
                                   jnp.asarray(batch["loss_mask"]))
-        out.append(np.asarray(logp)[:real])
+        out.append(np.asarray(addressable(logp))[:real])  # the reference may be split over the processes
     logp = np.concatenate(out)
     return [dataclasses.replace(p, ref_chosen=float(logp[2 * i]), ref_rejected=float(logp[2 * i + 1]))
             for i, p in enumerate(pairs)]

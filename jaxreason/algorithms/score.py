@@ -21,6 +21,8 @@ Attempt 2's reward is taken relative to r1 before the group estimator: r1 is fix
 as a baseline it leaves the gradient's expectation alone, while the group's episodes, each with its own first
 attempt, would otherwise mostly tell whether attempt 1 was right (a copied right answer would be reinforced and
 a copied wrong one punished, which taught this tiny model to stop copying altogether).
+
+A multi-process job runs every stage on every process; process 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, run_rl_steps
+from jaxreason.algorithms.rl_steps import StepHistory, finish_rl_run, restore_rl_state, run_rl_steps
 from jaxreason.algorithms.score_report import write_score_report
 from jaxreason.algorithms.self_correction import (
     DEFAULT_INSTRUCTION,
@@ -51,12 +53,11 @@ from jaxreason.algorithms.self_correction import (
     star_corrections,
     two_attempt_trace,
 )
-from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.algorithms.stages import StageLog, export_models, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
-from jaxreason.distributed import is_main_process
-from jaxreason.models.pretrained import save_pretrained
+from jaxreason.distributed import is_main_process, sync
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.rl.advantages import get_advantage, per_token
 from jaxreason.rl.rewards import checked_rewards, task_reward
@@ -265,12 +266,9 @@ def run_score(config: ScoreConfig, resume: bool = False) -> dict:
                 r.sft(name, models[name], data[name]())
                 results[name] = r.stages.run(f"eval_{name}", lambda: r.evaluate(models[name]))
     trainer = _reinforce(r, copy_of(policy, base), results["base"])
-    if not is_main_process():
+    export_models(run_dir, tokenizer, {"policy": trainer.policy, **models})
+    if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}
-    for name, model in {"policy": trainer.policy, **models}.items():
-        folder = run_dir / "models" / name
-        if not folder.exists():
-            save_pretrained(model, tokenizer, folder)
     return write_score_report(run_dir, to_dict(c), r.stages.results, StepHistory(_history_path(r)).rows)
 
 
@@ -290,7 +288,8 @@ def _format_traces(r: _Run, problems) -> list:
 
 def _base_episodes(r: _Run, policy) -> CheckedEpisodes:
     """The base model's episodes on the first `baselines.problems` training problems, kept in the run folder
-    (`baselines/episodes.json`, written atomically) so a resumed run trains the baselines on the same data."""
+    (`baselines/episodes.json`, written atomically by process 0; every process draws the same episodes) so a
+    resumed run trains the baselines on the same data."""
     b = r.config.baselines
     path = r.run_dir / "baselines" / "episodes.json"
     if path.exists():
@@ -298,14 +297,16 @@ def _base_episodes(r: _Run, policy) -> CheckedEpisodes:
         return CheckedEpisodes(prompts=raw["prompts"], first=raw["first"], second=raw["second"],
                                rewards=np.asarray(raw["rewards"], np.float32),
                                problem_index=np.asarray(raw["problem_index"], np.int32))
+    sync("jaxreason:score:base_episodes")  # every process looked for the file before process 0 writes it
     episodes = r.draw(policy, r.train[:b.problems], jax.random.fold_in(r.key, 2), r.config.sampling, b.group_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"prompts": episodes.prompts, "first": [list(map(int, a)) for a in episodes.first],
-                               "second": [list(map(int, a)) for a in episodes.second],
-                               "rewards": np.asarray(episodes.rewards).tolist(),
-                               "problem_index": np.asarray(episodes.problem_index).tolist()}))
-    os.replace(tmp, path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"prompts": episodes.prompts, "first": [list(map(int, a)) for a in episodes.first],
+                                   "second": [list(map(int, a)) for a in episodes.second],
+                                   "rewards": np.asarray(episodes.rewards).tolist(),
+                                   "problem_index": np.asarray(episodes.problem_index).tolist()}))
+        os.replace(tmp, path)
     r.stages.run("base_episodes", lambda: correction_metrics(np.asarray(episodes.rewards)))
     return episodes
 
@@ -320,7 +321,7 @@ def _reinforce(r: _Run, policy, base_metrics: dict) -> PolicyTrainer:
     trainer = PolicyTrainer(policy, c.update, mesh=r.mesh, num_updates=c.num_steps * c.updates_per_step, seed=c.seed)
     checkpointer = trainer.checkpointer(r.run_dir / "score" / "checkpoints")
     history = StepHistory(_history_path(r))
-    meta = trainer.restore(checkpointer)
+    meta = restore_rl_state(checkpointer, trainer)
     start = 0 if meta is None else int(meta["step"])
     history.truncate(start)
     prompts = r.prompts(r.train)
@@ -361,6 +362,7 @@ def _reinforce(r: _Run, policy, base_metrics: dict) -> PolicyTrainer:
                  take_step=take_step,
                  postfix=lambda row: {"stage": row["stage"], "r1": f"{row['reward_t1']:.3f}",
                                       "r2": f"{row['reward_t2']:.3f}"})
+    finish_rl_run(r.run_dir / "score", trainer, step=c.num_steps, seed=c.seed)
     return trainer
 
 

@@ -18,7 +18,8 @@ arXiv 2408.15240) and a Bradley-Terry reward model, which in turn learn from the
 
 The gold answers label the verifiers' training data (D_t's correctness) and score the evaluation; the generator's
 reward never reads them. Samples go to the trace store `run_dir/traces` (iteration = the RL step that drew them, 0
-for D_0), models to orbax checkpoints; `--resume` continues from the last checkpoint of each part.
+for D_0), models to orbax checkpoints; `--resume` continues from the last checkpoint of each part. A multi-process
+job runs the same loop on every process, on one shared run folder that process 0 alone writes (`StoreRun`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,22 @@ from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, group_step, make_critic, restore_rl_state, run_rl_steps
+from jaxreason.algorithms.rl_steps import (
+    StepHistory,
+    finish_rl_run,
+    group_step,
+    make_critic,
+    restore_rl_state,
+    run_rl_steps,
+)
 from jaxreason.algorithms.selfplay_report import write_selfplay_report
+from jaxreason.algorithms.stages import export_models
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch, value_batch
 from jaxreason.data.trace_store import FLAG_CORRECT, Trace, unique_traces
-from jaxreason.models.pretrained import save_pretrained, save_value_model
+from jaxreason.distributed import is_main_process
 from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
 from jaxreason.rl.actor_critic import CriticConfig, check_advantage
@@ -248,7 +257,7 @@ class _Player:
             completions = episodes.attempt(0)
             gold = checked_rewards(self.gold, problems, prompts, completions)  # labels and the report only
             if self.keep_samples and not len(r.store.select(iteration=step + 1)):  # a redone step wrote them
-                r.store.append(_traces(self.ids[owners], step + 1, prompts, completions, gold))
+                r.append(_traces(self.ids[owners], step + 1, prompts, completions, gold))
             lengths = np.asarray(episodes.turn_lengths[:, 0])
             row = {"step": step + 1, "reward": float(rewards.mean()), "gold_accuracy": float(gold.mean()),
                    "reward_auc": roc_auc(rewards, gold > 0),
@@ -271,6 +280,8 @@ class _Player:
                                                                "gold": f"{row['gold_accuracy']:.3f}"},
                      critic=self.critic)
         self.done = until
+        if until == c.num_steps:  # the last round: the weights stay, the optimizer state goes
+            finish_rl_run(r.run_dir / self.name, self.trainer, self.critic, step=until, seed=c.seed)
 
     def evaluate(self) -> dict[str, float]:
         r = self.r
@@ -314,8 +325,9 @@ def _loop(r: _Run, policy) -> None:
     verifiers = _comparison_verifiers(r, policy, base, ids, genrm, reward_model, judge)
     r.stages.run("comparison", lambda: _compare(r, player.trainer.policy, verifiers))
     _export(r, models, verifiers, reward_model)
-    write_selfplay_report(r.run_dir, to_dict(c), r.stages.results, {
-        "selfplay": player.history.rows, "grpo_gold": baseline.history.rows if c.gold_baseline else []})
+    if is_main_process():  # the others read metrics.json back (`run_with_store`)
+        write_selfplay_report(r.run_dir, to_dict(c), r.stages.results, {
+            "selfplay": player.history.rows, "grpo_gold": baseline.history.rows if c.gold_baseline else []})
 
 
 # ---------------------------------------------------------------- stages
@@ -332,8 +344,8 @@ def _samples_0(r: _Run, policy) -> dict:
                                            [r.tokenizer.decode(s.tolist(), skip_special_tokens=True)
                                             for _, s in rows]), np.float32)
     if not len(r.store.select(iteration=0)):
-        r.store.append(_traces(np.asarray(ids)[[i for i, _ in rows]], 0, [prompts[i] for i, _ in rows],
-                               [s for _, s in rows], correct))
+        r.append(_traces(np.asarray(ids)[[i for i, _ in rows]], 0, [prompts[i] for i, _ in rows],
+                         [s for _, s in rows], correct))
     return {"samples": len(rows), "accuracy": float(correct.mean()),
             "generated_tokens": int(sum(len(s) for _, s in rows))}
 
@@ -436,19 +448,14 @@ def _traces(problem_ids, iteration: int, prompts, completions, correct) -> list[
 
 
 def _export(r: _Run, models: dict, verifiers: dict[str, Verifier], reward_model: ValueModel) -> None:
-    """The final models as Hugging Face folders under `models/` (an existing folder stays)."""
+    """The final models as Hugging Face folders under `models/` (`export_models`: an existing folder stays)."""
     folders = dict(models)
     if "genrm_cot" in verifiers:
         folders["genrm_cot"] = verifiers["genrm_cot"].model
     if "dpo" in verifiers:
         folders["dpo_verifier"] = verifiers["dpo"].model
-    for name, model in folders.items():
-        if not (r.run_dir / "models" / name).exists():
-            save_pretrained(model, r.tokenizer, r.run_dir / "models" / name)
     values = {"reward_model": reward_model} | ({"orm": verifiers["orm"].model} if "orm" in verifiers else {})
-    for name, model in values.items():
-        if not (r.run_dir / "models" / name).exists():
-            save_value_model(model, folder=r.run_dir / "models" / name, tokenizer=r.tokenizer)
+    export_models(r.run_dir, r.tokenizer, folders, values)
 
 
 def _setup(config: SelfPlayConfig, tokenizer, resume: bool) -> _Run:

@@ -4,6 +4,7 @@
 every stage, so a run killed at any moment resumes at the first unfinished stage. Training stages also
 checkpoint inside themselves (orbax), so they resume mid-stage, and keep only their weights once finished.
 In a multi-process job every process runs every stage and holds its result; process 0 alone writes the log.
+`export_models` writes a run's final models the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from flax import nnx
 from jaxreason.algorithms.registry import RunInterrupted
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_store import TooLongError
-from jaxreason.distributed import is_main_process, sync
+from jaxreason.distributed import addressable_model, is_main_process, sync
+from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.train.checkpoint import restore_weights, save_weights
 from jaxreason.train.fit import FitConfig, fit
 
@@ -131,3 +133,20 @@ def open_run_dir(path: str | Path, config: dict, resume: bool, *, marker: str = 
         saved.write_text(json.dumps(as_json, indent=2))
     sync("jaxreason:open_run_dir:made")
     return run_dir
+
+
+def export_models(run_dir: Path, tokenizer, models: dict[str, nnx.Module | None],
+                  value_models: dict[str, nnx.Module | None] | None = None) -> None:
+    """`models` (`save_pretrained`) and `value_models` (`save_value_model`) as Hugging Face folders
+    `run_dir/models/<name>`; a None entry is skipped, and an existing folder stays (an earlier run of the same
+    stages wrote it). Every process gathers the weights, which may be split over the processes
+    (`addressable_model`, a collective); process 0 writes."""
+    saves = [(name, model, save_pretrained) for name, model in models.items()]
+    saves += [(name, model, save_value_model) for name, model in (value_models or {}).items()]
+    missing = [(run_dir / "models" / name, model, save) for name, model, save in saves
+               if model is not None and not (run_dir / "models" / name).exists()]
+    sync("jaxreason:export_models")  # every process decided what is missing before process 0 writes
+    for folder, model, save in missing:
+        whole = addressable_model(model)
+        if is_main_process():
+            save(whole, folder=folder, tokenizer=tokenizer)

@@ -30,7 +30,8 @@ first step after which the estimated success falls to about 0) is the step its a
 
 Samples and values land in `run_dir/synthetic/` (JSON), each stage's result in `stages.json`, model states in
 orbax checkpoints under `run_dir/<stage>/`; `--resume` continues from the last finished stage (an RL stage from
-its last checkpoint).
+its last checkpoint). A multi-process job runs every stage on every process; process 0 alone writes the run folder
+and the others read the synthetic data back from it.
 """
 
 from __future__ import annotations
@@ -50,15 +51,14 @@ from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot
 from jaxreason.algorithms.registry import register_algorithm
-from jaxreason.algorithms.rl_steps import StepHistory, run_rl_steps
-from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.algorithms.rl_steps import StepHistory, finish_rl_run, restore_rl_state, run_rl_steps
+from jaxreason.algorithms.stages import StageLog, export_models, open_run_dir
 from jaxreason.algorithms.step_rl_report import write_step_rl_report
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
 from jaxreason.data.trace_store import FLAG_CORRECT, Trace
-from jaxreason.distributed import is_main_process
-from jaxreason.models.pretrained import save_pretrained
+from jaxreason.distributed import is_main_process, sync
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.rl.advantages import per_token, step_advantages
 from jaxreason.rl.offline_episodes import offline_episodes
@@ -329,12 +329,9 @@ def run_step_rl(config: StepRLConfig, resume: bool = False) -> dict:
         r.stages.run(f"eval_step_rl_{n}", lambda: r.evaluate(models["step_rl"]))
         data.append(_data_row(r, n, samples, owners[:rows], completions[:rows], correct[:rows],
                               counts[:rows], values[:rows], None if first_wrong is None else first_wrong[:rows]))
+    export_models(run_dir, tokenizer, models)  # the largest n's policies
     if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}
-    for name, model in models.items():  # the largest n's policies
-        folder = run_dir / "models" / name
-        if not folder.exists():
-            save_pretrained(model, tokenizer, folder)
     pits = pit_statistics(values, correct, c.values.pit_threshold, first_wrong)
     return write_step_rl_report(run_dir, to_dict(c), r.stages.results, data, pits)
 
@@ -343,19 +340,22 @@ def run_step_rl(config: StepRLConfig, resume: bool = False) -> dict:
 
 
 def _saved_stage(r: _Run, name: str, make) -> dict:
-    """Stage `name` whose data is a JSON file `synthetic/<name>.json` (written before the stage is logged, so a
-    logged stage's file exists) and whose logged result is a summary: `make()` -> (data, summary); the data."""
+    """Stage `name` whose data is a JSON file `synthetic/<name>.json` (written by process 0 before the stage is
+    logged, so a logged stage's file exists) and whose logged result is a summary: `make()` -> (data, summary);
+    the data, as every process reads it back from the file."""
     path = r.run_dir / "synthetic" / f"{name}.json"
 
     def run():
         data, summary = make()
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        if is_main_process():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, path)
         return summary
 
     r.stages.run(name, run)
+    sync(f"jaxreason:step_rl:{name}")  # the file is written
     return json.loads(path.read_text())
 
 
@@ -426,7 +426,7 @@ def _train_step_rl(r: _Run, model, episodes, advantages: np.ndarray, name: str) 
     trainer = PolicyTrainer(model, c.update, mesh=r.mesh, num_updates=steps * c.updates_per_batch, seed=c.seed)
     checkpointer = trainer.checkpointer(r.run_dir / name / "checkpoints")
     history = StepHistory(r.run_dir / name / "history.json")
-    meta = trainer.restore(checkpointer)
+    meta = restore_rl_state(checkpointer, trainer)
     start = 0 if meta is None else int(meta["step"])
     history.truncate(start)
     batches = shuffled_batches(np.asarray, num_rows, c.rft.batch_size, c.seed)(start)
@@ -441,6 +441,7 @@ def _train_step_rl(r: _Run, model, episodes, advantages: np.ndarray, name: str) 
     run_rl_steps(name, r.run_dir, trainer, checkpointer, history, start=start, num_steps=steps,
                  checkpoint_every=c.checkpoint_every, seed=c.seed, first_row=lambda: {"step": 0},
                  take_step=take_step, postfix=lambda row: {"loss": f"{row['loss']:.4f}", "kl": f"{row['kl']:.4f}"})
+    finish_rl_run(r.run_dir / name, trainer, step=steps, seed=c.seed)  # before the stage is logged
     last = history.rows[-1]
     r.stages.run(name, lambda: {"steps": steps, "examples": num_rows, "final_loss": last.get("loss"),
                                 "final_kl": last.get("kl"), "seconds": time.perf_counter() - began})

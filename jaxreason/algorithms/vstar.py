@@ -18,6 +18,8 @@ of whose samples is correct) adds to D_GEN when `rationalization` is set.
 
 Every stage's result lands in `run_dir/stages.json`, samples in the tensorstore trace store `run_dir/traces`,
 model states in orbax checkpoints under `run_dir/<stage>/`; `--resume` continues from the last finished stage.
+A multi-process job runs the same loop on every process, on one shared run folder that process 0 alone writes
+(`StoreRun`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jaxreason.algorithms.gold_sft import gold_traces
 from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
+from jaxreason.algorithms.stages import export_models
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.algorithms.vstar_report import write_vstar_report
 from jaxreason.config import to_dict
@@ -46,10 +49,9 @@ from jaxreason.data.trace_store import (
     Trace,
     unique_traces,
 )
+from jaxreason.distributed import is_main_process
 from jaxreason.models.lora import LoRAParam, add_lora
-from jaxreason.models.pretrained import save_pretrained, save_value_model
 from jaxreason.models.spec import ModelSpec
-from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import prompt_ids
 from jaxreason.search.baselines import draw_solutions
@@ -181,7 +183,7 @@ class _Run(StoreRun):
         if self.samples(kind, [iteration]):
             log.info("%s samples of iteration %d already in the store", kind, iteration)
         elif traces:
-            self.store.append(traces)
+            self.append(traces)
 
 
 def run_vstar(config: VStarConfig, resume: bool = False) -> dict:
@@ -235,9 +237,11 @@ def _loop(r: _Run, policy) -> None:
                       lambda traces: value_batch(traces, c.orm.max_len, r.pad_id))
     verifiers = {"verifier": verifier} | ({"orm": ValueVerifier(orm)} if orm is not None else {})
     r.stages.run("best_of_k", lambda: _best_of_k(r, verifiers))
-    _export(r, {"generator": generator, "star": star if c.star else None, "verifier": verifier.model,
-                "verifier_reference": verifier.reference or copy_of(policy, g_sft)}, orm)
-    write_vstar_report(r.run_dir, to_dict(c), r.stages.results)
+    models = {"generator": generator, "star": star if c.star else None, "verifier": verifier.model,
+              "verifier_reference": verifier.reference or copy_of(policy, g_sft)}
+    export_models(r.run_dir, r.tokenizer, models, {"orm": orm})
+    if is_main_process():  # the others read metrics.json back (`run_with_store`)
+        write_vstar_report(r.run_dir, to_dict(c), r.stages.results)
 
 
 # ---------------------------------------------------------------- stages
@@ -382,17 +386,6 @@ def _as_lists(curves: dict[str, dict[int, float]]) -> dict[str, list]:
     """{"k": [k...], curve: [accuracy at each k]}: the stage log's JSON keeps no integer keys."""
     ks = sorted(next(iter(curves.values())))
     return {"k": ks} | {name: [curve[k] for k in ks] for name, curve in curves.items()}
-
-
-def _export(r: _Run, models: dict, orm: ValueModel | None) -> None:
-    """The final models as Hugging Face folders under `models/` (an existing folder stays: an earlier run of the
-    same stages wrote it)."""
-    for name, model in models.items():
-        folder = r.run_dir / "models" / name
-        if model is not None and not folder.exists():
-            save_pretrained(model, r.tokenizer, folder)
-    if orm is not None and not (r.run_dir / "models" / "orm").exists():
-        save_value_model(orm, folder=r.run_dir / "models" / "orm", tokenizer=r.tokenizer)
 
 
 def _setup(config: VStarConfig, tokenizer, resume: bool) -> _Run:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from jaxreason import sharding
+from jaxreason.distributed import addressable
 from jaxreason.models.value_head import ValueModel
 from jaxreason.rl.advantages import ADVANTAGES, Mask, gae
 from jaxreason.rl.critic import critic_objective, critic_values
@@ -107,8 +108,8 @@ class CriticTrainer:
                              "data-parallel devices")
         batch = jax.device_put((jnp.asarray(tokens), jnp.asarray(attention_mask)),
                                sharding.batch_sharding(self.mesh, ndim=1))
-        with jax.set_mesh(self.mesh):
-            return np.asarray(_values(self.graphdef, self.state.trainable, self.state.frozen, *batch))
+        with jax.set_mesh(self.mesh):  # the rows lie on every process's devices: each process reads them all
+            return np.asarray(addressable(_values(self.graphdef, self.state.trainable, self.state.frozen, *batch)))
 
     def advantages(self, episodes: Episodes, rewards: Float[Array, " R"], mask: Mask) -> tuple[np.ndarray, np.ndarray]:
         """(advantages, returns) [R, T] of `episodes` (`actor_critic_advantages` on the current values)."""

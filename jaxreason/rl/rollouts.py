@@ -115,9 +115,10 @@ def sample_episodes(
 
 
 def _on_mesh(arrays, mesh: Mesh | None, rows: int):
+    """(tokens, mask, keys) with their rows split over the mesh's batch axes (when the rows divide over them)."""
     if mesh is None or sharding.batch_devices(mesh) == 1 or rows % sharding.batch_devices(mesh):
         return arrays
-    return jax.device_put(arrays, sharding.batch_sharding(mesh, ndim=1))
+    return sharding.put_rows(arrays, mesh)
 
 
 def layout_episodes(prompts, instructions, turns, logprobs, truncated, group_size: int, pad_id: int,

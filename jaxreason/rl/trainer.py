@@ -165,14 +165,6 @@ class PolicyTrainer:
     def checkpointer(self, directory: str | Path, keep: int = 2) -> Checkpointer:
         return Checkpointer(directory, save_every=1, keep=keep)
 
-    def restore(self, checkpointer: Checkpointer) -> dict | None:
-        """Restores the latest checkpoint's state; its metadata, or None when there is none."""
-        restored = checkpointer.restore_latest(self.state)
-        if restored is None:
-            return None
-        _, self.state, meta = restored
-        return meta
-
     def _batch_sharding(self, rows: int):
         devices = sharding.batch_devices(self.mesh)
         if rows % devices:

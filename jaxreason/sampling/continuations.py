@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jaxreason.distributed import addressable
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.alignment import right_align
@@ -48,7 +49,8 @@ def sample_continuations(
             tokens, mask = pad_left(chunk, pad_id, multiple=width)
             keys = row_keys[np.minimum(np.arange(start, start + rows), len(prefixes) - 1)]
             result = generate(model, tokens, mask, keys, config, eos_ids=eos_ids, pad_id=pad_id)
-            new, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+            # addressable: weights split over the processes of a multi-host job may leave the rows split too
+            new, lengths = (np.asarray(x) for x in addressable((result.tokens, result.lengths)))
             out.extend(new[i, :lengths[i]] for i in range(real))
             bar.update(real)
     return out

@@ -168,7 +168,7 @@ def generate(
     graphdef, state = inference_state(model, mesh)
     batch = (jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), row_keys)
     if mesh is not None and not prompt_tokens.shape[0] % sharding.batch_devices(mesh):
-        batch = jax.device_put(batch, tuple(sharding.batch_sharding(mesh, x.ndim) for x in batch))
+        batch = sharding.put_rows(batch, mesh)
     return _generate_jit(graphdef, state, *batch, stop_table, config=config, eos_ids=tuple(eos_ids), pad_id=pad_id,
                          samples_per_prompt=samples_per_prompt)
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Int
 
+from jaxreason.distributed import addressable
 from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, sample
 from jaxreason.sampling.prompts import decode_completions, eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import build_stop_table
@@ -148,6 +149,7 @@ def draw_solutions(policy, tokenizer, prompts: Sequence[Sequence[int]], sampling
     out = _sample_jit(policy_def, policy_state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.split(key, b * k),
                       config=sampling, eos_ids=eos_ids(tokenizer, policy.config), pad_id=pad_token_id(tokenizer),
                       samples_per_prompt=k)
+    out = addressable(out)  # a policy split over several processes samples rows that lie on all of them
     new, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return [[new[i * k + j, :lengths[i * k + j]] for j in range(k)] for i in range(b)]
 

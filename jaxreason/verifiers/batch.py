@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxreason.distributed import addressable
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.positions import StepSplitter
 
@@ -78,8 +79,9 @@ def score_solutions(
             mask[i, :len(rows[r])] = 1
             step_ends[i, :len(ends[r])] = ends[r]
             prompt_len[i] = len(prompts[r])
-        step, score, prompt = _step_scores_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
-                                               jnp.asarray(step_ends), jnp.asarray(prompt_len))
+        # addressable: a verifier's weights split over the processes of a multi-host job may leave the rows split
+        step, score, prompt = addressable(_step_scores_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
+                                                           jnp.asarray(step_ends), jnp.asarray(prompt_len)))
         real = min(size, len(rows) - start)
         steps_out.append(np.asarray(step)[:real])
         scores_out.append(np.asarray(score)[:real])

@@ -9,17 +9,12 @@ with the same run in this process on its 8 devices.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from test_distributed import _free_port, _tails, _worker_env
 from test_rest_mcts import CONFIG, SHORT, _config
+from two_processes import train_in_two_processes
 
 from jaxreason.algorithms import report, rest_mcts, stages, store_run
 from jaxreason.algorithms.rest_mcts import run_rest_mcts
@@ -29,7 +24,6 @@ from jaxreason.data.trace_store import Trace, TraceStore
 from jaxreason.distributed import addressable
 from jaxreason.models.char_tokenizer import build_char_tokenizer
 
-WORKER = Path(__file__).parents[1] / "train_worker.py"
 TIMEOUT_S = 600
 # Smaller than test_rest_mcts's run: one iteration, and the search settings evaluate on one held-out problem.
 TWO_PROCESS = [*SHORT, "iterations=1", "evaluation.num_problems={mcts: 1}"]
@@ -140,34 +134,13 @@ def test_two_processes_match_one(tmp_path):
     the metrics' keys and problem and sample counts are compared exactly, the first 20 SFT losses with rtol 1e-5.
     """
     assert jax.device_count() == 8
-    port = _free_port()
     run_dir = tmp_path / "two"
-    procs, logs = [], []
-    try:
-        for i in range(2):
-            out, err = open(tmp_path / f"out{i}", "w+"), open(tmp_path / f"err{i}", "w+")
-            logs.append((out, err))
-            procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), str(i), str(port), "train", "--config", CONFIG, *TWO_PROCESS,
-                 f"run_dir={run_dir}"], stdout=out, stderr=err, env={**_worker_env(), "TQDM_DISABLE": "1"},
-                cwd=os.getcwd()))
-        # The single-process reference runs here while the two processes run.
-        run_rest_mcts(_config(tmp_path / "one", "iterations=1", "evaluation.num_problems={mcts: 1}"))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-            if time.monotonic() > deadline:
-                pytest.fail(f"two-process run did not finish in {TIMEOUT_S} s:\n{_tails(logs)}")
-            time.sleep(0.5)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], _tails(logs)
-
-    for out, _ in logs:  # every process finished the loop and printed the summary of the metrics it returned
-        out.seek(0)
-        assert "rest_mcts: iteration 1 held-out accuracy" in out.read()
+    # The single-process reference runs here while the two processes run.
+    outputs = train_in_two_processes(tmp_path, ["--config", CONFIG, *TWO_PROCESS, f"run_dir={run_dir}"],
+                                     lambda: run_rest_mcts(_config(tmp_path / "one", "iterations=1",
+                                                                   "evaluation.num_problems={mcts: 1}")), TIMEOUT_S)
+    for out in outputs:  # every process finished the loop and printed the summary of the metrics it returned
+        assert "rest_mcts: iteration 1 held-out accuracy" in out
     one, two = tmp_path / "one", run_dir
     written = {p.name for p in two.iterdir()}
     assert {"config.json", "stages.json", "metrics.json", "report.md", "accuracy_per_iteration.png", "traces", "models",
