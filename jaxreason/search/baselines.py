@@ -21,7 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Int
 
 from jaxreason.distributed import addressable
-from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, sample
+from jaxreason.sampling.generate import GenerateOutput, SamplingConfig, generate, sample
 from jaxreason.sampling.prompts import decode_completions, eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import build_stop_table
 from jaxreason.search.config import Budget
@@ -70,14 +70,6 @@ def best_beams(beam_scores: np.ndarray, beam_finished: np.ndarray) -> np.ndarray
 
 
 # ---------------------------------------------------------------- jitted sampling and scoring
-
-
-@functools.partial(jax.jit, static_argnames=("policy_def", "config", "eos_ids", "pad_id", "samples_per_prompt"))
-def _sample_jit(policy_def, policy_state, prefix, prefix_mask, row_keys, *, config, eos_ids, pad_id,
-                samples_per_prompt):
-    policy = nnx.merge(policy_def, policy_state)
-    return sample(policy, prefix, prefix_mask, row_keys, config, eos_ids=eos_ids, pad_id=pad_id,
-                  samples_per_prompt=samples_per_prompt)
 
 
 @functools.partial(
@@ -140,16 +132,17 @@ def _finish(method: str, task: Task, problems: Sequence[Problem], completions: l
 
 
 def draw_solutions(policy, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, key: jax.Array,
-                     samples_per_prompt: int) -> list[list[np.ndarray]]:
+                     samples_per_prompt: int, mesh=None) -> list[list[np.ndarray]]:
     """K whole solutions per prompt (token ids as generated, EOS included), drawn with row keys
-    `split(key, B * K)` (row b * K + k: sample k of prompt b): [B][K] arrays."""
+    `split(key, B * K)` (row b * K + k: sample k of prompt b): [B][K] arrays. With `mesh`, the prompts are split
+    over its devices where they divide over them and the weights are sharded by the rules (`generate`): the same
+    tokens."""
     tokens, mask = pad_left(prompts, pad_token_id(tokenizer))
     b, k = len(prompts), samples_per_prompt
-    policy_def, policy_state = nnx.split(policy)
-    out = _sample_jit(policy_def, policy_state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.split(key, b * k),
-                      config=sampling, eos_ids=eos_ids(tokenizer, policy.config), pad_id=pad_token_id(tokenizer),
-                      samples_per_prompt=k)
-    out = addressable(out)  # a policy split over several processes samples rows that lie on all of them
+    out = generate(policy, tokens, mask, jax.random.split(key, b * k), sampling,
+                   eos_ids=eos_ids(tokenizer, policy.config), pad_id=pad_token_id(tokenizer), samples_per_prompt=k,
+                   mesh=mesh)
+    out = addressable(out)  # rows that lie on several processes' devices are gathered before the host reads them
     new, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     return [[new[i * k + j, :lengths[i * k + j]] for j in range(k)] for i in range(b)]
 
@@ -177,7 +170,7 @@ def greedy(problems, *, policy, verifier, tokenizer, task, budget: Budget, key, 
     """
     start = time.perf_counter()
     sampling = SamplingConfig(max_new_tokens=budget.baseline.sampling.max_new_tokens, temperature=0.0)
-    samples = draw_solutions(policy, tokenizer, _prompts(tokenizer, task, problems, chat), sampling, key, 1)
+    samples = draw_solutions(policy, tokenizer, _prompts(tokenizer, task, problems, chat), sampling, key, 1, mesh)
     texts = _texts(tokenizer, samples)
     return _finish("greedy", task, problems, [t[0] for t in texts], [len(s[0]) for s in samples],
                    np.zeros(len(problems)), start)
@@ -190,7 +183,7 @@ def self_consistency(problems, *, policy, verifier, tokenizer, task, budget: Bud
     start = time.perf_counter()
     config = budget.baseline
     samples = draw_solutions(policy, tokenizer, _prompts(tokenizer, task, problems, chat), config.sampling, key,
-                               config.num_samples)
+                             config.num_samples, mesh)
     texts = _texts(tokenizer, samples)
     chosen = [t[majority_vote([task.extract_answer(s) for s in t])] for t in texts]
     return _finish("self_consistency", task, problems, chosen, [sum(map(len, s)) for s in samples],
@@ -208,7 +201,7 @@ def best_of_n(problems, *, policy, verifier, tokenizer, task, budget: Budget, ke
     start = time.perf_counter()
     config = budget.baseline
     prompts = _prompts(tokenizer, task, problems, chat)
-    samples = draw_solutions(policy, tokenizer, prompts, config.sampling, key, config.num_samples)
+    samples = draw_solutions(policy, tokenizer, prompts, config.sampling, key, config.num_samples, mesh)
     scores, verified = score_samples(verifier, tokenizer, task, prompts, samples)
     texts = _texts(tokenizer, samples)
     if weighted:

@@ -19,6 +19,7 @@ from jaxreason.search.baselines import beam_search, best_beams, select_beams
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.methods import MethodResult, compare, method_names, needs_verifier, register_method, run
 from jaxreason.search.votes import best_of, group_answers, majority_vote, weighted_vote
+from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.tasks import get_task
 from jaxreason.verifiers import ValueVerifier
 
@@ -174,6 +175,17 @@ def test_same_key_same_result_other_key_other_result(policy, verifier, results):
         np.testing.assert_array_equal(again.verifier_tokens, results[name].verifier_tokens)
         other = solve(name, policy, verifier, key=jax.random.key(1))
         assert other.completions != results[name].completions
+
+
+def test_sampling_methods_split_over_a_mesh_draw_the_same(policy, verifier, results):
+    """Given a mesh, the sampling baselines split their prompts over its devices (here one per problem) and read
+    the weights placed by the rules: the same completions and counts."""
+    mesh = make_mesh(MeshConfig(data=len(PROBLEMS)), jax.devices()[:len(PROBLEMS)])
+    for name in ("greedy", "self_consistency", "best_of_n"):
+        split = run(name, PROBLEMS, policy=policy, verifier=verifier, tokenizer=TOKENIZER, task=TASK, budget=BUDGET,
+                    key=KEY, mesh=mesh)
+        assert split.completions == results[name].completions, name
+        np.testing.assert_array_equal(split.generated_tokens, results[name].generated_tokens)
 
 
 def test_greedy_matches_generate(policy, results):
