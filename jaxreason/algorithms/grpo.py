@@ -37,12 +37,11 @@ from jaxreason.algorithms.rl_steps import (
     restore_rl_state,
     run_rl_steps,
 )
-from jaxreason.algorithms.stages import StageLog, open_run_dir
+from jaxreason.algorithms.stages import StageLog, export_models, open_run_dir
 from jaxreason.config import to_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import sft_batch
-from jaxreason.distributed import addressable_model, is_main_process
-from jaxreason.models.pretrained import save_pretrained
+from jaxreason.distributed import is_main_process
 from jaxreason.models.spec import ModelSpec, build_model
 from jaxreason.rl.actor_critic import CriticConfig, check_advantage
 from jaxreason.rl.rewards import TRUNCATION_RULES, task_reward
@@ -180,12 +179,9 @@ def run_grpo(config: GRPOConfig, resume: bool = False) -> dict:
                  first_row=lambda: {"step": 0, "generated_tokens": 0, "eval": evaluate()}, take_step=take_step,
                  postfix=lambda row: {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.4f}"}, critic=critic)
     finish_rl_run(run_dir / "grpo", trainer, critic, step=c.num_steps, seed=c.seed)
-    policy = addressable_model(trainer.policy)  # the weights may be split over the processes
+    export_models(run_dir, tokenizer, {"policy": trainer.policy})
     if not is_main_process():  # in a multi-host job one process writes the run folder's files
         return {}
-    folder = run_dir / "models" / "policy"
-    if not folder.exists():
-        save_pretrained(policy, tokenizer, folder)
     return write_grpo_report(run_dir, to_dict(c), history.rows)
 
 

@@ -32,6 +32,7 @@ from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
+from jaxreason.algorithms.stages import export_models
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
 from jaxreason.algorithms.value_targets import tree_value_traces
 from jaxreason.config import to_dict
@@ -44,8 +45,7 @@ from jaxreason.data.trace_store import (
     Trace,
     unique_traces,
 )
-from jaxreason.distributed import addressable_model, is_main_process, sync
-from jaxreason.models.pretrained import save_pretrained, save_value_model
+from jaxreason.distributed import is_main_process
 from jaxreason.models.spec import ModelSpec
 from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
@@ -334,17 +334,10 @@ def _verification(r: _Run, policy, verifier: Verifier | None) -> dict:
 
 
 def _export(r: _Run, t: int, policy, prm: ValueModel) -> None:
-    """Iteration t's policy and PRM as Hugging Face folders, `models/policy_<t>` and `models/prm_<t>` (an
-    existing folder was written by an earlier run of the same iteration and stays). Every process gathers the
-    weights (they may be split over processes); process 0 writes."""
-    models = (("policy", policy, save_pretrained), ("prm", prm, save_value_model))
-    missing = [(r.run_dir / "models" / f"{name}_{t}", model, save) for name, model, save in models
-               if not (r.run_dir / "models" / f"{name}_{t}").exists()]
-    sync(f"jaxreason:rest_mcts:export_{t}")  # every process decided before process 0 writes a folder
-    for folder, model, save in missing:
-        whole = addressable_model(model)
-        if is_main_process():
-            save(whole, folder=folder, tokenizer=r.tokenizer)  # save_pretrained takes (model, tokenizer, folder)
+    """Iteration t's policy and PRM as Hugging Face folders, `models/policy_<t>` and `models/prm_<t>`
+    (`export_models`: an existing folder was written by an earlier run of the same iteration and stays), and the
+    folders of iterations older than `keep_models` removed."""
+    export_models(r.run_dir, r.tokenizer, {f"policy_{t}": policy}, {f"prm_{t}": prm})
     keep = r.config.keep_models
     if is_main_process():
         for name in ("policy", "prm"):
