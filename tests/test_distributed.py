@@ -11,17 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
-import re
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from two_processes import CLUSTER_VARS, run_two_processes, worker_env
 
 from jaxreason import distributed
 
@@ -31,7 +27,6 @@ TIMEOUT_S = 180
 
 # ---- detection: which environment starts jax.distributed, and with what arguments ----------------------
 
-CLUSTER_VARS = re.compile(r"^(SLURM_|TPU_|MEGASCALE_|JAXREASON_|JAX_LOCAL_DEVICE_IDS$|JAX_COORDINATOR)")
 
 
 @pytest.fixture
@@ -126,28 +121,6 @@ def test_undetectable_cluster_names_the_environment(fake_init, monkeypatch):
 
 # ---- two real processes on one machine --------------------------------------------------------------------
 
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), which the processes' own connections draw from."""
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
-
-
-def _worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not CLUSTER_VARS.match(k)}
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def _load_worker():
     spec = importlib.util.spec_from_file_location("distributed_worker", HERE / "distributed_worker.py")
     module = importlib.util.module_from_spec(spec)
@@ -158,35 +131,15 @@ def _load_worker():
 def test_two_processes_match_one(tmp_path):
     assert jax.device_count() == 8
     worker = _load_worker()
-    port = _free_port()
-    procs, logs = [], []
-    try:
-        for i in range(2):
-            out, err = open(tmp_path / f"out{i}", "w+"), open(tmp_path / f"err{i}", "w+")
-            logs.append((out, err))
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), str(i), str(port)],
-                                          stdout=out, stderr=err, env=_worker_env(), cwd=HERE.parent))
-        # The single-process reference runs here while the workers start and compile.
-        reference = {"x".join(map(str, shape)): worker.train(shape) for shape in worker.MESH_SHAPES}
-        weights = {shape: w for shape, (_, w) in reference.items()}
-        reference = {shape: losses for shape, (losses, _) in reference.items()}
-        # Wait for both; one that fails ends the run at once (its peer would wait for it until jax's timeout).
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
-            if time.monotonic() > deadline:
-                pytest.fail(f"two-process run did not finish in {TIMEOUT_S} s:\n{_tails(logs)}")
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], _tails(logs)
+    # The single-process reference runs here while the workers start and compile.
+    reference, printed = run_two_processes(
+        tmp_path, lambda i, port: [sys.executable, str(HERE / "distributed_worker.py"), str(i), str(port)],
+        lambda: {"x".join(map(str, shape)): worker.train(shape) for shape in worker.MESH_SHAPES},
+        timeout_s=TIMEOUT_S, env=worker_env(), cwd=HERE.parent)
+    weights = {shape: w for shape, (_, w) in reference.items()}
+    reference = {shape: losses for shape, (losses, _) in reference.items()}
 
-    results = []
-    for out, _ in logs:
-        out.seek(0)
-        results.append(json.loads(out.read().strip().splitlines()[-1]))
+    results = [json.loads(out.strip().splitlines()[-1]) for out in printed]
     assert [r["process"] for r in results] == [0, 1]
     assert [r["main"] for r in results] == [True, False]
     assert all(r["devices"] == 8 for r in results)
@@ -198,12 +151,3 @@ def test_two_processes_match_one(tmp_path):
     first = reference[next(iter(reference))]
     assert first[0][0] != first[1][0]  # the first update really changed the model
 
-
-def _tails(logs) -> str:
-    text = []
-    for i, (out, err) in enumerate(logs):
-        for name, f in (("stdout", out), ("stderr", err)):
-            f.seek(0)
-            lines = [line for line in f.read().splitlines() if not line.startswith("[Gloo]")]
-            text.append(f"--- process {i} {name} ---\n" + "\n".join(lines[-30:]))
-    return "\n".join(text)
