@@ -131,8 +131,10 @@ def plan_config(config, devices: int, prompt_len: int = 256) -> Plan:
                           _policy_kv(model_config, spec, mcts, search_rows, prompt_len))]
     if isinstance(prm_stage, FitConfig):
         models.append(_model_plan("prm", model_config, spec, prm_stage, mesh,
-                                  value_objective(getattr(config, "prm_loss", "mse")),
-                                  _verifier_kv(model_config, spec, mcts, search_rows, prompt_len)))
+                                  value_objective(getattr(config, "prm_loss", "mse"),
+                                                  getattr(config, "prm_lm_weight", 0.0)),
+                                  _verifier_kv(model_config, spec, mcts, search_rows, prompt_len),
+                                  likelihood=getattr(config, "prm_likelihood", False)))
     return Plan(mesh=dict(mesh.shape), models=tuple(models), search_rows=search_rows)
 
 
@@ -190,9 +192,11 @@ def _shard_bytes(shape, dtype, names, mesh: AbstractMesh) -> int:
 
 
 def _model_plan(name, model_config, spec: ModelSpec, stage: FitConfig | None, mesh: AbstractMesh, objective,
-                kv_cache: int) -> ModelPlan:
+                kv_cache: int, likelihood: bool = False) -> ModelPlan:
     cls = CausalLM if name == "policy" else ValueModel
-    model = nnx.eval_shape(lambda: cls(model_config, dtype=DTYPES[spec.dtype], remat=spec.remat, rngs=nnx.Rngs(0)))
+    options = dict(likelihood=likelihood) if cls is ValueModel else {}
+    model = nnx.eval_shape(lambda: cls(model_config, dtype=DTYPES[spec.dtype], remat=spec.remat, rngs=nnx.Rngs(0),
+                                       **options))
     params = nnx.state(model, nnx.Param)
     leaves = jax.tree.leaves(params)
     sharded = state_bytes(params, mesh)
@@ -218,8 +222,10 @@ def activation_bytes(model: nnx.Module, objective, rows: int, max_len: int, mesh
     """{remat: bytes} the backward pass of `objective` on [rows, max_len] keeps (see the module docstring); with
     remat, also one layer's residuals, which the backward recomputes and holds while it passes that layer."""
     batch = {k: jax.ShapeDtypeStruct((rows, max_len), jnp.int32)
-             for k in ("tokens", "attention_mask", "loss_mask", "value_mask")}
+             for k in ("tokens", "attention_mask", "loss_mask", "value_mask", "lm_mask")}
     batch["value_targets"] = jax.ShapeDtypeStruct((rows, max_len), jnp.float32)
+    batch["solution_start"] = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    reads_start = getattr(model, "likelihood", False)
     by_shape = {}
     for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
         by_shape[var.get_value().shape] = (var.get_value().dtype, var.get_metadata().get("out_sharding"))
@@ -229,7 +235,8 @@ def activation_bytes(model: nnx.Module, objective, rows: int, max_len: int, mesh
         model.transformer.remat = remat
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         loss = lambda p, b: objective(nnx.merge(graphdef, p, rest), b, None)[0]
-        output = lambda p, b: nnx.merge(graphdef, p, rest)(b["tokens"], b["attention_mask"])
+        output = lambda p, b: nnx.merge(graphdef, p, rest)(
+            b["tokens"], b["attention_mask"], **({"solution_start": b["solution_start"]} if reads_start else {}))
         residuals = jax.eval_shape(lambda p, b: jax.vjp(lambda q: loss(q, b), p)[1], params, batch)
         total, layers = _bytes(jax.eval_shape(output, params, batch)), 0
         for r in jax.tree.leaves(residuals):

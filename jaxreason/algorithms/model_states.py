@@ -21,13 +21,18 @@ def copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
     return nnx.merge(nnx.graphdef(model), jax.tree.map(jnp.copy, state))
 
 
-def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = None) -> ValueModel:
+def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = None,
+                     likelihood: bool = False) -> ValueModel:
     """A value model (PRM, ORM, reward model) on its own copy of `policy`'s backbone, with the weights `policy`
     holds now or those of `state` (a snapshot of it); the head is new, drawn from `seed`. It computes in the
-    policy's dtype and rematerialises as the policy does (the model config's `dtype` and `remat`)."""
+    policy's dtype and rematerialises as the policy does (the model config's `dtype` and `remat`). With
+    `likelihood` it also reads the LM's solution likelihood (`ValueModel`), its LM head a copy of the policy's."""
     backbone = policy.transformer
     model = ValueModel(policy.config, dtype=backbone.dtype, param_dtype=backbone.embed[...].dtype,
-                       remat=backbone.remat, rngs=nnx.Rngs(seed))
-    weights = snapshot(policy.transformer) if state is None else nnx.state(copy_of(policy, state).transformer)
-    nnx.update(model.transformer, weights)
+                       remat=backbone.remat, likelihood=likelihood, rngs=nnx.Rngs(seed))
+    source = policy if state is None else copy_of(policy, state)  # copy_of copies already
+    copy = snapshot if state is None else nnx.state
+    nnx.update(model.transformer, copy(source.transformer))
+    if likelihood and not policy.config.tie_word_embeddings:
+        model.lm_head[...] = jnp.copy(source.lm_head[...])
     return model

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
+from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
@@ -47,7 +48,7 @@ from jaxreason.data.trace_store import (
 )
 from jaxreason.distributed import is_main_process
 from jaxreason.models.spec import ModelSpec
-from jaxreason.models.value_head import ValueModel
+from jaxreason.models.value_head import HEAD_PARAMETERS, ValueModel
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import search_trees
@@ -149,6 +150,11 @@ class RestMCTSConfig:
     prm_train: FitConfig = FitConfig()
     prm_loss: str = "mse"  # mse | bce
     prm_aggregation: str = "last"  # how the PRM's step scores make a solution's score: last | min | product
+    # The PRM adds its LM's likelihood of the solution (the lowest token log-probability so far, `ValueModel`)
+    # to its value head's logit; prm_lm_weight > 0 trains that LM on the correct traces beside the regression.
+    prm_likelihood: bool = False
+    prm_lm_weight: float = 0.0
+    prm_train_backbone: bool = True  # false: only the head (head, bias, scale) trains; the backbone stays policy_0's
     # What guides the search and scores the held-out samples: "prm", the PRM this run trains (the method); or
     # "task_check", the task's own process labels blurred by `task_check_noise` (`TaskCheckVerifier`), for
     # experiments on how good a verifier must be (the PRM is trained and exported all the same).
@@ -173,6 +179,8 @@ class RestMCTSConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.prm_loss not in ("mse", "bce"):
             raise ValueError(f"prm_loss must be 'mse' or 'bce', got {self.prm_loss!r}")
+        if self.prm_lm_weight < 0:
+            raise ValueError(f"prm_lm_weight must be >= 0, got {self.prm_lm_weight}")
         if self.guide not in ("prm", "task_check"):
             raise ValueError(f"guide must be 'prm' or 'task_check', got {self.guide!r}")
         if self.value_targets not in ("finished_paths", "all_nodes"):
@@ -214,17 +222,20 @@ def _loop(r: _Run, policy) -> None:
     c = r.config
     eos = r.tokenizer.eos_token_id
     policy_data = lambda traces: sft_batch(traces, c.policy_train.max_len, r.pad_id, eos)
-    value_data = lambda traces: value_batch(traces, c.prm_train.max_len, r.pad_id)
+    value_data = lambda traces: value_batch(traces, c.prm_train.max_len, r.pad_id, lm_mask=c.prm_lm_weight > 0)
+    prm_objective = value_objective(c.prm_loss, c.prm_lm_weight)
 
     if c.sft is not None:  # a weak but non-zero start: SFT on a few gold solutions
         gold = gold_traces(r.task, r.tokenizer, *r.slice("gold"), chat=c.chat)
         r.train_model("sft", policy, sft_objective, gold, c.sft, lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
     base = snapshot(policy)
-    prm = value_model_from(policy, c.seed)  # its own backbone, initialised from policy_0's
+    prm = value_model_from(policy, c.seed, likelihood=c.prm_likelihood)  # its own backbone, from policy_0's
     verifier = ValueVerifier(prm, aggregation=c.prm_aggregation) if c.guide == "prm" else TaskCheckVerifier(
         r.task, r.tokenizer, [*r.pool, *r.test], noise=c.task_check_noise, seed=c.seed)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))
-    r.train_model("prm_0", prm, value_objective(c.prm_loss), r.traces([0], FLAG_ROLLOUT), c.prm_train, value_data)
+    train_prm = lambda name, traces: r.train_model(name, prm, prm_objective, traces, c.prm_train, value_data,
+                                                   trainable=nnx.Param if c.prm_train_backbone else HEAD_PARAMETERS)
+    train_prm("prm_0", r.traces([0], FLAG_ROLLOUT))
     r.stages.run("eval_0", lambda: {"rest_mcts": _evaluate(r, policy, verifier), "rest_em": None})
     _export(r, 0, policy, prm)
     write_report(r.run_dir, to_dict(c), r.stages.results)
@@ -233,8 +244,7 @@ def _loop(r: _Run, policy) -> None:
     for t in range(1, c.iterations + 1):
         since = 1 if c.accumulate else t
         search = r.stages.run(f"search_{t}", lambda: _search(r, policy, verifier, t))
-        r.train_model(f"prm_{t}", prm, value_objective(c.prm_loss),
-                      r.traces([0], FLAG_ROLLOUT) + r.traces(range(1, t + 1), FLAG_SEARCH), c.prm_train, value_data)
+        train_prm(f"prm_{t}", r.traces([0], FLAG_ROLLOUT) + r.traces(range(1, t + 1), FLAG_SEARCH))
         correct = _above_threshold(r, verifier,
                                    unique_traces(r.traces(range(since, t + 1), FLAG_SEARCH | FLAG_CORRECT)))
         if c.policy_from_base:

@@ -115,18 +115,21 @@ def save_value_model(model: ValueModel, folder: str | os.PathLike, tokenizer=Non
     config.json and model.safetensors hold the backbone (adapters, if any, folded in), which
     `transformers.AutoModel` loads; `value_head.safetensors` holds `head` [E] and `bias` [] in float32 and
     `value_head.json` says what they are: the value at token t is sigmoid(hidden[t] @ head + bias), with hidden
-    the backbone's last hidden state (after the final norm). There is no LM head: the folder is not a causal LM
-    (load it with `load_value_model`, or its backbone with `AutoModel`). A value model that shares its backbone
+    the backbone's last hidden state (after the final norm). A model that reads the LM's step likelihood adds
+    `scale` to the head file and `"likelihood": true` to the card (an untied one writes its `lm_head` too); otherwise
+    there is no LM head. Either way the folder is not a causal LM (load it with `load_value_model`, or its
+    backbone with `AutoModel`). A value model that shares its backbone
     with a policy still writes that backbone in full, so the folder stands alone; `load_value_model` gives it a
     backbone of its own. Written through a staging folder, as `save_pretrained`.
     """
     tree = merged_kernels(model)
-    tensors = nnx_to_hf(tree, _headless(model.config))
-    head = {name: np.array(tree[name], np.float32) for name in ("head", "bias")}  # np.array keeps bias 0-d
+    tensors = nnx_to_hf(tree, _backbone_rules(model.config, model.likelihood))
+    head = {name: np.array(tree[name], np.float32) for name in _head_tensors(model.likelihood)}  # keeps 0-d
 
     def write_head(staging: Path) -> None:
         save_file(head, str(staging / VALUE_HEAD_FILE))
-        (staging / VALUE_HEAD_CARD).write_text(json.dumps(_value_head_card(model.config), indent=2))
+        card = _value_head_card(model.config, model.likelihood)
+        (staging / VALUE_HEAD_CARD).write_text(json.dumps(card, indent=2))
 
     return _write_hf_folder(folder, model.config, tensors, tokenizer, write_head)
 
@@ -150,14 +153,15 @@ def load_value_model(
         raise FileNotFoundError(
             f"{head_file}: missing; {folder} holds no value head (a policy folder loads with load_pretrained)"
         )
-    _check_value_head_card(folder / VALUE_HEAD_CARD)
+    likelihood = _check_value_head_card(folder / VALUE_HEAD_CARD)
     hf_config, tensors, source = _read_hf_folder(folder, skip=(VALUE_HEAD_FILE,))
     config = ModelConfig.from_hf(hf_config, source=str(config_file))
-    abstract = nnx.eval_shape(lambda: ValueModel(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: ValueModel(config, dtype=dtype, param_dtype=param_dtype,
+                                                 likelihood=likelihood, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     expected = nnx.to_pure_dict(state)
-    tree = hf_to_nnx(tensors, _headless(config), expected, source)
-    tree.update(_read_value_head(head_file, expected, config))
+    tree = hf_to_nnx(tensors, _backbone_rules(config, likelihood), expected, source)
+    tree.update(_read_value_head(head_file, expected, config, _head_tensors(likelihood)))
     nnx.replace_by_pure_dict(state, _to_jax(tree))
     return nnx.merge(graphdef, state), _folder_tokenizer(folder)
 
@@ -187,15 +191,20 @@ def _write_hf_folder(
     return folder
 
 
-def _headless(config: ModelConfig) -> ModelConfig:
-    """The config whose tensor rules cover the backbone only: a value model has no LM head to map (an
+def _backbone_rules(config: ModelConfig, likelihood: bool = False) -> ModelConfig:
+    """The config whose tensor rules cover what a value model's folder holds: the backbone, plus the LM head of
+    an untied model that reads the likelihood. Otherwise a value model has no LM head to map (an
     `lm_head.weight` found in its folder is ignored, as a tied head is)."""
-    return dataclasses.replace(config, tie_word_embeddings=True)
+    return config if likelihood else dataclasses.replace(config, tie_word_embeddings=True)
 
 
-def _value_head_card(config: ModelConfig) -> dict:
+def _head_tensors(likelihood: bool) -> tuple[str, ...]:
+    return ("head", "bias", "scale") if likelihood else ("head", "bias")
+
+
+def _value_head_card(config: ModelConfig, likelihood: bool = False) -> dict:
     e = config.hidden_size
-    return {
+    card = {
         "format": _VALUE_HEAD_FORMAT,
         "version": 1,
         "file": VALUE_HEAD_FILE,
@@ -206,13 +215,22 @@ def _value_head_card(config: ModelConfig) -> dict:
         "hidden": "the backbone's last hidden state after its final norm (transformers AutoModel last_hidden_state)",
         "logit": "hidden[t] @ head + bias",
         "value": "sigmoid(logit) in [0, 1]: the value of the tokens up to and including t (read at a step's end)",
+        "likelihood": likelihood,
     }
+    if likelihood:
+        card["tensors"]["scale"] = {"shape": [], "dtype": "float32", "role": "weight of the solution likelihood"}
+        card["logit"] = "hidden[t] @ head + bias + scale * min_logprob[t]"
+        card["min_logprob"] = ("the lowest log p(token | tokens before it) under the backbone's LM (its tied "
+                               "embedding, else lm_head in model.safetensors) over the solution's tokens up to t; "
+                               "0 before the solution")
+    return card
 
 
-def _check_value_head_card(card_file: Path) -> None:
-    # The card only describes the tensors; a folder without one still loads.
+def _check_value_head_card(card_file: Path) -> bool:
+    """Whether the card says the model reads the LM's likelihood. The card otherwise only describes the tensors;
+    a folder without one loads as a plain value head."""
     if not card_file.exists():
-        return
+        return False
     try:
         card = json.loads(card_file.read_text())
     except json.JSONDecodeError as e:
@@ -220,17 +238,23 @@ def _check_value_head_card(card_file: Path) -> None:
     if not isinstance(card, dict) or card.get("format") != _VALUE_HEAD_FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise ValueError(f"{card_file}: format {found!r}, expected {_VALUE_HEAD_FORMAT!r}")
+    likelihood = card.get("likelihood", False)
+    if not isinstance(likelihood, bool):
+        raise ValueError(f"{card_file}: key 'likelihood' must be true or false, got {likelihood!r}")
+    return likelihood
 
 
-def _read_value_head(file: Path, expected: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-    """`head` [E] and `bias` [] from the head file, in the dtypes of `expected` (the model's abstract pure dict)."""
+def _read_value_head(file: Path, expected: dict, config: ModelConfig,
+                     names: tuple[str, ...] = ("head", "bias")) -> dict[str, np.ndarray]:
+    """The head's tensors (`names`: head [E], bias [], and scale [] for a model that reads the likelihood) from
+    the head file, in the dtypes of `expected` (the model's abstract pure dict)."""
     try:
         with safe_open(str(file), framework="flax") as f:
             found = {key: np.asarray(f.get_tensor(key), dtype=np.float32) for key in f.keys()}
     except SafetensorError as e:
         raise ValueError(f"{file}: not a valid safetensors file ({e})") from None
     head = {}
-    for name in ("head", "bias"):
+    for name in names:
         want = expected[name]
         if name not in found:
             raise ValueError(f"{file}: missing tensor {name!r}")
@@ -242,7 +266,8 @@ def _read_value_head(file: Path, expected: dict, config: ModelConfig) -> dict[st
         head[name] = found[name].astype(want.dtype)
     leftover = sorted(set(found) - set(head))
     if leftover:
-        raise ValueError(f"{file}: unexpected tensor(s): {', '.join(leftover)}; a value head holds head and bias")
+        raise ValueError(f"{file}: unexpected tensor(s): {', '.join(leftover)}; this value head holds "
+                         f"{', '.join(names)} (value_head.json says which)")
     return head
 
 

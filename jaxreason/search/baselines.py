@@ -76,9 +76,10 @@ def best_beams(beam_scores: np.ndarray, beam_finished: np.ndarray) -> np.ndarray
     jax.jit, static_argnames=("policy_def", "verifier_def", "config", "eos_ids", "pad_id", "samples_per_prompt")
 )
 def _propose_and_score_jit(policy_def, policy_state, verifier_def, verifier_state, prefix, prefix_mask, row_keys,
-                           stop_table, skip, *, config, eos_ids, pad_id, samples_per_prompt):
+                           stop_table, skip, solution_len, *, config, eos_ids, pad_id, samples_per_prompt):
     """K continuations of each left-padded prefix [R, W], each scored with its prefix at its last token (the
-    score position of the step it adds); a prefix marked in `skip` [R] gets empty continuations.
+    score position of the step it adds); a prefix marked in `skip` [R] gets empty continuations. The last
+    `solution_len` [R] tokens of a prefix are its solution so far (the rest its prompt).
 
     Returns the GenerateOutput [R * K, S], the extended sequences [R * K, W + S] left-padded with their mask,
     and the step scores [R * K].
@@ -89,7 +90,8 @@ def _propose_and_score_jit(policy_def, policy_state, verifier_def, verifier_stat
                  stop_table=stop_table, samples_per_prompt=samples_per_prompt, skip=skip)
     tokens, mask = _extend(prefix, prefix_mask, out, samples_per_prompt, pad_id)
     last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1)
-    return out, tokens, mask, verifier.values_at(tokens, mask, last)[:, 0]
+    start = tokens.shape[1] - jnp.repeat(solution_len, samples_per_prompt) - out.lengths  # rows end on real tokens
+    return out, tokens, mask, verifier.values_at(tokens, mask, last, start)[:, 0]
 
 
 def _extend(
@@ -252,7 +254,7 @@ def beam_search(problems, *, policy, verifier, tokenizer, task, budget: Budget, 
         row_keys = jax.random.split(jax.random.fold_in(key, step), b * n * m)
         out, cand, cand_mask, step_scores = _propose_and_score_jit(
             policy_def, policy_state, verifier_def, verifier_state, beams, beam_mask, row_keys, stop_table,
-            jnp.asarray(finished.reshape(-1)), **static
+            jnp.asarray(finished.reshape(-1)), jnp.asarray(beam_len.reshape(-1), jnp.int32), **static
         )
         lengths = np.asarray(out.lengths).reshape(b, n, m)
         open_rows = np.repeat(~finished, m, axis=1)  # [B, N * M]

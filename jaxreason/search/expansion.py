@@ -298,7 +298,7 @@ class StepSearch:
         if spec.verifier_shares_backbone:
             scores, read = verifier.from_hidden(last_hidden), jnp.zeros((b,), jnp.int32)
         else:
-            scores = verifier.extend_scores(tokens, length, cand, lens, width=p + width)
+            scores = verifier.extend_scores(tokens, length, cand, lens, width=p + width, prompt_len=prompts.length)
             read = jnp.where(skip, 0, verifier.extend_cost(length, lens, width=p + width))
         return Expansion(
             candidates=cand, candidate_len=lens,
@@ -377,7 +377,8 @@ class StepSearch:
             prompt_value = models.verifier.from_hidden(prompts.last_hidden)
         else:
             prompt, mask = right_align(prompts.tokens, prompts.length, self.spec.pad_id, self._prompt_width)
-            prompt_value = models.verifier.values_at(prompt, mask, jnp.full((b, 1), prompt.shape[1] - 1))[:, 0]
+            prompt_value = models.verifier.values_at(prompt, mask, jnp.full((b, 1), prompt.shape[1] - 1),
+                                                     jnp.full((b,), prompt.shape[1]))[:, 0]  # no solution yet
         root = PartialSolution(
             tokens=prompts.tokens, length=prompts.length, step_ends=jnp.zeros((b, self.spec.max_depth), jnp.int32),
             depth=jnp.zeros((b,), jnp.int32), node_type=jnp.full((b,), self.space.root_type, jnp.int32),

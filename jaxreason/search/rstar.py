@@ -376,7 +376,8 @@ class RStarSearch:
             if not len(slots):
                 continue
             base = prompts.length + cut
-            scores = scores.at[:, slots].set(verifier.extend_scores(text, base, cand[:, slots], cand_len[:, slots]))
+            scores = scores.at[:, slots].set(verifier.extend_scores(text, base, cand[:, slots], cand_len[:, slots],
+                                                                    prompt_len=prompts.length))
             mine = scored[:, slots]
             cost = verifier.extend_cost(base, jnp.where(mine, cand_len[:, slots], 0))
             read = read + jnp.where(jnp.any(mine, axis=1), cost, 0).astype(jnp.int32)

@@ -22,14 +22,28 @@ def sft_objective(model, batch: dict[str, jax.Array], key: jax.Array):
     return losses.sft_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
-@functools.cache  # one function per kind: train steps built with it share a compiled program
-def value_objective(kind: str = "mse"):
-    """PRM regression at step ends. batch: tokens, attention_mask, value_targets, value_mask [B, T]."""
+@functools.cache  # one function per setting: train steps built with it share a compiled program
+def value_objective(kind: str = "mse", lm_weight: float = 0.0):
+    """PRM regression at step ends. batch: tokens, attention_mask, value_targets, value_mask [B, T].
+
+    A model that reads its LM's likelihood (`ValueModel(likelihood=True)`) needs batch["solution_start"] [B]
+    (`value_batch` gives it). `lm_weight` > 0 adds that times next-token cross-entropy on batch["lm_mask"] (the
+    correct solutions' tokens): the regression alone moves the backbone away from the language model that the
+    likelihood comes from."""
 
     def objective(model, batch, key):
         del key  # deterministic
-        value_logits = model(batch["tokens"], batch["attention_mask"])
+        start = batch.get("solution_start")
+        if lm_weight:
+            value_logits, lm_logits = model.logits_and_lm_logits(batch["tokens"], batch["attention_mask"], start)
+        else:
+            value_logits = model(batch["tokens"], batch["attention_mask"], solution_start=start)
         loss, metrics = losses.value_loss(value_logits, batch["value_targets"], batch["value_mask"], kind=kind)
+        if lm_weight:
+            lm_loss, _ = losses.sft_loss(lm_logits, batch["tokens"], batch["lm_mask"])
+            metrics = {**metrics, "value_loss": loss, "lm_loss": lm_loss}
+            loss = loss + lm_weight * lm_loss
+            metrics["loss"] = loss
         return loss, {**metrics, "num_tokens": jnp.sum(batch["value_mask"].astype(jnp.float32))}
 
     return objective

@@ -70,37 +70,41 @@ class Verifier(nnx.Module):
 
     aggregation: str = "last"
 
-    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-                  positions: Int[Array, "B S"]) -> Float[Array, "B S"]:
-        """The value in [0, 1] of each row's tokens up to and including each position (any padding layout)."""
+    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], positions: Int[Array, "B S"],
+                  solution_start: Int[Array, " B"] | None = None) -> Float[Array, "B S"]:
+        """The value in [0, 1] of each row's tokens up to and including each position (any padding layout).
+        `solution_start` [B]: the column of each row's first solution token (the tokens before it are the
+        prompt), for verifiers that treat the two apart; None where the caller does not know it."""
         raise NotImplementedError
 
-    def step_scores(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-                    step_ends: Int[Array, "B S"]) -> Float[Array, "B S"]:
-        """Each step's score; rows are right-padded, step_ends one past each step's last token, 0 for no step
-        (that step's score is 0)."""
-        scores = self.values_at(tokens, mask, score_position(jnp.maximum(step_ends, 1)))
+    def step_scores(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], step_ends: Int[Array, "B S"],
+                    prompt_len: Int[Array, " B"] | None = None) -> Float[Array, "B S"]:
+        """Each step's score; rows are right-padded (prompt, then solution from column `prompt_len`), step_ends
+        one past each step's last token, 0 for no step (that step's score is 0)."""
+        scores = self.values_at(tokens, mask, score_position(jnp.maximum(step_ends, 1)), prompt_len)
         return jnp.where(step_ends > 0, scores, 0.0)
 
-    def scores(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-               step_ends: Int[Array, "B S"]) -> Float[Array, " B"]:
+    def scores(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], step_ends: Int[Array, "B S"],
+               prompt_len: Int[Array, " B"] | None = None) -> Float[Array, " B"]:
         """Each solution's score: its step scores under `aggregation`."""
-        return aggregate(self.step_scores(tokens, mask, step_ends), step_ends > 0, self.aggregation)
+        return aggregate(self.step_scores(tokens, mask, step_ends, prompt_len), step_ends > 0, self.aggregation)
 
     def scored(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], step_ends: Int[Array, "B S"],
                prompt_len: Int[Array, " B"]) -> tuple[Float[Array, "B S"], Float[Array, " B"], Float[Array, " B"]]:
         """`step_scores`, `scores` and the value of each row's prompt alone (its first `prompt_len` tokens), from
         one `values_at` call."""
         positions = jnp.concatenate([score_position(jnp.maximum(step_ends, 1)), prompt_len[:, None] - 1], axis=1)
-        values = self.values_at(tokens, mask, positions)
+        values = self.values_at(tokens, mask, positions, prompt_len)
         steps = jnp.where(step_ends > 0, values[:, :-1], 0.0)
         return steps, aggregate(steps, step_ends > 0, self.aggregation), values[:, -1]
 
     def extend_scores(self, tokens: Int[Array, "B L"], length: Int[Array, " B"], candidates: Int[Array, "B K S"],
-                      candidate_len: Int[Array, "B K"], width: int | None = None) -> Float[Array, "B K"]:
+                      candidate_len: Int[Array, "B K"], width: int | None = None,
+                      prompt_len: Int[Array, " B"] | None = None) -> Float[Array, "B K"]:
         """The step score of each left-aligned candidate appended to each left-aligned partial solution
-        (`tokens` padded after `length`); a candidate of length 0 gets the partial solution's own last value.
-        `width` (static; default L): every partial solution fits in that many tokens (its last ones are kept).
+        (`tokens` padded after `length`, its prompt its first `prompt_len` tokens); a candidate of length 0 gets
+        the partial solution's own last value. `width` (static; default L): every partial solution fits in that
+        many tokens (its last ones are kept).
 
         This default scores every concatenation in full: B * K rows of width + S tokens.
         """
@@ -108,6 +112,7 @@ class Verifier(nnx.Module):
             start = jnp.maximum(length - width, 0)
             tokens = jax.vmap(lambda row, s0: jax.lax.dynamic_slice(row, (s0,), (width,)))(tokens, start)
             length = length - start
+            prompt_len = None if prompt_len is None else prompt_len - start
         b, k, s = candidates.shape
         width = tokens.shape[1] + s
         rows = jnp.repeat(jnp.pad(tokens, ((0, 0), (0, s))), k, axis=0)  # [B*K, L+S]
@@ -119,7 +124,8 @@ class Verifier(nnx.Module):
         rows = jnp.where(inside, jnp.take_along_axis(flat, offset, axis=1), rows)
         end = lens + cand_len
         mask = (column < end[:, None]).astype(jnp.int32)
-        values = self.values_at(rows, mask, score_position(jnp.maximum(end, 1))[:, None])[:, 0]
+        starts = None if prompt_len is None else jnp.repeat(prompt_len, k)
+        values = self.values_at(rows, mask, score_position(jnp.maximum(end, 1))[:, None], starts)[:, 0]
         return values.reshape(b, k)
 
     def extend_cost(self, length: Int[Array, " B"], candidate_len: Int[Array, "B K"],

@@ -41,8 +41,9 @@ class TaskCheckVerifier(Verifier):
         self.problems = _ByPrompt({task.prompt(p): p for p in problems})
         self.aggregation = aggregation
 
-    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-                  positions: Int[Array, "B S"]) -> Float[Array, "B S"]:
+    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], positions: Int[Array, "B S"],
+                  solution_start: Int[Array, " B"] | None = None) -> Float[Array, "B S"]:
+        del solution_start  # the problem is found by the prompt's text
         out = jax.ShapeDtypeStruct(positions.shape, jnp.float32)
         return jax.pure_callback(self._host_values, out, tokens, mask, positions, vmap_method="sequential")
 

@@ -54,8 +54,9 @@ class DPOVerifier(Verifier):
         reference = jnp.cumsum(token_logprobs(reference_logits, tokens) * counted, axis=1)
         return jnp.pad(dpo_score(policy, jax.lax.stop_gradient(reference), self.beta), ((0, 0), (1, 0)))
 
-    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-                  positions: Int[Array, "B S"]) -> Float[Array, "B S"]:
+    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], positions: Int[Array, "B S"],
+                  solution_start: Int[Array, " B"] | None = None) -> Float[Array, "B S"]:
+        del solution_start  # the prompt adds the same term to every solution of a problem (module docstring)
         return jax.nn.sigmoid(jnp.take_along_axis(self.rewards(tokens, mask), positions, axis=1))
 
 

@@ -41,8 +41,9 @@ class GenerativeVerifier(Verifier):
         self.question = tuple(int(i) for i in question_ids)
         self.yes_id, self.no_id, self.aggregation = int(yes_id), int(no_id), aggregation
 
-    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-                  positions: Int[Array, "B S"]) -> Float[Array, "B S"]:
+    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], positions: Int[Array, "B S"],
+                  solution_start: Int[Array, " B"] | None = None) -> Float[Array, "B S"]:
+        del solution_start  # the question is asked after the text as it stands, prompt and all
         b, s = positions.shape
         ends = positions.reshape(b * s) + 1  # the question starts right after the position
         return ask(self.model, jnp.repeat(tokens, s, axis=0), jnp.repeat(mask, s, axis=0), ends, self.question,
@@ -73,8 +74,9 @@ class CoTGenerativeVerifier(GenerativeVerifier):
         self.num_rationales, self.sampling, self.seed = int(num_rationales), sampling, int(seed)
         self.eos_ids, self.pad_id = tuple(int(i) for i in eos_ids), int(pad_id)
 
-    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"],
-                  positions: Int[Array, "B S"]) -> Float[Array, "B S"]:
+    def values_at(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"], positions: Int[Array, "B S"],
+                  solution_start: Int[Array, " B"] | None = None) -> Float[Array, "B S"]:
+        del solution_start  # the question is asked after the text as it stands, prompt and all
         (b, t), s, r = tokens.shape, positions.shape[1], self.num_rationales
         ends = positions.reshape(b * s) + 1
         # each partial solution left-padded to width T (the sampler's prompt layout), then the intro

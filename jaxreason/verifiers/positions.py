@@ -60,3 +60,4 @@ class StepSplitter:
         if max_steps is not None and len(ends) > max_steps:
             ends = ends[: max_steps - 1] + ends[-1:]
         return np.asarray(ends, np.int32)
+

@@ -185,3 +185,54 @@ def test_a_card_of_another_format_is_refused(copy_of_saved):
     (copy_of_saved / "value_head.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match=r"value_head\.json: format 'something-else'"):
         load_value_model(copy_of_saved)
+
+
+def _likelihood_model(name, seed=0):
+    """A value model that reads its LM's likelihood, every parameter perturbed (the LM head of an untied one too)."""
+    return _perturbed(ValueModel(CONFIGS[name], likelihood=True, rngs=nnx.Rngs(seed)), seed + 1)
+
+
+SOLUTION_START = np.array([3, 5, 4], np.int32)  # columns of _padded_batch's rows where their solutions start
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_likelihood_model_matches_transformers_causal_lm(name, tmp_path):
+    """The folder of a model that reads the likelihood is a causal LM for transformers (tied embedding or its
+    lm_head); its log-probabilities, minimised over each row's solution tokens, plus the head file's terms give
+    our logits, and the folder loads back with the same values."""
+    model = _likelihood_model(name)
+    folder = save_value_model(model, tmp_path / "prm")
+    card = json.loads((folder / "value_head.json").read_text())
+    assert card["likelihood"] is True and "scale" in card["tensors"]
+    lm, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                 output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        out = lm.eval()(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(np.maximum(np.cumsum(mask, axis=1) - 1, 0), dtype=torch.long),
+            output_hidden_states=True)
+    hidden = out.hidden_states[-1].numpy()
+    logp = torch.log_softmax(out.logits, -1).numpy()
+    head = load_file(str(folder / "value_head.safetensors"))
+    ref = np.zeros(ids.shape)
+    for b in range(ids.shape[0]):
+        lowest = 0.0
+        for t in range(ids.shape[1]):
+            if t >= SOLUTION_START[b] and mask[b, t] and mask[b, t - 1]:
+                lowest = min(lowest, logp[b, t - 1, ids[b, t]])
+            ref[b, t] = hidden[b, t] @ head["head"] + head["bias"] + head["scale"] * lowest
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), solution_start=jnp.asarray(SOLUTION_START)))
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - ref[real]).max() / np.abs(ref[real]).max() < 1e-4
+    loaded, _ = load_value_model(folder)
+    assert loaded.likelihood and loaded.config == model.config
+    np.testing.assert_array_equal(
+        np.asarray(loaded(jnp.asarray(ids), jnp.asarray(mask), solution_start=jnp.asarray(SOLUTION_START))), ours)
+
+
+def test_a_likelihood_model_needs_the_solution_start():
+    ids, mask = _padded_batch()
+    with pytest.raises(ValueError, match="solution_start"):
+        _likelihood_model("llama_gqa_tied")(jnp.asarray(ids), jnp.asarray(mask))

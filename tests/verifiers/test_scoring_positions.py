@@ -1,7 +1,8 @@
 """Training and scoring read a score at the same position: a PRM fitted to known step targets gives the same
 numbers back through every scoring path (value-target batches, batch scoring with each aggregation, the last
 token of left-padded rows as beam search and the search's root read it, K candidates on a cached prefix as the
-search's node values, the sampler's last hidden state on a shared backbone, and the nodes of a real search)."""
+search's node values, the sampler's last hidden state on a shared backbone, and the nodes of a real search), for
+a value head alone and for one that also reads its LM's likelihood."""
 
 
 import jax
@@ -43,9 +44,10 @@ def _ids(text: str) -> list[int]:
     return TOKENIZER.encode(text, add_special_tokens=False)
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """A PRM fitted to random step targets, and the traces (with their targets) it was fitted to."""
+@pytest.fixture(scope="module", params=[False, True], ids=["head", "head_and_likelihood"])
+def fitted(tmp_path_factory, request):
+    """A PRM fitted to random step targets, and the traces (with their targets) it was fitted to; the PRM reads
+    its LM's likelihood too in the second parameter."""
     rng = np.random.default_rng(0)
     traces = []
     for i, (prompt, solution, ends_on_eos) in enumerate(SOLUTIONS):
@@ -54,7 +56,7 @@ def fitted(tmp_path_factory):
         traces.append(Trace(problem_id=i, iteration=0, tokens=np.asarray(p + s, np.int32), prompt_len=len(p),
                             step_ends=ends, step_values=rng.uniform(0.1, 0.9, len(ends)).astype(np.float32),
                             reward=0.0, flags=0))
-    model = ValueModel(CONFIG, rngs=nnx.Rngs(0))
+    model = ValueModel(CONFIG, likelihood=request.param, rngs=nnx.Rngs(0))
     config = FitConfig(num_steps=300, batch_size=len(traces), max_len=64,
                        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=10, weight_decay=0.0))
     batches = shuffled_batches(lambda idx: value_batch([traces[i] for i in idx], 64, PAD), len(traces),
@@ -67,7 +69,8 @@ def fitted(tmp_path_factory):
 def _trained_positions(model, traces) -> list[np.ndarray]:
     """Each trace's values where its targets were trained (the value-target batch's mask)."""
     batch = pad_traces(traces, 64, PAD)
-    values = np.asarray(jax.nn.sigmoid(model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]))))
+    start = jnp.asarray([t.prompt_len for t in traces])
+    values = np.asarray(model.values(jnp.asarray(batch["tokens"]), jnp.asarray(batch["attention_mask"]), start))
     return [values[b, batch["value_mask"][b] == 1] for b in range(len(traces))]
 
 
@@ -98,7 +101,8 @@ def test_left_padded_last_token_reads_the_solution_score(fitted):
     model, traces = fitted
     tokens, mask = pad_left([t.tokens.tolist() for t in traces], PAD)
     last = jnp.full((len(traces), 1), tokens.shape[1] - 1)
-    got = ValueVerifier(model).values_at(jnp.asarray(tokens), jnp.asarray(mask), last)[:, 0]
+    start = jnp.asarray([tokens.shape[1] - len(t.tokens) + t.prompt_len for t in traces])
+    got = ValueVerifier(model).values_at(jnp.asarray(tokens), jnp.asarray(mask), last, start)[:, 0]
     np.testing.assert_allclose(got, [v[-1] for v in _trained_positions(model, traces)], atol=1e-5)
 
 
@@ -119,7 +123,9 @@ def test_candidates_on_a_prefix_read_their_last_step(fitted, implementation):
         cand[i, 0, :len(last)] = last
         cand_len[i] = len(last), 0  # slot 1: no candidate, the partial solution's own value
     args = jnp.asarray(tokens), jnp.asarray(length), jnp.asarray(cand), jnp.asarray(cand_len)
-    got = verifier.extend_scores(*args) if implementation == "cached" else Verifier.extend_scores(verifier, *args)
+    options = dict(prompt_len=jnp.asarray([t.prompt_len for t in traces]))
+    got = (verifier.extend_scores(*args, **options) if implementation == "cached"
+           else Verifier.extend_scores(verifier, *args, **options))
     trained = _trained_positions(model, traces)
     np.testing.assert_allclose(got[:, 0], [v[-1] for v in trained], atol=1e-5)
     own = [v[-2] if len(v) > 1 else None for v in trained]
