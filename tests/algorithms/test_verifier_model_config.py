@@ -47,3 +47,23 @@ def test_loaded_verifier_follows_the_policy(policy, tmp_path):
     save_value_model(value_model_from(policy, seed=1), tmp_path / "prm")
     verifier = load_verifier(VerifierConfig(path=str(tmp_path / "prm")), policy)
     _check_follows_config(verifier.model)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_likelihood_prm_starts_from_the_policys_language_model(tied):
+    """Its logit at a solution token is the head's plus the lowest log-probability the policy gives a solution
+    token so far (the policy's own LM: tied embedding, or a copy of its lm_head)."""
+    import dataclasses
+
+    model, _ = build_model(ModelSpec(scratch=dataclasses.replace(TINY, tie_word_embeddings=tied)), seed=0)
+    prm = value_model_from(model, seed=1, likelihood=True)
+    assert prm.likelihood and (tied or prm.lm_head is not model.lm_head)
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % model.config.vocab_size
+    mask, start = jnp.ones_like(tokens), jnp.asarray([3, 5])
+    logp = jax.nn.log_softmax(model(tokens, mask), axis=-1)
+    token_logp = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+    counted = jnp.arange(1, 8)[None, :] >= start[:, None]
+    lowest = jnp.pad(jax.lax.cummin(jnp.where(counted, token_logp, 0.0), axis=1), ((0, 0), (1, 0)))
+    hidden, _ = prm.transformer(tokens, mask)
+    head = hidden @ prm.head[...] + prm.bias[...]
+    np.testing.assert_allclose(prm(tokens, mask, solution_start=start), head + lowest, atol=1e-5)

@@ -50,3 +50,25 @@ def test_the_lm_term_is_the_value_loss_plus_weighted_cross_entropy(likelihood):
     grads = nnx.grad(lambda m: value_objective("bce", 0.5)(m, batch, None)[0] -
                      value_objective("bce")(m, batch, None)[0])(model)
     assert float(jnp.abs(grads.transformer.embed[...]).max()) > 0
+
+
+def test_training_the_head_alone_keeps_the_backbone_and_its_language_model(tmp_path):
+    from jaxreason.data.batching import shuffled_batches
+    from jaxreason.models.value_head import HEAD_PARAMETERS
+    from jaxreason.sharding import make_mesh
+    from jaxreason.train.fit import FitConfig, fit
+    from jaxreason.train.optimizer import OptimizerConfig
+
+    untied = ModelConfig(**{**CONFIG.__dict__, "tie_word_embeddings": False})
+    model = ValueModel(untied, likelihood=True, rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    batches = shuffled_batches(lambda idx: value_batch([TRACES[i] for i in idx], 8, 0), len(TRACES), 3, 0)
+    fit(model, value_objective("bce"), batches,
+        FitConfig(num_steps=3, batch_size=3, max_len=8, optimizer=OptimizerConfig(learning_rate=0.1, warmup_steps=0)),
+        mesh=make_mesh(devices=jax.devices()[:1]), directory=tmp_path, seed=0, description="head",
+        trainable=HEAD_PARAMETERS)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for name in ("head", "bias", "scale"):
+        assert not np.array_equal(after[name], before[name]), name
+    for frozen in ("transformer", "lm_head"):
+        jax.tree.map(np.testing.assert_array_equal, after[frozen], before[frozen])
