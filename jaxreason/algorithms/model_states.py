@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxreason.models.value_head import ValueModel
+from jaxreason.models.lora import LoRAParam, add_lora
+from jaxreason.models.value_head import HEAD_PARAMETERS, ValueModel
+from jaxreason.train.sft import LoRAConfig
 
 
 def snapshot(module: nnx.Module) -> nnx.State:
@@ -22,11 +24,12 @@ def copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
 
 
 def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = None,
-                     likelihood: bool = False) -> ValueModel:
+                     likelihood: bool = False, lora: LoRAConfig | None = None) -> ValueModel:
     """A value model (PRM, ORM, reward model) on its own copy of `policy`'s backbone, with the weights `policy`
     holds now or those of `state` (a snapshot of it); the head is new, drawn from `seed`. It computes in the
     policy's dtype and rematerialises as the policy does (the model config's `dtype` and `remat`). With
-    `likelihood` it also reads the LM's solution likelihood (`ValueModel`), its LM head a copy of the policy's."""
+    `likelihood` it also reads the LM's solution likelihood (`ValueModel`), its LM head a copy of the policy's;
+    with `lora`, adapters sit on its backbone's kernels (train them with `value_parameters(lora=True)`)."""
     backbone = policy.transformer
     model = ValueModel(policy.config, dtype=backbone.dtype, param_dtype=backbone.embed[...].dtype,
                        remat=backbone.remat, likelihood=likelihood, rngs=nnx.Rngs(seed))
@@ -35,4 +38,17 @@ def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = No
     nnx.update(model.transformer, copy(source.transformer))
     if likelihood and not policy.config.tie_word_embeddings:
         model.lm_head[...] = jnp.copy(source.lm_head[...])
+    if lora is not None:
+        add_lora(model, lora.rank, lora.alpha, targets=lora.targets, rngs=nnx.Rngs(seed + 1))
     return model
+
+
+def value_parameters(train_backbone: bool = True, lora: bool = False) -> nnx.filterlib.Filter:
+    """What training a value model updates: every parameter; with LoRA adapters, them and the head (the base
+    weights stay); without the backbone, the head alone (`HEAD_PARAMETERS`)."""
+    if lora and not train_backbone:
+        raise ValueError("a value model either trains its head alone or its head and LoRA adapters, not both: "
+                         "drop the LoRA config or train the backbone")
+    if lora:
+        return nnx.Any(LoRAParam, HEAD_PARAMETERS)
+    return nnx.Param if train_backbone else HEAD_PARAMETERS

@@ -24,11 +24,10 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
+from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from, value_parameters
 from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.report import write_report
 from jaxreason.algorithms.rest_em import sample_solutions
@@ -48,7 +47,7 @@ from jaxreason.data.trace_store import (
 )
 from jaxreason.distributed import is_main_process
 from jaxreason.models.spec import ModelSpec
-from jaxreason.models.value_head import HEAD_PARAMETERS, ValueModel
+from jaxreason.models.value_head import ValueModel
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.search.config import BaselineConfig, Budget, MCTSConfig
 from jaxreason.search.mcts import search_trees
@@ -56,6 +55,7 @@ from jaxreason.search.methods import method_names, needs_verifier, run
 from jaxreason.tasks.base import Problem, TaskSpec
 from jaxreason.train.fit import FitConfig
 from jaxreason.train.objectives import sft_objective, value_objective
+from jaxreason.train.sft import LoRAConfig
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.checker import TaskCheckVerifier
@@ -155,6 +155,7 @@ class RestMCTSConfig:
     prm_likelihood: bool = False
     prm_lm_weight: float = 0.0
     prm_train_backbone: bool = True  # false: only the head (head, bias, scale) trains; the backbone stays policy_0's
+    prm_lora: LoRAConfig | None = None  # adapters on the PRM's backbone, trained with its head (null: all weights)
     # What guides the search and scores the held-out samples: "prm", the PRM this run trains (the method); or
     # "task_check", the task's own process labels blurred by `task_check_noise` (`TaskCheckVerifier`), for
     # experiments on how good a verifier must be (the PRM is trained and exported all the same).
@@ -181,6 +182,7 @@ class RestMCTSConfig:
             raise ValueError(f"prm_loss must be 'mse' or 'bce', got {self.prm_loss!r}")
         if self.prm_lm_weight < 0:
             raise ValueError(f"prm_lm_weight must be >= 0, got {self.prm_lm_weight}")
+        value_parameters(self.prm_train_backbone, self.prm_lora is not None)  # the two settings agree
         if self.guide not in ("prm", "task_check"):
             raise ValueError(f"guide must be 'prm' or 'task_check', got {self.guide!r}")
         if self.value_targets not in ("finished_paths", "all_nodes"):
@@ -229,12 +231,12 @@ def _loop(r: _Run, policy) -> None:
         gold = gold_traces(r.task, r.tokenizer, *r.slice("gold"), chat=c.chat)
         r.train_model("sft", policy, sft_objective, gold, c.sft, lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
     base = snapshot(policy)
-    prm = value_model_from(policy, c.seed, likelihood=c.prm_likelihood)  # its own backbone, from policy_0's
+    prm = value_model_from(policy, c.seed, likelihood=c.prm_likelihood, lora=c.prm_lora)  # from policy_0's
     verifier = ValueVerifier(prm, aggregation=c.prm_aggregation) if c.guide == "prm" else TaskCheckVerifier(
         r.task, r.tokenizer, [*r.pool, *r.test], noise=c.task_check_noise, seed=c.seed)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))
     train_prm = lambda name, traces: r.train_model(name, prm, prm_objective, traces, c.prm_train, value_data,
-                                                   trainable=nnx.Param if c.prm_train_backbone else HEAD_PARAMETERS)
+                                                   trainable=value_parameters(c.prm_train_backbone, bool(c.prm_lora)))
     train_prm("prm_0", r.traces([0], FLAG_ROLLOUT))
     r.stages.run("eval_0", lambda: {"rest_mcts": _evaluate(r, policy, verifier), "rest_em": None})
     _export(r, 0, policy, prm)

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import value_model_from
+from jaxreason.algorithms.model_states import value_model_from, value_parameters
 from jaxreason.algorithms.rest_mcts import WarmupConfig
 from jaxreason.algorithms.rollout_labels import rollout_value_traces
 from jaxreason.algorithms.store_run import StoreRun, run_with_store
@@ -46,6 +46,7 @@ from jaxreason.tasks.base import TaskSpec
 from jaxreason.train.fit import FitConfig
 from jaxreason.train.metrics import progress
 from jaxreason.train.objectives import sft_objective, value_objective
+from jaxreason.train.sft import LoRAConfig
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.positions import StepSplitter
@@ -131,6 +132,10 @@ class ScalingConfig:
     warmup: WarmupConfig = WarmupConfig()
     prm_train: FitConfig = FitConfig()
     prm_loss: str = "bce"  # mse | bce
+    # As ReST-MCTS*'s: the PRM reads its LM's solution likelihood; prm_train_backbone false trains its head alone
+    prm_likelihood: bool = False
+    prm_train_backbone: bool = True
+    prm_lora: LoRAConfig | None = None
     budget: Budget = Budget()  # the pool's sampling and every run's settings, before a run's overrides
     pool: PoolConfig = PoolConfig()
     runs: tuple[MethodSetting, ...] = (MethodSetting("greedy"),)
@@ -141,6 +146,7 @@ class ScalingConfig:
     def __post_init__(self):
         if self.prm_loss not in ("mse", "bce"):
             raise ValueError(f"prm_loss must be 'mse' or 'bce', got {self.prm_loss!r}")
+        value_parameters(self.prm_train_backbone, self.prm_lora is not None)  # the two settings agree
         if self.reference not in ("self_consistency", "best_of_n", "weighted_vote"):
             raise ValueError(f"reference must be a pool rule (self_consistency, best_of_n, weighted_vote), got "
                              f"{self.reference!r}")
@@ -192,11 +198,12 @@ def _train_prm(r: StoreRun, policy) -> Verifier:
     """PRM_0 as ReST-MCTS* trains it: a value model on policy_0's backbone (a copy), trained on rollout-labelled
     solutions of the warm-up problems (kept in the run's trace store, so a resumed run restores the PRM)."""
     c = r.config
-    prm = value_model_from(policy, c.seed)
+    prm = value_model_from(policy, c.seed, likelihood=c.prm_likelihood, lora=c.prm_lora)
     r.stages.run("warmup_data", lambda: _warmup_data(r, policy))
     traces = r.store.read(r.store.select(iteration=0, flags_all=FLAG_ROLLOUT))
     r.train_model("prm_0", prm, value_objective(c.prm_loss), traces, c.prm_train,
-                  lambda t: value_batch(t, c.prm_train.max_len, r.pad_id))
+                  lambda t: value_batch(t, c.prm_train.max_len, r.pad_id),
+                  trainable=value_parameters(c.prm_train_backbone, bool(c.prm_lora)))
     return ValueVerifier(prm, aggregation=c.verifier.aggregation)
 
 

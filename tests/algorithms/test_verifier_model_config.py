@@ -67,3 +67,39 @@ def test_a_likelihood_prm_starts_from_the_policys_language_model(tied):
     hidden, _ = prm.transformer(tokens, mask)
     head = hidden @ prm.head[...] + prm.bias[...]
     np.testing.assert_allclose(prm(tokens, mask, solution_start=start), head + lowest, atol=1e-5)
+
+
+def test_a_prm_with_lora_trains_its_adapters_and_head_alone(policy, tmp_path):
+    """`prm_lora` reaches the PRM: adapters on its backbone's kernels, trained with its head while the base
+    weights stay; the adapters keep the policy's dtype and remat."""
+    from jaxreason.algorithms.model_states import value_parameters
+    from jaxreason.data.batching import shuffled_batches
+    from jaxreason.data.trace_batches import value_batch
+    from jaxreason.data.trace_store import Trace
+    from jaxreason.models.lora import LoRAParam
+    from jaxreason.sharding import make_mesh
+    from jaxreason.train.fit import FitConfig, fit
+    from jaxreason.train.objectives import value_objective
+    from jaxreason.train.optimizer import OptimizerConfig
+    from jaxreason.train.sft import LoRAConfig
+
+    prm = value_model_from(policy, seed=1, likelihood=True, lora=LoRAConfig(rank=2))
+    _check_follows_config(prm)
+    assert jax.tree.leaves(nnx.state(prm, LoRAParam))
+    before = jax.tree.map(np.array, nnx.state(prm))
+    traces = [Trace(problem_id=0, iteration=0, tokens=np.arange(3, 9, dtype=np.int32), prompt_len=2,
+                    step_ends=np.asarray([4, 6], np.int32), step_values=np.asarray([0.9, 0.1], np.float32),
+                    reward=0.0, flags=0)] * 2
+    batches = shuffled_batches(lambda idx: value_batch([traces[i] for i in idx], 8, 0), 2, 2, 0)
+    fit(prm, value_objective("bce"), batches,
+        FitConfig(num_steps=2, batch_size=2, max_len=8, optimizer=OptimizerConfig(learning_rate=0.05, warmup_steps=0)),
+        mesh=make_mesh(devices=jax.devices()[:1]), directory=tmp_path, seed=0, description="prm",
+        trainable=value_parameters(lora=True))
+    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), b), nnx.state(prm), before)
+    flat = {jax.tree_util.keystr(path): moved for path, moved in jax.tree_util.tree_flatten_with_path(changed)[0]}
+    assert any(moved for name, moved in flat.items() if "lora" in name)
+    head = [moved for name, moved in flat.items() if name.startswith(("['head']", "['scale']"))]
+    assert len(head) == 2 and all(head)
+    assert not any(moved for name, moved in flat.items() if "lora" not in name and "transformer" in name)
+    with pytest.raises(ValueError, match="not both"):
+        value_parameters(train_backbone=False, lora=True)
