@@ -196,7 +196,8 @@ def _evaluate(c: GRPOConfig, trainer: PolicyTrainer, tokenizer, task, test, key,
     if ev.num_samples:
         drawn = evaluate_verifier(trainer.policy, None, tokenizer, task, test[:ev.sample_problems],
                                   sampling=ev.baseline.sampling, num_samples=ev.num_samples, sizes=(ev.num_samples,),
-                                  key=jax.random.fold_in(key, 1), chat=c.chat)["selection"][str(ev.num_samples)]
+                                  key=jax.random.fold_in(key, 1), chat=c.chat,
+                                  mesh=mesh)["selection"][str(ev.num_samples)]
         out |= {"sample": drawn["random_pick"], f"self_consistency@{ev.num_samples}": drawn["self_consistency"]}
     return out
 

@@ -342,7 +342,7 @@ def _verification(r: _Run, policy, verifier: Verifier | None) -> dict:
     return evaluate_verifier(policy, verifier, r.tokenizer, r.task,
                              r.test[:ev.num_problems.get("verification", len(r.test))], sampling=ev.baseline.sampling,
                              num_samples=v.num_samples, sizes=v.sizes, key=r.key_for("eval_verification"),
-                             chat=r.config.chat, first_error_threshold=v.first_error_threshold)
+                             chat=r.config.chat, first_error_threshold=v.first_error_threshold, mesh=r.mesh)
 
 
 def _export(r: _Run, t: int, policy, prm: ValueModel) -> None:

@@ -115,15 +115,16 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     stages = StageLog(run_dir)
     key = jax.random.key(c.seed)
     budget = Budget(baseline=BaselineConfig(sampling=c.baseline))
+    mesh = make_mesh(c.mesh)
 
     def greedy():
         r = run_method("greedy", problems, policy=policy, tokenizer=tokenizer, task=task, budget=budget,
-                       key=key, chat=c.chat)
+                       key=key, chat=c.chat, mesh=mesh)
         return {"correct": r.correct, "tokens": r.generated_tokens.tolist(), "answers": r.answers}
 
     def generator():
         r = generate_trajectories(problems, policy=policy, tokenizer=tokenizer, task=task, config=c.generator,
-                                  key=jax.random.fold_in(key, 1), chat=c.chat, mesh=make_mesh(c.mesh),
+                                  key=jax.random.fold_in(key, 1), chat=c.chat, mesh=mesh,
                                   verifier=verifier)
         return {"trajectories": [[dataclasses.asdict(t) for t in ts] for ts in r.trajectories],
                 "node_tokens": r.node_tokens.tolist(), "node_calls": r.node_calls.tolist(),
@@ -160,7 +161,8 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
         with progress(len(problems), description="self-consistency") as bar:
             for start in range(0, len(problems), size):
                 drawn = draw_solutions(policy, tokenizer, prompts[start:start + size], c.baseline,
-                                       jax.random.fold_in(jax.random.fold_in(key, 3), start), c.max_self_consistency)
+                                       jax.random.fold_in(jax.random.fold_in(key, 3), start), c.max_self_consistency,
+                                       mesh)
                 answers += [[task.extract_answer(tokenizer.decode(s.tolist(), skip_special_tokens=True)) for s in row]
                             for row in drawn]
                 tokens += [[len(s) for s in row] for row in drawn]

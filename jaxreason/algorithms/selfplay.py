@@ -338,7 +338,8 @@ def _samples_0(r: _Run, policy) -> dict:
     g = r.config.genrm
     problems, ids = r.slice("verifier")
     prompts = [prompt_ids(r.tokenizer, r.task.prompt(p), chat=r.config.chat) for p in problems]
-    drawn = draw_solutions(policy, r.tokenizer, prompts, g.sampling, r.key_for("samples_0"), g.samples_per_problem)
+    drawn = draw_solutions(policy, r.tokenizer, prompts, g.sampling, r.key_for("samples_0"), g.samples_per_problem,
+                           r.mesh)
     rows = [(i, s) for i, row in enumerate(drawn) for s in row]
     correct = np.asarray(r.task.check_many([problems[i] for i, _ in rows],
                                            [r.tokenizer.decode(s.tolist(), skip_special_tokens=True)
@@ -414,7 +415,7 @@ def _compare(r: _Run, generator, verifiers: dict[str, Verifier]) -> dict:
     cmp = r.config.comparison
     problems = r.test[:cmp.problems]
     drawn = draw_checked(generator, r.tokenizer, r.task, problems, sampling=cmp.sampling, num_samples=cmp.num_samples,
-                         key=r.key_for("comparison"), chat=r.config.chat)
+                         key=r.key_for("comparison"), chat=r.config.chat, mesh=r.mesh)
     correct, groups = drawn.correct, drawn.groups
     splitter = StepSplitter(r.tokenizer, r.task.step_delimiter)
     scores, seconds = {}, {}

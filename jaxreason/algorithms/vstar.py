@@ -281,7 +281,7 @@ def _draw(r: _Run, policy, problems: list[Problem], ids: list[int], k: int, samp
         for start in range(0, len(problems), c.sample_batch):
             rows = range(start, min(start + c.sample_batch, len(problems)))
             chunk = [asked[i] for i in rows] + [asked[rows[-1]]] * (c.sample_batch - len(rows))  # one shape
-            drawn = draw_solutions(policy, r.tokenizer, chunk, sampling, jax.random.fold_in(key, start), k)
+            drawn = draw_solutions(policy, r.tokenizer, chunk, sampling, jax.random.fold_in(key, start), k, r.mesh)
             for i, samples in zip(rows, drawn):
                 for s in samples:
                     generated += len(s)

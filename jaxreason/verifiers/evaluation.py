@@ -33,10 +33,11 @@ class CheckedSamples:
 
 
 def draw_checked(policy, tokenizer, task: Task, problems: Sequence[Problem], *, sampling: SamplingConfig,
-                 num_samples: int, key: jax.Array, chat: bool = False) -> CheckedSamples:
-    """`num_samples` solutions of each problem from `policy`, checked and grouped by answer."""
+                 num_samples: int, key: jax.Array, chat: bool = False, mesh=None) -> CheckedSamples:
+    """`num_samples` solutions of each problem from `policy`, checked and grouped by answer (split over `mesh`'s
+    devices as `draw_solutions` splits them)."""
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
-    samples = draw_solutions(policy, tokenizer, prompts, sampling, key, num_samples)
+    samples = draw_solutions(policy, tokenizer, prompts, sampling, key, num_samples, mesh)
     texts = [[tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in row] for row in samples]
     correct = np.array([task.check_many([p] * len(row), row) for p, row in zip(problems, texts)])
     groups = np.stack([group_answers([task.extract_answer(t) for t in row]) for row in texts])
@@ -45,7 +46,7 @@ def draw_checked(policy, tokenizer, task: Task, problems: Sequence[Problem], *, 
 
 def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, problems: Sequence[Problem], *,
                       sampling: SamplingConfig, num_samples: int, sizes: Sequence[int], key: jax.Array,
-                      chat: bool = False, first_error_threshold: float | None = None) -> dict:
+                      chat: bool = False, first_error_threshold: float | None = None, mesh=None) -> dict:
     """`num_samples` solutions per problem from `policy`, and from them:
 
     - `selection`: {n: {rule: accuracy}} for every n in `sizes` (best-of-n, weighted vote, self-consistency,
@@ -57,7 +58,7 @@ def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, 
     - `tokens_per_sample` and `verifier_tokens_per_sample`: what it cost.
     """
     drawn = draw_checked(policy, tokenizer, task, problems, sampling=sampling, num_samples=num_samples, key=key,
-                         chat=chat)
+                         chat=chat, mesh=mesh)
     prompts, samples, texts, correct, groups = drawn.prompts, drawn.samples, drawn.texts, drawn.correct, drawn.groups
     out = {"problems": len(problems), "samples": num_samples,
            "tokens_per_sample": float(np.mean([len(s) for row in samples for s in row]))}
