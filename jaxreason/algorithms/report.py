@@ -258,7 +258,66 @@ def seed_summary(run_dirs: list[str | Path]) -> str:
             change = 100 * (last - first)
             rows.append(f"| {name} {_label(k)} | {cells} | {last.mean():.3f} +- {_std(last):.3f} | "
                         f"{change.mean():+.1f} +- {_std(change):.1f} points |")
+    per_seed = [claims(its, json.loads((Path(d) / "config.json").read_text())["problems"]["train"])
+                for d, (_, its) in zip(run_dirs, runs)]
+    rows += ["", "| the paper's claim, measured as | " + " | ".join(f"seed {s}" for s, _ in runs) +
+             " | mean +- std | holds on |", "| --- |" + " --- |" * (len(runs) + 2)]
+    for k, (name, threshold, strict) in CLAIMS.items():
+        x = np.array([c.get(k, np.nan) for c in per_seed])
+        shown = x[~np.isnan(x)]
+        if not len(shown):
+            continue
+        held = int(np.sum(shown > threshold if strict else shown >= threshold))
+        rows.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:+.3f}" if threshold == 0 else f"{v:.2f}"
+                                             for v in x) +
+                    f" | {shown.mean():.3f} +- {_std(shown):.3f} | {held} of {len(shown)} seeds |")
     return "\n".join(rows) + "\n"
+
+
+# claim key: (what is measured, the threshold, whether the claim needs more than it rather than at least it)
+CLAIMS = {
+    "weighted_vote_minus_self_consistency": ("PRM-weighted vote@N - self-consistency@N (last iteration)", 0.0, False),
+    "best_of_minus_random_pick": ("PRM best-of-N - random pick (last iteration; holds when > 0)", 0.0, True),
+    "mcts_minus_self_consistency": ("MCTS* - self-consistency at MCTS*'s generated tokens (last iteration)", 0.0,
+                                    False),
+    "solved_per_token_ratio": ("train problems solved per generated token, search / sampling (mean over "
+                               "iterations)", 1.0, False),
+    "greedy_minus_rest_em": ("ReST-MCTS* policy - ReST-EM policy, greedy (last iteration)", 0.0, False),
+}
+
+
+def claims(its: list[dict], train_problems: int) -> dict[str, float]:
+    """The ReST-MCTS* paper's claims as differences (or a ratio) from one run's per-iteration metrics: at the last
+    iteration with N the largest selection size, weighted vote and best-of-N against self-consistency and random
+    pick, MCTS* against self-consistency interpolated (linearly in the number of samples) to MCTS*'s generated
+    tokens per problem (absent when those tokens lie outside the samples' range), the policies' greedy accuracy;
+    over the iterations, the training problems (of `train_problems`) the search solves per generated token over
+    those sampling does.
+    """
+    out = {}
+    last = its[-1]
+    mine, theirs = last["rest_mcts"], last.get("rest_em")
+    v = mine.get("verification")
+    if v:
+        sizes = sorted(int(n) for n in v["selection"])
+        top = v["selection"][str(sizes[-1])]
+        if "weighted_vote" in top:
+            out["weighted_vote_minus_self_consistency"] = top["weighted_vote"] - top["self_consistency"]
+            out["best_of_minus_random_pick"] = top["best_of_n"] - top["random_pick"]
+        if "mcts" in mine:
+            spent = mine["mcts"]["tokens_per_problem"] / v["tokens_per_sample"]  # in samples
+            if sizes[0] <= spent <= sizes[-1]:
+                consistency = np.interp(spent, sizes, [v["selection"][str(n)]["self_consistency"] for n in sizes])
+                out["mcts_minus_self_consistency"] = mine["mcts"]["accuracy"] - float(consistency)
+    if theirs:
+        out["greedy_minus_rest_em"] = mine["greedy"]["accuracy"] - theirs["greedy"]["accuracy"]
+    ratios = [(it["search"]["trees_with_correct_leaf"] / it["search"]["generated_tokens"]) /
+              (it["rest_em_sample"]["train_accuracy"] * train_problems / it["rest_em_sample"]["generated_tokens"])
+              for it in its if it.get("search") and it.get("rest_em_sample")
+              and it["rest_em_sample"]["train_accuracy"] > 0]
+    if ratios:
+        out["solved_per_token_ratio"] = float(np.mean(ratios))
+    return out
 
 
 def _std(x: np.ndarray) -> float:

@@ -195,6 +195,32 @@ def test_report_command_summarises_seeds(finished, capsys):
     assert out.startswith("| figure | seed 0 | seed 0 | last iteration, mean +- std | change from policy_0, mean "
                           "+- std |")
     assert "| ReST-MCTS* greedy |" in out and "| ReST-EM self-consistency |" in out and "+- 0.0 points |" in out
+    assert "| the paper's claim, measured as | seed 0 | seed 0 |" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(finished / "missing")])
     assert exit_info.value.code == 2
+
+
+def test_the_claims_are_read_from_the_metrics():
+    """Each claim of the paper from one run's metrics: MCTS* against self-consistency interpolated to its tokens,
+    and training problems solved per token as the ratio of the two methods' rates."""
+    from jaxreason.algorithms.report import claims
+
+    selection = {"1": {"best_of_n": 0.4, "weighted_vote": 0.4, "self_consistency": 0.4, "random_pick": 0.4},
+                 "2": {"best_of_n": 0.5, "weighted_vote": 0.5, "self_consistency": 0.44, "random_pick": 0.4},
+                 "4": {"best_of_n": 0.55, "weighted_vote": 0.6, "self_consistency": 0.52, "random_pick": 0.4}}
+    search = {"trees_with_correct_leaf": 300, "generated_tokens": 1000}
+    em = {"train_accuracy": 0.5, "generated_tokens": 1000}  # of 1000 problems: 500 solved
+    its = [{"search": None, "rest_em_sample": None},
+           {"search": search, "rest_em_sample": em,
+            "rest_mcts": {"greedy": {"accuracy": 0.6}, "mcts": {"accuracy": 0.5, "tokens_per_problem": 30.0},
+                          "verification": {"tokens_per_sample": 10.0, "selection": selection}},
+            "rest_em": {"greedy": {"accuracy": 0.65}}}]
+    got = claims(its, train_problems=1000)
+    assert got["weighted_vote_minus_self_consistency"] == pytest.approx(0.08)
+    assert got["best_of_minus_random_pick"] == pytest.approx(0.15)
+    assert got["mcts_minus_self_consistency"] == pytest.approx(0.5 - 0.48)  # 3 samples: halfway from 2 to 4
+    assert got["solved_per_token_ratio"] == pytest.approx(0.6)
+    assert got["greedy_minus_rest_em"] == pytest.approx(-0.05)
+    its[1]["rest_mcts"]["mcts"]["tokens_per_problem"] = 50.0  # beyond the samples' range: no comparison
+    assert "mcts_minus_self_consistency" not in claims(its, train_problems=1000)
