@@ -115,10 +115,10 @@ def save_value_model(model: ValueModel, folder: str | os.PathLike, tokenizer=Non
     config.json and model.safetensors hold the backbone (adapters, if any, folded in), which
     `transformers.AutoModel` loads; `value_head.safetensors` holds `head` [E] and `bias` [] in float32 and
     `value_head.json` says what they are: the value at token t is sigmoid(hidden[t] @ head + bias), with hidden
-    the backbone's last hidden state (after the final norm). A model that reads the LM's step likelihood adds
-    `scale` to the head file and `"likelihood": true` to the card (an untied one writes its `lm_head` too); otherwise
-    there is no LM head. Either way the folder is not a causal LM (load it with `load_value_model`, or its
-    backbone with `AutoModel`). A value model that shares its backbone
+    the backbone's last hidden state (after the final norm). A plain value model has no LM head: load it with
+    `load_value_model`, or its backbone with `AutoModel`. One that reads its LM's solution likelihood adds `scale`
+    to the head file and `"likelihood": true` to the card, and an untied one writes its `lm_head` too, so
+    `transformers.AutoModelForCausalLM` loads the language model it reads. A value model that shares its backbone
     with a policy still writes that backbone in full, so the folder stands alone; `load_value_model` gives it a
     backbone of its own. Written through a staging folder, as `save_pretrained`.
     """

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 from jaxreason.models.config import ModelConfig
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import Transformer, _param
+from jaxreason.train.losses import token_logprobs
 
 
 class ValueModel(nnx.Module):
@@ -108,12 +109,11 @@ class ValueModel(nnx.Module):
         count, nor do padding and a token right after padding."""
         if solution_start is None:
             raise ValueError("a value model that reads the LM's likelihood needs each row's solution_start")
-        if previous_hidden is not None:
+        if previous_hidden is not None:  # it predicts tokens[:, 0]; the token put before it is a placeholder
             hidden = jnp.concatenate([previous_hidden[:, None].astype(hidden.dtype), hidden], axis=1)
+            found = token_logprobs(self.lm_logits(hidden), jnp.concatenate([tokens[:, :1], tokens], axis=1))
         else:
-            hidden = jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))
-        logp = jax.nn.log_softmax(self.lm_logits(hidden[:, :-1]), axis=-1)
-        found = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+            found = jnp.pad(token_logprobs(self.lm_logits(hidden), tokens), ((0, 0), (1, 0)))
         column = jnp.arange(tokens.shape[1])[None, :]
         counted = (column >= solution_start[:, None]) & ((column > 0) | (previous_hidden is not None))
         if attention_mask is not None:
