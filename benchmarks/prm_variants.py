@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import machine
 import numpy as np
+from rest_mcts_run import held_out
 
 from jaxreason.algorithms.model_states import value_model_from, value_parameters
-from jaxreason.algorithms.rest_mcts import RestMCTSConfig
-from jaxreason.config import from_dict
 from jaxreason.data.batching import shuffled_batches
 from jaxreason.data.trace_batches import value_batch
 from jaxreason.data.trace_store import FLAG_CORRECT, FLAG_ROLLOUT, TraceStore
@@ -57,11 +56,7 @@ def main() -> None:
     print(machine.header(), flush=True)
 
     run_dir = Path(args.run)
-    raw = json.loads((run_dir / "config.json").read_text())
-    raw.pop("algorithm", None)
-    config = from_dict(RestMCTSConfig, raw, str(run_dir / "config.json"))
-    task = config.problems.task.build()
-    problems = task.problems("test", n=config.problems.test, seed=config.seed)[:args.problems]
+    config, task, problems = held_out(run_dir, args.problems)
     policy, tokenizer = load_pretrained(run_dir / "models" / "policy_0")
     store = TraceStore(run_dir / "traces")
     traces = store.read(store.select(iteration=0, flags_all=FLAG_ROLLOUT))

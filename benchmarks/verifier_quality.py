@@ -17,9 +17,8 @@ from pathlib import Path
 
 import jax
 import machine
+from rest_mcts_run import held_out
 
-from jaxreason.algorithms.rest_mcts import RestMCTSConfig
-from jaxreason.config import from_dict
 from jaxreason.models.pretrained import load_pretrained, load_value_model
 from jaxreason.search import Budget, run
 from jaxreason.verifiers import TaskCheckVerifier, ValueVerifier
@@ -37,12 +36,7 @@ def main() -> None:
     print(machine.header(), flush=True)
 
     run_dir = Path(args.run)
-    raw = json.loads((run_dir / "config.json").read_text())
-    raw.pop("algorithm", None)
-    config = from_dict(RestMCTSConfig, raw, str(run_dir / "config.json"))
-    p = config.problems
-    task = p.task.build()
-    problems = task.problems("test", n=p.test, seed=config.seed)[:args.problems]
+    config, task, problems = held_out(run_dir, args.problems)
     policy, tokenizer = load_pretrained(run_dir / "models" / f"policy_{args.iteration}")
     prm, _ = load_value_model(run_dir / "models" / f"prm_{args.iteration}")
     ev = config.evaluation
