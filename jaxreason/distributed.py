@@ -32,6 +32,8 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 _started = False  # this module already decided (and maybe started jax.distributed) once
+_barriers = 0  # `sync` calls so far, which makes each barrier's id unique
+BARRIER_TIMEOUT_S = 3600  # how long `sync` waits for the slowest process
 
 
 def detect(environ: dict[str, str] | None = None) -> str | None:
@@ -123,11 +125,19 @@ def is_main_process() -> bool:
 
 def sync(name: str) -> None:
     """Waits until every process has called `sync(name)` (the same name everywhere); nothing in a one-process
-    job. Where process 0 writes a file the others then read, or all of them check a folder before it writes."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    job. Where process 0 writes a file the others then read, or all of them check a folder before it writes.
 
-        multihost_utils.sync_global_devices(name)
+    The wait is at the coordination service (`wait_at_barrier`, `BARRIER_TIMEOUT_S`), not a device collective:
+    XLA's CPU collectives (gloo) give a peer only 30 s to join, which a process still busy with a long search or
+    compilation can exceed; the coordinator waits as long as it takes, and its heartbeats still notice a peer
+    that died."""
+    global _barriers
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed
+
+        _barriers += 1  # every process calls sync in the same order, so the ids agree
+        jax_distributed.global_state.client.wait_at_barrier(f"jaxreason/{_barriers}/{name}",
+                                                             timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 def addressable(tree):
@@ -138,6 +148,10 @@ def addressable(tree):
     split = [isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated for x in leaves]
     if not any(split):
         return tree
+    # Every process first finishes what it computes (a search splits its rows over the processes without a
+    # collective, and one can be minutes behind the other), so the gather's collective starts everywhere at once.
+    jax.block_until_ready([x for x, s in zip(leaves, split) if s])
+    sync("addressable")
     shardings = [x.sharding for x, s in zip(leaves, split) if s]
     meshes = {x.mesh for x in shardings if isinstance(x, jax.sharding.NamedSharding)}
     if len(meshes) != 1 or not all(isinstance(x, jax.sharding.NamedSharding) for x in shardings):

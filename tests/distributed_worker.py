@@ -7,12 +7,17 @@ trained weights whole (`jaxreason.distributed.addressable`: fsdp splits them ove
 prints {"process": i, "devices": n, "losses": {shape: [[loss, grad_norm], ...]}, "weights": {shape: sum}} as its
 last line.
 The test imports `train` from here to compute the single-process reference.
+
+`python tests/distributed_worker.py PROCESS_ID PORT --late SECONDS`: process 1 sleeps SECONDS (longer than the 30 s
+gloo gives a peer to join a collective) before both read a row-split array whole with `addressable`; each prints
+the array's sum.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -59,6 +64,22 @@ def train(mesh_shape: tuple[int, int, int], steps: int = STEPS) -> tuple[list[li
     return out, float(sum(np.abs(np.asarray(w, np.float64)).sum() for w in weights))
 
 
+def late_peer(seconds: float) -> float:
+    """The sum of a [8, 4] array whose rows are split over both processes' devices, read whole after process 1
+    sleeps `seconds`."""
+    import jax
+
+    from jaxreason import sharding
+    from jaxreason.distributed import addressable
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(8, 1, 1))
+    rows = np.arange(32, dtype=np.float32).reshape(8, 4)[4 * jax.process_index():4 * jax.process_index() + 4]
+    split = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, 2), rows)
+    if jax.process_index() == 1:
+        time.sleep(seconds)
+    return float(np.asarray(addressable(split)).sum())
+
+
 def main() -> None:
     process_id, port = int(sys.argv[1]), int(sys.argv[2])
     from jaxreason import distributed
@@ -66,6 +87,10 @@ def main() -> None:
     distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)  # no-op
     import jax
+
+    if sys.argv[3:4] == ["--late"]:
+        print(json.dumps({"sum": late_peer(float(sys.argv[4]))}), flush=True)
+        return
 
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     results = {"x".join(map(str, shape)): train(shape) for shape in MESH_SHAPES}
@@ -75,4 +100,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from two_processes import run_worker
+
+    run_worker(main)

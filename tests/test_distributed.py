@@ -151,3 +151,12 @@ def test_two_processes_match_one(tmp_path):
     first = reference[next(iter(reference))]
     assert first[0][0] != first[1][0]  # the first update really changed the model
 
+
+
+def test_a_late_peer_is_waited_for(tmp_path):
+    """Process 1 reaches `addressable`'s gather 40 s after process 0, past gloo's 30 s to join a collective."""
+    _, printed = run_two_processes(
+        tmp_path, lambda i, port: [sys.executable, str(HERE / "distributed_worker.py"), str(i), str(port),
+                                   "--late", "40"],
+        lambda: None, timeout_s=TIMEOUT_S, env=worker_env(), cwd=HERE.parent)
+    assert [json.loads(out.strip().splitlines()[-1]) for out in printed] == [{"sum": 496.0}] * 2

@@ -29,4 +29,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from two_processes import run_worker
+
+    run_worker(main)
