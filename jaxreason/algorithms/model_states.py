@@ -11,6 +11,7 @@ from flax import nnx
 from jaxreason.models.lora import LoRAParam, add_lora
 from jaxreason.models.value_head import HEAD_PARAMETERS, ValueModel
 from jaxreason.train.sft import LoRAConfig
+from jaxreason.verifiers.dpo import DPOVerifier
 
 
 def snapshot(module: nnx.Module) -> nnx.State:
@@ -21,6 +22,28 @@ def snapshot(module: nnx.Module) -> nnx.State:
 def copy_of(model: nnx.Module, state: nnx.State) -> nnx.Module:
     """A new module with `model`'s structure and a fresh copy of `state`."""
     return nnx.merge(nnx.graphdef(model), jax.tree.map(jnp.copy, state))
+
+
+def lm_copy(policy: nnx.Module, state: nnx.State, seed: int, lora: LoRAConfig | None = None) -> nnx.Module:
+    """A language model (a generative verifier, a DPO verifier) on its own copy of `state`, a snapshot of `policy`;
+    with `lora`, adapters drawn from `seed` on its kernels (train them alone: `lm_parameters(lora=True)`)."""
+    model = copy_of(policy, state)
+    if lora is not None:
+        add_lora(model, lora.rank, lora.alpha, targets=lora.targets, rngs=nnx.Rngs(seed))
+    return model
+
+
+def lm_parameters(lora: bool = False) -> nnx.filterlib.Filter:
+    """What training a language model of `lm_copy` updates: every parameter, or its LoRA adapters alone."""
+    return LoRAParam if lora else nnx.Param
+
+
+def dpo_verifier_from(policy: nnx.Module, state: nnx.State, beta: float, seed: int,
+                      lora: LoRAConfig | None = None) -> DPOVerifier:
+    """A DPO verifier whose pi_V and pi_ref start as `state` (a snapshot of `policy`): two copies, or with `lora`
+    one copy with adapters, whose reference is the same model with them off (no second copy)."""
+    model = lm_copy(policy, state, seed, lora)
+    return DPOVerifier(model, copy_of(policy, state) if lora is None else None, beta)
 
 
 def value_model_from(policy: nnx.Module, seed: int, state: nnx.State | None = None,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxreason.data.trace_store import FLAG_BASELINE, FLAG_CORRECT, Trace
 from jaxreason.models.llama import CausalLM
@@ -37,12 +38,14 @@ def sample_solutions(
     key: jax.Array,
     iteration: int,
     chat: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[list[Trace], int]:
     """Sampled solutions (one full round, then rounds until `token_budget` generated tokens are spent) as
     traces flagged FLAG_BASELINE (and FLAG_CORRECT when right); and the tokens generated.
 
     A later round is cut to the samples the remaining budget needs at the mean length so far, rounded up to
-    `_ROW_MULTIPLE` (few compiled shapes), spread one per problem over a shuffled problem order.
+    `_ROW_MULTIPLE` (few compiled shapes), spread one per problem over a shuffled problem order. With `mesh`, each
+    round is split over its batch devices (`sample_continuations`).
     """
     stop_ids = eos_ids(tokenizer, policy.config)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
@@ -56,7 +59,7 @@ def sample_solutions(
             rows = [int(order[b]) for b in rows][:-(-need // _ROW_MULTIPLE) * _ROW_MULTIPLE]
         outs = sample_continuations(policy, [prompts[b] for b in rows], jax.random.fold_in(key, round_), sampling,
                                     eos_ids=stop_ids, pad_id=pad_token_id(tokenizer),
-                                    description=f"rest-em round {round_ + 1}")
+                                    description=f"rest-em round {round_ + 1}", mesh=mesh)
         for b, new in zip(rows, outs):
             generated += len(new)
             correct = task.is_correct(problems[b], tokenizer.decode(new.tolist(), skip_special_tokens=True))

@@ -276,7 +276,8 @@ def _warmup_data(r: _Run, policy) -> dict:
     problems, ids = r.slice("warmup")
     traces, generated = rollout_value_traces(
         policy, r.tokenizer, r.task, problems, ids, num_rollouts=w.num_rollouts, key=r.key_for("warmup"),
-        sampling=w.sampling, max_steps=w.max_steps, chat=r.config.chat, rollout_traces=w.rollout_traces)
+        sampling=w.sampling, max_steps=w.max_steps, chat=r.config.chat, rollout_traces=w.rollout_traces,
+        mesh=r.mesh)
     r.append_once("warmup_data", traces, 0, FLAG_ROLLOUT)
     targets = np.concatenate([t.step_values for t in traces]) if traces else np.zeros(0)
     targets = targets[~np.isnan(targets)]
@@ -307,7 +308,7 @@ def _rest_em_sample(r: _Run, policy, t: int, token_budget: int) -> dict:
     problems, ids = r.slice("train")
     traces, generated = sample_solutions(
         policy, r.tokenizer, r.task, problems, ids, token_budget=token_budget, samples_per_round=e.samples_per_round,
-        sampling=e.sampling, key=r.key_for(f"rest_em_{t}"), iteration=t, chat=r.config.chat)
+        sampling=e.sampling, key=r.key_for(f"rest_em_{t}"), iteration=t, chat=r.config.chat, mesh=r.mesh)
     r.append_once(f"rest_em_sample_{t}", traces, t, FLAG_BASELINE)
     solved = {tr.problem_id for tr in traces if tr.flags & FLAG_CORRECT}
     return {"generated_tokens": generated, "samples": len(traces), "train_accuracy": len(solved) / len(problems)}
@@ -366,7 +367,7 @@ def _above_threshold(r: _Run, verifier: Verifier, traces: list[Trace]) -> list[T
         return traces
     scored = score_solutions(verifier, [t.tokens[:t.prompt_len] for t in traces],
                              [t.tokens[t.prompt_len:] for t in traces],
-                             StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id)
+                             StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id, mesh=r.mesh)
     return [t for t, s in zip(traces, scored.scores) if s >= r.config.prm_threshold]
 
 

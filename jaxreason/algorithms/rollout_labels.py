@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxreason.data.trace_store import FLAG_CORRECT, FLAG_ROLLOUT, Trace
 from jaxreason.models.llama import CausalLM
@@ -36,6 +37,7 @@ def rollout_value_traces(
     max_steps: int = 8,
     chat: bool = False,
     rollout_traces: bool = False,
+    mesh: Mesh | None = None,
 ) -> tuple[list[Trace], int]:
     """One labelled trace per problem whose sampled solution has at least one step; and the tokens generated.
 
@@ -43,7 +45,7 @@ def rollout_value_traces(
     (`jaxreason.verifiers.positions`), so every target sits where the PRM is later read. With `rollout_traces`,
     every rollout is a labelled trace too: a whole solution (the prefix, then the rollout) whose last step's
     target is its correctness and whose other steps have none (NaN), M more labelled solutions per prefix at
-    no extra sampling.
+    no extra sampling. With `mesh`, the sampling is split over its batch devices (`sample_continuations`).
     """
     stop_ids = eos_ids(tokenizer, policy.config)
     pad = pad_token_id(tokenizer)
@@ -51,7 +53,7 @@ def rollout_value_traces(
     solution_key, rollout_key = jax.random.split(key)
     prompts = [prompt_ids(tokenizer, task.prompt(p), chat=chat) for p in problems]
     solutions = sample_continuations(policy, prompts, solution_key, sampling, eos_ids=stop_ids, pad_id=pad,
-                                     description="warm-up solutions")
+                                     description="warm-up solutions", mesh=mesh)
     generated = sum(len(s) for s in solutions)
     ends = [split(s, max_steps) for s in solutions]
 
@@ -62,7 +64,7 @@ def rollout_value_traces(
             prefixes += [prompt + solution[:end].tolist()] * num_rollouts
             owners += [(b, step)] * num_rollouts
     completions = sample_continuations(policy, prefixes, rollout_key, sampling, eos_ids=stop_ids, pad_id=pad,
-                                       description="warm-up rollouts")
+                                       description="warm-up rollouts", mesh=mesh)
     generated += sum(len(c) for c in completions)
 
     hits = [np.zeros(len(e), np.float32) for e in ends]

@@ -69,7 +69,8 @@ class RStarRunConfig:
       judge_per_round: the discriminator judges each problem's trajectories best first, this many per round,
         until its selection is decided (`judge_until_selected`; 0: all at once, as the reference does). The
         selections are the same either way; fewer trajectories are judged.
-      mesh: the devices the generator's batches are split over (the models are replicated on each).
+      mesh: the devices the generator's, the baselines' and the discriminator's batches are split over (the models
+        placed by the sharding rules: replicated unless the mesh has fsdp or tensor axes).
     """
 
     policy: ModelSpec
@@ -140,7 +141,7 @@ def run_rstar(config: RStarRunConfig, resume: bool = False) -> dict:
     def discriminator():
         check = consistency_check([task.prompt(p) for p in problems], trajectories, model=judge,
                                   tokenizer=judge_tokenizer, task=task, config=c.discriminator,
-                                  key=jax.random.fold_in(key, 2), chat=c.chat)
+                                  key=jax.random.fold_in(key, 2), chat=c.chat, mesh=mesh)
         verdicts = judge_until_selected(rankings, check, c.judge_per_round)
         return [{"problem": i, "trajectory": j, **v} for (i, j), v in sorted(verdicts.items())]
 

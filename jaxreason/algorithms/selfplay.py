@@ -32,7 +32,15 @@ import numpy as np
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
+from jaxreason.algorithms.model_states import (
+    copy_of,
+    dpo_verifier_from,
+    lm_copy,
+    lm_parameters,
+    snapshot,
+    value_model_from,
+    value_parameters,
+)
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.rl_steps import (
@@ -76,10 +84,10 @@ from jaxreason.train.objectives import (
     sft_objective,
     value_objective,
 )
+from jaxreason.train.sft import LoRAConfig
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.batch import score_solutions
 from jaxreason.verifiers.best_of_k import best_of_k_curves
-from jaxreason.verifiers.dpo import DPOVerifier
 from jaxreason.verifiers.evaluation import draw_checked
 from jaxreason.verifiers.generative import CoTGenerativeVerifier, GenerativeVerifier
 from jaxreason.verifiers.generative_data import (
@@ -172,6 +180,9 @@ class SelfPlayConfig:
     gold_baseline: bool = True  # GRPO with the gold reward, the same steps and samples
     evaluation: BaselineConfig = BaselineConfig()  # held-out greedy decoding reads its max_new_tokens
     comparison: ComparisonConfig = ComparisonConfig()
+    # adapters on every verifier the run trains (GenRM, GenRM-CoT, the BT RM, the ORM, the DPO verifier, whose
+    # reference is then itself with them off), the only weights they train besides value heads; null: all weights
+    verifier_lora: LoRAConfig | None = None
     checkpoint_every: int = 10
     mesh: sharding.MeshConfig = sharding.MeshConfig()
 
@@ -305,8 +316,8 @@ def _loop(r: _Run, policy) -> None:
         r.train_model("sft", policy, sft_objective, gold, c.sft, lambda t: sft_batch(t, c.sft.max_len, r.pad_id, eos))
     base = snapshot(policy)
     ids = verdict_ids(r.tokenizer, c.genrm.format)
-    genrm = copy_of(policy, base)
-    reward_model = value_model_from(policy, c.seed, base)
+    genrm = lm_copy(policy, base, c.seed, c.verifier_lora)
+    reward_model = value_model_from(policy, c.seed, base, lora=c.verifier_lora)
 
     r.stages.run("samples_0", lambda: _samples_0(r, policy))
     _train_verifiers(r, genrm, reward_model, ids, 0)
@@ -314,7 +325,8 @@ def _loop(r: _Run, policy) -> None:
     for t in range(1, c.rounds + 1):
         verifier = GenerativeVerifier(genrm, ids.question, ids.yes, ids.no) if c.reward == "genrm" \
             else ValueVerifier(reward_model)
-        player.play(t * c.steps_per_round, verifier_reward(verifier, r.tokenizer, r.task, pad_id=r.pad_id))
+        player.play(t * c.steps_per_round,
+                    verifier_reward(verifier, r.tokenizer, r.task, pad_id=r.pad_id, mesh=r.mesh))
         _train_verifiers(r, genrm, reward_model, ids, t)
     models = {"generator": player.trainer.policy, "genrm": genrm}
     if c.gold_baseline:
@@ -358,18 +370,20 @@ def _train_verifiers(r: _Run, genrm, reward_model: ValueModel, ids, t: int) -> N
     pairs, counts = preference_pairs(data, c.pairs_per_problem, c.seed + t)
     r.stages.run(f"data_{t}", lambda: {"samples": len(data), "correct": sum(bool(d.flags & FLAG_CORRECT)
                                                                                for d in data)} | counts)
+    lora = c.verifier_lora is not None
     r.train_model(f"reward_model_{t}", reward_model, bradley_terry_objective, pairs, c.reward_model,
-                  lambda batch: pair_batch(batch, c.reward_model.max_len, r.pad_id))
+                  lambda batch: pair_batch(batch, c.reward_model.max_len, r.pad_id), value_parameters(lora=lora))
     train = c.genrm.train
     rows = verification_examples(data, ids) + solution_examples(data)
     r.train_model(f"genrm_{t}", genrm, generative_verifier_objective(ids.yes, ids.no, c.genrm.sft_weight), rows,
-                  train, lambda batch: verification_batch(batch, train.max_len, r.pad_id))
+                  train, lambda batch: verification_batch(batch, train.max_len, r.pad_id), lm_parameters(lora))
 
 
 def _comparison_verifiers(r: _Run, policy, base, ids, genrm, reward_model, judge) -> dict[str, Verifier]:
     """The verifiers `comparison.verifiers` names, the ones not trained by the loop trained on D_0 .. D_T."""
     c, cmp = r.config, r.config.comparison
     data = r.labelled(c.num_steps)
+    lora, trains = c.verifier_lora, lm_parameters(c.verifier_lora is not None)
     out = {}
     for name in cmp.verifiers:
         if name == "genrm":
@@ -379,31 +393,33 @@ def _comparison_verifiers(r: _Run, policy, base, ids, genrm, reward_model, judge
         elif name == "judge":
             out[name] = judge
         elif name == "genrm_cot":
-            model = copy_of(policy, base)
+            model = lm_copy(policy, base, c.seed, lora)
             problems = {i: p for i, p in enumerate(r.pool)}
             rationales = reference_rationales(r.task, r.tokenizer, [problems[d.problem_id] for d in data])
             rows = verification_examples(data, ids, rationales=rationales, eos_id=r.tokenizer.eos_token_id) + \
                 solution_examples(data)
             r.train_model("genrm_cot", model, generative_verifier_objective(ids.yes, ids.no, c.genrm.sft_weight),
-                          rows, cmp.train, lambda batch: verification_batch(batch, cmp.train.max_len, r.pad_id))
+                          rows, cmp.train, lambda batch: verification_batch(batch, cmp.train.max_len, r.pad_id),
+                          trains)
             out[name] = CoTGenerativeVerifier(model, ids.question, ids.yes, ids.no, intro_ids=ids.intro,
                                               num_rationales=cmp.cot_rationales, sampling=cmp.cot_sampling,
                                               eos_ids=eos_ids(r.tokenizer, policy.config), pad_id=r.pad_id,
                                               seed=c.seed)
         elif name == "orm":
-            orm = value_model_from(policy, c.seed, base)
+            orm = value_model_from(policy, c.seed, base, lora=lora)
             labelled = [dataclasses.replace(d, step_ends=np.asarray([len(d.tokens)], np.int32),
                                             step_values=np.asarray([d.reward], np.float32)) for d in data]
             r.train_model("orm", orm, value_objective("bce"), labelled, cmp.train,
-                          lambda batch: value_batch(batch, cmp.train.max_len, r.pad_id))
+                          lambda batch: value_batch(batch, cmp.train.max_len, r.pad_id),
+                          value_parameters(lora=lora is not None))
             out[name] = ValueVerifier(orm)
         elif name == "dpo":
-            verifier = DPOVerifier(copy_of(policy, base), copy_of(policy, base), cmp.dpo_beta)
+            verifier = dpo_verifier_from(policy, base, cmp.dpo_beta, c.seed, lora)
             pairs, _ = preference_pairs(data, cmp.pairs_per_problem, c.seed)
             if "dpo" not in r.stages:  # a finished stage restores its checkpoint and needs no reference
-                pairs = with_reference(pairs, verifier.reference, cmp.train.max_len, r.pad_id)
+                pairs = with_reference(pairs, verifier.reference or verifier.model, cmp.train.max_len, r.pad_id)
             r.train_model("dpo", verifier.model, dpo_objective(cmp.dpo_beta), pairs, cmp.train,
-                          lambda batch: pair_batch(batch, cmp.train.max_len, r.pad_id))
+                          lambda batch: pair_batch(batch, cmp.train.max_len, r.pad_id), trains)
             out[name] = verifier
     return out
 
@@ -423,7 +439,7 @@ def _compare(r: _Run, generator, verifiers: dict[str, Verifier]) -> dict:
         began = time.perf_counter()
         scored = score_solutions(verifier, [p for p in drawn.prompts for _ in range(cmp.num_samples)],
                                  [s for row in drawn.samples for s in row], splitter, pad_id=r.pad_id,
-                                 width_multiple=16)
+                                 width_multiple=16, mesh=r.mesh)
         scores[name] = scored.scores.reshape(correct.shape)
         seconds[name] = round(time.perf_counter() - began, 1)
         log.info("comparison %s: AUC %s", name, roc_auc(scores[name].ravel(), correct.ravel()))

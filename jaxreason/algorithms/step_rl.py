@@ -366,7 +366,7 @@ def _sample(r: _Run, policy) -> tuple[dict, dict]:
     began = time.perf_counter()
     problems = [i for i in range(len(r.queries)) for _ in range(c.samples_per_problem)]
     drawn = sample_continuations(policy, [r.prompts[i] for i in problems], jax.random.fold_in(r.key, 1), c.sampling,
-                                 eos_ids=r.stop_ids, pad_id=r.pad_id, description="synthetic samples")
+                                 eos_ids=r.stop_ids, pad_id=r.pad_id, description="synthetic samples", mesh=r.mesh)
     texts = [r.tokenizer.decode(d.tolist(), skip_special_tokens=True) for d in drawn]
     correct = r.task.check_many([r.queries[i] for i in problems], texts)
     data = {"problem": problems, "completion": [d.tolist() for d in drawn], "correct": [bool(x) for x in correct]}
@@ -399,7 +399,7 @@ def _values(r: _Run, policy, samples: dict, unique: list[int]) -> tuple[dict, di
                              [r.prompts[samples["problem"][i]] for i in rows],
                              [samples["completion"][i] for i in rows], num_rollouts=c.values.num_rollouts,
                              sampling=c.values.sampling, key=jax.random.fold_in(jax.random.fold_in(r.key, 2), hi),
-                             eos_ids=r.stop_ids, pad_id=r.pad_id, max_steps=c.values.max_steps)
+                             eos_ids=r.stop_ids, pad_id=r.pad_id, max_steps=c.values.max_steps, mesh=r.mesh)
         values += [v.tolist() for v in part.values]
         ends += [e.tolist() for e in part.step_ends]
         tokens.append(part.generated_tokens)

@@ -29,11 +29,17 @@ import logging
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxreason import sharding
 from jaxreason.algorithms.gold_sft import gold_traces
-from jaxreason.algorithms.model_states import copy_of, snapshot, value_model_from
+from jaxreason.algorithms.model_states import (
+    copy_of,
+    dpo_verifier_from,
+    lm_parameters,
+    snapshot,
+    value_model_from,
+    value_parameters,
+)
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.algorithms.registry import register_algorithm
 from jaxreason.algorithms.stages import export_models
@@ -50,7 +56,6 @@ from jaxreason.data.trace_store import (
     unique_traces,
 )
 from jaxreason.distributed import is_main_process
-from jaxreason.models.lora import LoRAParam, add_lora
 from jaxreason.models.spec import ModelSpec
 from jaxreason.sampling.generate import SamplingConfig
 from jaxreason.sampling.prompts import prompt_ids
@@ -147,6 +152,7 @@ class VStarConfig:
     star: bool = True  # the STaR baseline: its own chain of generators
     verifier: VerifierTraining = VerifierTraining()
     orm: FitConfig | None = FitConfig()  # the outcome reward model baseline; null: none
+    orm_lora: LoRAConfig | None = None  # adapters on the ORM's backbone, trained with its head (null: all weights)
     evaluation: VStarEval = VStarEval()
     mesh: sharding.MeshConfig = sharding.MeshConfig()
 
@@ -226,15 +232,16 @@ def _loop(r: _Run, policy) -> None:
     gold_ver = [dataclasses.replace(t, tokens=np.append(t.tokens, np.int32(eos)).astype(np.int32)) for t in gold]
     d_ver = (gold_ver if c.problems.queries_are_gold else []) + [
         s for s in r.samples("vstar", range(1, c.iterations + 1)) if not s.flags & FLAG_HINTED]
-    verifier = _dpo_verifier(c.verifier, copy_of(policy, g_sft), c.seed)
+    verifier = dpo_verifier_from(policy, g_sft, c.verifier.beta, c.seed, c.verifier.lora)  # pi_V, pi_ref: G_SFT
     _train_verifier(r, verifier, d_ver)
     orm = None
     if c.orm is not None:
-        orm = value_model_from(policy, c.seed, g_sft)  # its own backbone, initialised from G_SFT's
+        orm = value_model_from(policy, c.seed, g_sft, lora=c.orm_lora)  # its own backbone, from G_SFT's
         labelled = [dataclasses.replace(t, step_ends=np.asarray([len(t.tokens)], np.int32),
                                         step_values=np.asarray([t.reward], np.float32)) for t in d_ver]
         r.train_model("orm", orm, value_objective("bce"), labelled, c.orm,
-                      lambda traces: value_batch(traces, c.orm.max_len, r.pad_id))
+                      lambda traces: value_batch(traces, c.orm.max_len, r.pad_id),
+                      trainable=value_parameters(lora=c.orm_lora is not None))
     verifiers = {"verifier": verifier} | ({"orm": ValueVerifier(orm)} if orm is not None else {})
     r.stages.run("best_of_k", lambda: _best_of_k(r, verifiers))
     models = {"generator": generator, "star": star if c.star else None, "verifier": verifier.model,
@@ -317,14 +324,6 @@ def _evaluate(r: _Run, policy, kind: str, t: int) -> dict:
                                                                                  for s in samples]))}
 
 
-def _dpo_verifier(v: VerifierTraining, g_sft, seed: int) -> DPOVerifier:
-    """pi_V starts as G_SFT (a copy, or G_SFT with fresh LoRA adapters); pi_ref is G_SFT."""
-    if v.lora is None:
-        return DPOVerifier(g_sft, copy_of(g_sft, nnx.state(g_sft)), v.beta)
-    add_lora(g_sft, v.lora.rank, v.lora.alpha, targets=v.lora.targets, rngs=nnx.Rngs(seed))
-    return DPOVerifier(g_sft, None, v.beta)
-
-
 def _train_verifier(r: _Run, verifier: DPOVerifier, d_ver: list[Trace]) -> None:
     """DPO of the verifier from G_SFT on pairs of D_VER (the reference's log-probs computed once, up front)."""
     v = r.config.verifier
@@ -337,7 +336,7 @@ def _train_verifier(r: _Run, verifier: DPOVerifier, d_ver: list[Trace]) -> None:
         pairs = with_reference(pairs, verifier.reference or verifier.model, v.train.max_len, r.pad_id)
     r.train_model("verifier", verifier.model, dpo_objective(v.beta, v.label_smoothing), pairs, v.train,
                   lambda batch: pair_batch(batch, v.train.max_len, r.pad_id),
-                  trainable=nnx.Param if v.lora is None else LoRAParam)
+                  trainable=lm_parameters(v.lora is not None))
 
 
 def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
@@ -356,7 +355,7 @@ def _best_of_k(r: _Run, verifiers: dict[str, Verifier]) -> dict:
             scored = score_solutions(verifier, [s.tokens[:s.prompt_len] for s in samples],
                                      [s.tokens[s.prompt_len:] for s in samples],
                                      StepSplitter(r.tokenizer, r.task.step_delimiter), pad_id=r.pad_id,
-                                     width_multiple=16)  # the samples' lengths barely vary: little padding
+                                     width_multiple=16, mesh=r.mesh)  # lengths barely vary: little padding
             scores[name] = scored.scores.reshape(correct.shape)
         ks = list(range(1, n + 1)) if t == last else [1, n]  # the table reads k = N; the plot all
         row = {"curves": _as_lists(best_of_k_curves(correct, groups, scores, ks)),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxreason.models.llama import CausalLM
 from jaxreason.rl.rewards import RewardFn, checked_rewards
@@ -59,9 +60,11 @@ def prefix_values(
     eos_ids: tuple[int, ...],
     pad_id: int,
     max_steps: int | None = None,
+    mesh: Mesh | None = None,
 ) -> PrefixValues:
     """Q of every proper prefix of each completion (the prompt included), from `num_rollouts` continuations each;
-    the whole completion's value is `reward_fn` of it. Row r is completion r of problem r after prompt r."""
+    the whole completion's value is `reward_fn` of it. Row r is completion r of problem r after prompt r. With
+    `mesh`, the continuations are split over its batch devices (`sample_continuations`)."""
     ends = [splitter(c, max_steps) for c in completions]
     prefixes, owners = [], []
     for r, (prompt, completion, e) in enumerate(zip(prompts, completions, ends)):
@@ -69,7 +72,7 @@ def prefix_values(
             prefixes += [[*prompt, *completion[:end]]] * num_rollouts
             owners += [(r, i)] * num_rollouts
     continuations = sample_continuations(policy, prefixes, key, sampling, eos_ids=eos_ids, pad_id=pad_id,
-                                         description="prefix rollouts")
+                                         description="prefix rollouts", mesh=mesh)
     rows = [r for r, _ in owners]
     solutions = [[*prefixes[k][len(prompts[r]):], *continuations[k].tolist()] for k, r in enumerate(rows)]
     hits = checked_rewards(reward_fn, [problems[r] for r in rows], [prompts[r] for r in rows], solutions)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxreason.tasks.base import Problem, Task
 from jaxreason.verifiers.base import Verifier
@@ -33,13 +34,15 @@ def task_reward(task: Task, tokenizer) -> RewardFn:
     return reward
 
 
-def verifier_reward(verifier: Verifier, tokenizer, task: Task, *, pad_id: int) -> RewardFn:
-    """The verifier's score in [0, 1] of each prompt + completion (its steps cut by the task's delimiter)."""
+def verifier_reward(verifier: Verifier, tokenizer, task: Task, *, pad_id: int, mesh: Mesh | None = None) -> RewardFn:
+    """The verifier's score in [0, 1] of each prompt + completion (its steps cut by the task's delimiter); with
+    `mesh`, the rows are split over it (`score_solutions`)."""
     splitter = StepSplitter(tokenizer, task.step_delimiter)
 
     def reward(problems, prompts, completions):
         del problems
-        return score_solutions(verifier, prompts, completions, splitter, pad_id=pad_id).scores.astype(np.float32)
+        return score_solutions(verifier, prompts, completions, splitter, pad_id=pad_id,
+                               mesh=mesh).scores.astype(np.float32)
 
     reward.__name__ = f"verifier_reward({type(verifier).__name__})"
     return reward

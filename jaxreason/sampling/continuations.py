@@ -7,12 +7,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
+from jaxreason import sharding
 from jaxreason.distributed import addressable
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.alignment import right_align
+from jaxreason.sampling.buckets import round_up
 from jaxreason.sampling.generate import SamplingConfig, generate
 from jaxreason.sampling.prompts import pad_left
 from jaxreason.train.metrics import progress
@@ -28,17 +31,21 @@ def sample_continuations(
     pad_id: int,
     chunk_rows: int = 256,
     description: str = "sampling",
+    mesh: Mesh | None = None,
 ) -> list[np.ndarray]:
     """One sampled continuation per prefix: the new token ids (EOS included when drawn), [length] int32 each.
 
     Row i draws with `fold_in(key, i)`, so the result does not depend on `chunk_rows`. Every chunk has
     `chunk_rows` rows (the last is filled with copies) and the width of the longest prefix, rounded up to
-    64: one compiled program per call.
+    64: one compiled program per call. With `mesh`, the weights are sharded by the rules and each chunk, rounded
+    up to a multiple of the mesh's batch devices, is split over them (`generate`): the same tokens.
     """
     if not prefixes:
         return []
     width = -(-max(len(p) for p in prefixes) // 64) * 64
     rows = min(chunk_rows, len(prefixes))
+    if mesh is not None:
+        rows = round_up(rows, sharding.batch_devices(mesh))
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(len(prefixes)))
     out: list[np.ndarray] = []
     with progress(len(prefixes), description=description) as bar:
@@ -48,7 +55,7 @@ def sample_continuations(
             chunk += [chunk[-1]] * (rows - real)
             tokens, mask = pad_left(chunk, pad_id, multiple=width)
             keys = row_keys[np.minimum(np.arange(start, start + rows), len(prefixes) - 1)]
-            result = generate(model, tokens, mask, keys, config, eos_ids=eos_ids, pad_id=pad_id)
+            result = generate(model, tokens, mask, keys, config, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh)
             # addressable: weights split over the processes of a multi-host job may leave the rows split too
             new, lengths = (np.asarray(x) for x in addressable((result.tokens, result.lengths)))
             out.extend(new[i, :lengths[i]] for i in range(real))

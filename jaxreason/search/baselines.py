@@ -150,11 +150,12 @@ def draw_solutions(policy, tokenizer, prompts: Sequence[Sequence[int]], sampling
 
 
 def score_samples(verifier: Verifier, tokenizer, task: Task, prompts: Sequence[Sequence[int]],
-                  samples: Sequence[Sequence[np.ndarray]]):
-    """The verifier's scores [B, K] of each problem's K samples and the verifier tokens read per problem [B]."""
+                  samples: Sequence[Sequence[np.ndarray]], mesh=None):
+    """The verifier's scores [B, K] of each problem's K samples and the verifier tokens read per problem [B]; with
+    `mesh`, the rows are split over it (`score_solutions`)."""
     b, k = len(samples), len(samples[0])
     scored = score_solutions(verifier, [p for p in prompts for _ in range(k)], [s for row in samples for s in row],
-                             StepSplitter(tokenizer, task.step_delimiter), pad_id=pad_token_id(tokenizer))
+                             StepSplitter(tokenizer, task.step_delimiter), pad_id=pad_token_id(tokenizer), mesh=mesh)
     return scored.scores.reshape(b, k), scored.verifier_tokens.reshape(b, k).sum(1)
 
 
@@ -204,7 +205,7 @@ def best_of_n(problems, *, policy, verifier, tokenizer, task, budget: Budget, ke
     config = budget.baseline
     prompts = _prompts(tokenizer, task, problems, chat)
     samples = draw_solutions(policy, tokenizer, prompts, config.sampling, key, config.num_samples, mesh)
-    scores, verified = score_samples(verifier, tokenizer, task, prompts, samples)
+    scores, verified = score_samples(verifier, tokenizer, task, prompts, samples, mesh)
     texts = _texts(tokenizer, samples)
     if weighted:
         chosen = [t[weighted_vote([task.extract_answer(s) for s in t], row)] for t, row in zip(texts, scores)]

@@ -70,17 +70,18 @@ def judge_until_selected(rankings: list[list[list[int]]], check, per_round: int)
 
 
 def consistency_check(prompts: Sequence[str], trajectories: list[list[Trajectory]], *, model, tokenizer, task,
-                      config, key: jax.Array, chat: bool):
+                      config, key: jax.Array, chat: bool, mesh=None):
     """`check(pairs)` for `judge_until_selected`: the discriminator `model` on trajectory j of problem i (whose
     prompt text is `prompts[i]`) for each (i, j); a verdict is {consistent, agreeing, tokens, calls}. Each
-    trajectory's completions draw from its own index, so a verdict does not depend on the round it is judged in."""
+    trajectory's completions draw from its own index, so a verdict does not depend on the round it is judged in.
+    With `mesh`, the completions are split over it (`check_consistency`)."""
     flat = {(i, j): n for n, (i, j) in enumerate((i, j) for i, ts in enumerate(trajectories) for j in range(len(ts)))}
 
     def check(pairs):
         r = check_consistency([Candidate(prompt=prompts[i], trajectory=trajectories[i][j].text,
                                          answer=trajectories[i][j].answer) for i, j in pairs],
                               model=model, tokenizer=tokenizer, task=task, config=config, key=key, chat=chat,
-                              ids=[flat[p] for p in pairs])
+                              ids=[flat[p] for p in pairs], mesh=mesh)
         return [{"consistent": ok, "agreeing": a, "tokens": t, "calls": len(x)}
                 for ok, a, t, x in zip(r.consistent, r.agreeing, r.tokens, r.completions)]
 
@@ -101,7 +102,7 @@ def rstar(problems: Sequence[Problem], *, policy, verifier=None, tokenizer, task
     prompts = [config.prompts.prompt.format(question=p.question) for p in problems]
     verdicts = judge_until_selected(rankings, consistency_check(
         prompts, found.trajectories, model=policy, tokenizer=tokenizer, task=task, config=budget.discriminator,
-        key=jax.random.fold_in(key, 2), chat=chat), JUDGE_PER_ROUND)
+        key=jax.random.fold_in(key, 2), chat=chat, mesh=mesh), JUDGE_PER_ROUND)
     completions, answers, judged = [], [], []
     for i, ts in enumerate(found.trajectories):
         pick, read = select(rankings[i][0], lambda j, i=i: verdicts[(i, j)]["consistent"])

@@ -214,7 +214,7 @@ def _warmup_data(r: StoreRun, policy) -> dict:
     traces, generated = rollout_value_traces(
         policy, r.tokenizer, r.task, [r.pool[i] for i in ids], ids, num_rollouts=w.num_rollouts,
         key=r.key_for("warmup"), sampling=w.sampling, max_steps=w.max_steps, chat=c.chat,
-        rollout_traces=w.rollout_traces)
+        rollout_traces=w.rollout_traces, mesh=r.mesh)
     if not len(r.store.select(iteration=0, flags_all=FLAG_ROLLOUT)):  # an earlier run killed before logging
         r.append(traces)
     return {"traces": len(traces), "generated_tokens": generated}
@@ -227,11 +227,12 @@ def _pool(r: StoreRun, policy, verifier: Verifier) -> dict:
     c, n = r.config, r.config.pool.num_samples
     prompts = [prompt_ids(r.tokenizer, r.task.prompt(p), chat=c.chat) for p in r.test for _ in range(n)]
     samples = sample_continuations(policy, prompts, r.key_for("pool"), c.budget.baseline.sampling,
-                                   eos_ids=eos_ids(r.tokenizer, policy.config), pad_id=r.pad_id, description="pool")
+                                   eos_ids=eos_ids(r.tokenizer, policy.config), pad_id=r.pad_id, description="pool",
+                                   mesh=r.mesh)
     texts = [r.tokenizer.decode(s.tolist(), skip_special_tokens=True) for s in samples]
     correct = r.task.check_many([p for p in r.test for _ in range(n)], texts)
     scored = score_solutions(verifier, prompts, samples, StepSplitter(r.tokenizer, r.task.step_delimiter),
-                             pad_id=r.pad_id)
+                             pad_id=r.pad_id, mesh=r.mesh)
 
     def rows(x) -> list[list]:
         return np.asarray(x).reshape(len(r.test), n).tolist()

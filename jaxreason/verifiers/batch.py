@@ -11,8 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from jaxreason import sharding
 from jaxreason.distributed import addressable
+from jaxreason.sampling.buckets import round_up
+from jaxreason.sampling.placement import inference_state
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.positions import StepSplitter
 
@@ -49,11 +53,14 @@ def score_solutions(
     max_steps: int | None = None,
     chunk_rows: int = 256,
     width_multiple: int = 64,
+    mesh: Mesh | None = None,
 ) -> ScoredSolutions:
     """Scores solution i (token ids as generated, EOS included) after prompt i.
 
     Rows are right-padded to the longest, rounded up to `width_multiple`; chunks of `chunk_rows` rows (the last
-    filled with copies) keep the compiled shapes few.
+    filled with copies) keep the compiled shapes few. With `mesh`, the verifier's weights are placed by the rules
+    in its compute dtype (`inference_state`) and each chunk, rounded up to a multiple of the mesh's batch devices,
+    is split over them.
     """
     if len(prompts) != len(solutions):
         raise ValueError(f"{len(prompts)} prompts for {len(solutions)} solutions")
@@ -65,7 +72,11 @@ def score_solutions(
     width = -(-max(len(r) for r in rows) // width_multiple) * width_multiple
     most_steps = max(len(e) for e in ends)
     size = min(chunk_rows, len(rows))
-    graphdef, state = nnx.split(verifier)
+    if mesh is None:
+        graphdef, state = nnx.split(verifier)
+    else:
+        graphdef, state = inference_state(verifier, mesh)
+        size = round_up(size, sharding.batch_devices(mesh))
     steps_out, scores_out, prompt_out = [], [], []
     for start in range(0, len(rows), size):
         chunk = list(range(start, min(start + size, len(rows))))
@@ -79,9 +90,11 @@ def score_solutions(
             mask[i, :len(rows[r])] = 1
             step_ends[i, :len(ends[r])] = ends[r]
             prompt_len[i] = len(prompts[r])
-        # addressable: a verifier's weights split over the processes of a multi-host job may leave the rows split
-        step, score, prompt = addressable(_step_scores_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
-                                                           jnp.asarray(step_ends), jnp.asarray(prompt_len)))
+        batch = tuple(jnp.asarray(x) for x in (tokens, mask, step_ends, prompt_len))
+        if mesh is not None:
+            batch = sharding.put_rows(batch, mesh)
+        # addressable: rows (or a verifier's weights) split over the processes of a multi-host job are gathered
+        step, score, prompt = addressable(_step_scores_jit(graphdef, state, *batch))
         real = min(size, len(rows) - start)
         steps_out.append(np.asarray(step)[:real])
         scores_out.append(np.asarray(score)[:real])

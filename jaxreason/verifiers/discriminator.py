@@ -17,12 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Int
 
+from jaxreason import sharding
+from jaxreason.distributed import addressable
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.sampling.buckets import round_up
 from jaxreason.sampling.continuations import read_after_prompts
 from jaxreason.sampling.generate import SamplingConfig, sample_from_cache
+from jaxreason.sampling.placement import inference_state
 from jaxreason.sampling.prompts import eos_ids, pad_left, pad_token_id, prompt_ids
 from jaxreason.sampling.stopping import build_stop_table
 from jaxreason.tasks.math_answers import answers_equal
@@ -113,14 +117,16 @@ def check_vocab(tokenizer, generator_tokenizer) -> None:
 
 def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task, config: DiscriminatorConfig,
                       key: jax.Array, chat: bool = False, generator_tokenizer=None,
-                      ids: Sequence[int] | None = None) -> Consistency:
+                      ids: Sequence[int] | None = None, mesh: Mesh | None = None) -> Consistency:
     """The discriminator `model`'s verdict on each of C candidates: each prefix `prompt_ids(prompt) +
     trajectory_ids[:k]` is completed to EOS or max_new_tokens, and the answer of prefix text + completion is
     compared with the candidate's (`answers_equal`).
 
     Row c * M + m (candidate c, ratio m // completions_per_mask) draws from `fold_in(key, c * M + m)`, so the
     completions depend neither on the batch size nor on which other candidates have answers; with `ids`, candidate
-    c draws as number ids[c] (a candidate judged in any subset gets the completions it gets among all).
+    c draws as number ids[c] (a candidate judged in any subset gets the completions it gets among all). With
+    `mesh`, the model's weights are placed by the rules and each batch of completions is split over the mesh's
+    batch devices: the same completions.
     """
     if generator_tokenizer is not None:
         check_vocab(tokenizer, generator_tokenizer)
@@ -140,7 +146,7 @@ def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task
                 owner.append(c)
                 index.append((c if ids is None else ids[c]) * m + j * config.completions_per_mask + s)
     prompts = [prompt_ids(tokenizer, text, chat=chat) for text in heads]
-    texts, lengths = _complete(model, tokenizer, prompts, rows, index, config, key)
+    texts, lengths = _complete(model, tokenizer, prompts, rows, index, config, key, mesh)
     completions = [[] for _ in candidates]
     agreeing, tokens = [0] * len(candidates), [0] * len(candidates)
     for c, prefix, text, n in zip(owner, prefixes, texts, lengths):
@@ -152,20 +158,23 @@ def check_consistency(candidates: Sequence[Candidate], *, model, tokenizer, task
 
 
 def _complete(model, tokenizer, prompts: list[list[int]], rows: list[tuple[int, list[int]]], index: list[int],
-              config: DiscriminatorConfig, key: jax.Array) -> tuple[list[str], list[int]]:
+              config: DiscriminatorConfig, key: jax.Array, mesh: Mesh | None) -> tuple[list[str], list[int]]:
     """Completes each row (prompt number, prefix ids), row r with key fold_in(key, index[r]), in fixed-shape
-    batches: texts and their token counts. The prompts are prefilled once; a row reads its prefix on top of a
-    copy of its prompt's cache."""
+    batches (rounded up to a multiple of `mesh`'s batch devices, over which they are split): texts and their token
+    counts. The prompts are prefilled once; a row reads its prefix on top of a copy of its prompt's cache."""
     if not rows:
         return [], []
     pad, stop = pad_token_id(tokenizer), eos_ids(tokenizer, model.config)
     table = build_stop_table(tokenizer, [config.stop], model.config.vocab_size) if config.stop else None
-    graphdef, state = nnx.split(model)
-    prompt_tokens, prompt_mask = pad_left(prompts, pad, multiple=_WIDTH_MULTIPLE)
-    cache, last_hidden = _prefill_prompts(graphdef, state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask))
+    graphdef, state = nnx.split(model) if mesh is None else inference_state(model, mesh)
+    prompt_tokens, prompt_mask = (jnp.asarray(x) for x in pad_left(prompts, pad, multiple=_WIDTH_MULTIPLE))
+    if mesh is not None:
+        prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), sharding.replicated(mesh))
+    cache, last_hidden = _prefill_prompts(graphdef, state, prompt_tokens, prompt_mask)
     # One prefix width for every call, so batchings of the same rows read the same padded inputs.
     width = round_up(max(len(tail) for _, tail in rows), _WIDTH_MULTIPLE)
-    texts, generated, size = [], [], config.batch_size
+    texts, generated = [], []
+    size = config.batch_size if mesh is None else round_up(config.batch_size, sharding.batch_devices(mesh))
     with progress(len(rows), description="discriminator") as bar:
         for start in range(0, len(rows), size):
             chunk, ids = rows[start:start + size], index[start:start + size]
@@ -176,10 +185,14 @@ def _complete(model, tokenizer, prompts: list[list[int]], rows: list[tuple[int, 
             for r, (_, tail) in enumerate(chunk):
                 tails[r, :len(tail)] = tail
             keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(ids, jnp.uint32))
-            out = _sample_rows(graphdef, state, cache, last_hidden, jnp.asarray([h for h, _ in chunk]),
-                               jnp.asarray(tails), jnp.asarray([len(t) for _, t in chunk], jnp.int32), keys, table,
-                               sampling=config.sampling, eos_ids=stop, pad_id=pad)
-            new, lengths = np.asarray(out.tokens)[:real], np.asarray(out.lengths)[:real]
+            batch = (jnp.asarray([h for h, _ in chunk]), jnp.asarray(tails),
+                     jnp.asarray([len(t) for _, t in chunk], jnp.int32), keys)
+            if mesh is not None:
+                batch = sharding.put_rows(batch, mesh)
+            out = _sample_rows(graphdef, state, cache, last_hidden, *batch, table, sampling=config.sampling,
+                               eos_ids=stop, pad_id=pad)
+            # addressable: rows split over the processes of a multi-host mesh are gathered before the host reads
+            new, lengths = (np.asarray(x)[:real] for x in addressable((out.tokens, out.lengths)))
             texts += [tokenizer.decode(t[:n].tolist(), skip_special_tokens=True) for t, n in zip(new, lengths)]
             generated += [int(n) for n in lengths]
             bar.update(real)

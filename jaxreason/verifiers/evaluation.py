@@ -66,7 +66,7 @@ def evaluate_verifier(policy, verifier: Verifier | None, tokenizer, task: Task, 
     if verifier is not None:
         scored = score_solutions(verifier, [p for p in prompts for _ in range(num_samples)],
                                  [s for row in samples for s in row], StepSplitter(tokenizer, task.step_delimiter),
-                                 pad_id=pad_token_id(tokenizer))
+                                 pad_id=pad_token_id(tokenizer), mesh=mesh)
         scores = scored.scores.reshape(correct.shape)
         out["auc"] = roc_auc(scores.ravel(), correct.ravel())
         out["verifier_tokens_per_sample"] = float(scored.verifier_tokens.mean())

@@ -90,7 +90,8 @@ METHODS = {
     "vstar": (test_vstar, ["iterations=1", "problems.queries_are_gold=true", "problems.gold=8"], _vstar_rows),
     "score": (test_score, ["schedule=[{stage: 1, steps: 1}, {stage: 2, steps: 1}]", "format_sft.num_steps=5"],
               _score_rows),
-    "selfplay": (test_selfplay, ["rounds=1", "steps_per_round=1"], _selfplay_rows),
+    # whole verifiers here, LoRA ones in test_selfplay.py: both paths end to end
+    "selfplay": (test_selfplay, ["rounds=1", "steps_per_round=1", "verifier_lora=null"], _selfplay_rows),
     "step_rl": (test_step_rl, ["problems.train=8", "sizes=[4, 8]"], _step_rl_rows),
 }
 

@@ -25,6 +25,7 @@ SHORT = [
     f"reward_model={FIT % 64}", "evaluation.sampling.max_new_tokens=24", "checkpoint_every=1",
     "comparison.problems=2", "comparison.num_samples=4", "comparison.sampling.max_new_tokens=24",
     "comparison.cot_sampling.max_new_tokens=16", f"comparison.train={FIT % 112}",
+    "verifier_lora={rank: 4, alpha: 8}",  # every verifier trains adapters (the two-process test trains them whole)
 ]
 
 

@@ -103,3 +103,24 @@ def test_a_prm_with_lora_trains_its_adapters_and_head_alone(policy, tmp_path):
     assert not any(moved for name, moved in flat.items() if "lora" not in name and "transformer" in name)
     with pytest.raises(ValueError, match="not both"):
         value_parameters(train_backbone=False, lora=True)
+
+
+def test_language_model_verifiers_take_lora_and_keep_dtype_and_remat(policy):
+    """GenRM's and the DPO verifier's copies with `lora`: adapters on the copy (what `lm_parameters` trains), the
+    policy's dtype and remat kept; the DPO reference is the same model with its adapters off, so the implicit
+    reward starts at zero, as it does with a second copy."""
+    from jaxreason.algorithms.model_states import dpo_verifier_from, lm_copy, lm_parameters
+    from jaxreason.models.lora import LoRAParam
+    from jaxreason.train.sft import LoRAConfig
+
+    lora = LoRAConfig(rank=2)
+    genrm = lm_copy(policy, snapshot(policy), seed=1, lora=lora)
+    _check_follows_config(genrm)
+    assert jax.tree.leaves(nnx.state(genrm, LoRAParam)) and lm_parameters(True) is LoRAParam
+    assert lm_parameters(False) is nnx.Param and not jax.tree.leaves(nnx.state(lm_copy(policy, snapshot(policy), 1),
+                                                                               LoRAParam))
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % policy.config.vocab_size
+    for adapted in (True, False):
+        verifier = dpo_verifier_from(policy, snapshot(policy), beta=0.5, seed=1, lora=lora if adapted else None)
+        assert (verifier.reference is None) == adapted and verifier.model is not policy
+        np.testing.assert_allclose(verifier.rewards(tokens, jnp.ones_like(tokens)), 0.0, atol=1e-6)

@@ -26,7 +26,8 @@ SHORT = [
     "iterations=2", "samples_per_problem=4", "sampling.max_new_tokens=32", "sampling.temperature=1.0",
     "sample_batch=4", "rationalization=true", "generator_train.num_steps=5", "generator_train.batch_size=8",
     "verifier.train.num_steps=5", "verifier.train.batch_size=8", "orm.num_steps=5", "orm.batch_size=8",
-    "verifier.lora={rank: 4, alpha: 8}", "evaluation.num_samples=4", "evaluation.sampling.max_new_tokens=32",
+    "verifier.lora={rank: 4, alpha: 8}", "orm_lora={rank: 4, alpha: 8}",
+    "evaluation.num_samples=4", "evaluation.sampling.max_new_tokens=32",
     "evaluation.greedy.sampling.max_new_tokens=32", "evaluation.verify_every_iteration=true",
 ]
 

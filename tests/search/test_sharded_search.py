@@ -1,5 +1,6 @@
 """Search and sampling with the weights sharded over the mesh (fsdp, tensor) give what the replicated run gives,
-and the weights they read really are sharded and in the compute dtype."""
+and the weights they read really are sharded and in the compute dtype; the host-side loops (continuations, batch
+scoring, the discriminator) split their rows over a mesh and give what they give without one."""
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +14,16 @@ from tiny import CONFIG, PAD, TOKENIZER
 
 from jaxreason.models import CausalLM
 from jaxreason.sampling import SamplingConfig, encode_prompts, generate
+from jaxreason.sampling.continuations import sample_continuations
 from jaxreason.sampling.generate import _generate_jit
 from jaxreason.sampling.placement import inference_state
 from jaxreason.search.mcts import search_params
 from jaxreason.sharding import MeshConfig, make_mesh
+from jaxreason.tasks import get_task
 from jaxreason.verifiers import ValueVerifier
+from jaxreason.verifiers.batch import score_solutions
+from jaxreason.verifiers.discriminator import Candidate, DiscriminatorConfig, check_consistency
+from jaxreason.verifiers.positions import StepSplitter
 
 FSDP = MeshConfig(data=2, fsdp=4, tensor=1)
 FSDP_TENSOR = MeshConfig(data=2, fsdp=2, tensor=2)
@@ -98,3 +104,47 @@ def test_bfloat16_weights_are_held_in_bfloat16_except_the_float32_vectors():
                            jax.random.split(jax.random.key(0), 2), None, config=greedy, eos_ids=(), pad_id=PAD,
                            samples_per_prompt=1)
     np.testing.assert_array_equal(np.asarray(cast.tokens), np.asarray(uncast.tokens))
+
+
+# ---- the host-side loops over a mesh: sample_continuations, score_solutions, the discriminator -----------------
+
+PREFIXES = [[1, 5, 9], [1, 7], [1, 5, 9, 11, 13], [1], [1, 8, 8]]  # 5 rows: chunks of 3 round up to the 8 devices
+
+
+@pytest.mark.parametrize("mesh_config", [FSDP, MeshConfig(data=-1)], ids=["fsdp4", "data8"])
+def test_continuations_over_a_mesh_are_the_same_tokens(mesh_config):
+    policy = tiny.policy(0)
+    one = sample_continuations(policy, PREFIXES, jax.random.key(4), SAMPLED, eos_ids=(2,), pad_id=PAD, chunk_rows=3)
+    split = sample_continuations(policy, PREFIXES, jax.random.key(4), SAMPLED, eos_ids=(2,), pad_id=PAD,
+                                 chunk_rows=3, mesh=make_mesh(mesh_config))
+    assert len(split) == len(one) == len(PREFIXES)
+    for a, b in zip(one, split):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mesh_config", [FSDP, MeshConfig(data=-1)], ids=["fsdp4", "data8"])
+def test_scores_over_a_mesh_are_the_same(models, mesh_config):
+    _, verifier = models
+    prompts, solutions = [p[:2] for p in PREFIXES], [[3, 4, 10, 5, 6, 2], [7, 10, 7], [9], [4, 4, 10, 4], [2]]
+    splitter = StepSplitter(TOKENIZER, "\n")
+    one = score_solutions(verifier, prompts, solutions, splitter, pad_id=PAD, chunk_rows=3)
+    split = score_solutions(verifier, prompts, solutions, splitter, pad_id=PAD, chunk_rows=3,
+                            mesh=make_mesh(mesh_config))
+    np.testing.assert_allclose(split.scores, one.scores, atol=1e-5)
+    np.testing.assert_allclose(split.prompt_scores, one.prompt_scores, atol=1e-5)
+    for a, b in zip(one.step_scores, split.step_scores):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    np.testing.assert_array_equal(split.verifier_tokens, one.verifier_tokens)
+
+
+def test_discriminator_over_a_mesh_gives_the_same_completions():
+    task = get_task("arith", max_ops=2)
+    problems = task.problems("train", n=2, seed=1)
+    candidates = [Candidate(task.prompt(p), task.format_solution(p.solution_steps, p.answer), str(p.answer))
+                  for p in problems]
+    config = DiscriminatorConfig(sampling=SamplingConfig(max_new_tokens=16, temperature=1.0), batch_size=3)
+    kwargs = dict(model=tiny.policy(0), tokenizer=TOKENIZER, task=task, config=config, key=jax.random.key(6))
+    one = check_consistency(candidates, **kwargs)
+    split = check_consistency(candidates, **kwargs, mesh=make_mesh(FSDP))
+    assert split.completions == one.completions and split.agreeing == one.agreeing
+    assert split.tokens == one.tokens and sum(map(len, one.completions)) == 8
