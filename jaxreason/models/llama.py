@@ -80,6 +80,65 @@ def _dot_backward(spec, residuals, grad):
 _dot.defvjp(_dot_forward, _dot_backward)
 
 
+@jax.custom_jvp
+def take_layer(stack: Array, i: Int[Array, ""]) -> Array:
+    """`stack[i]` of a 16-bit float stack [L, ...], sliced as its raw bits.
+
+    XLA:CPU slices 16-bit floats in float32: it converts the whole stack, and inside a loop it keeps that float32
+    copy, so every pass over the layers reads twice the stack's bytes and converts each slice back. Integers are
+    sliced as they are. The tangent is the plain slice of the tangent stack, so gradients are the usual ones."""
+    bits = jax.lax.bitcast_convert_type(stack, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_index_in_dim(bits, i, keepdims=False), stack.dtype)
+
+
+@take_layer.defjvp
+def _take_layer_jvp(primals, tangents):
+    stack, i = primals
+    return take_layer(stack, i), jax.lax.dynamic_index_in_dim(tangents[0], i, keepdims=False)
+
+
+def _is_16_bit_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 2
+
+
+@jax.custom_jvp
+def update_slice(x: Array, update: Array, *start) -> Array:
+    """`jax.lax.dynamic_update_slice(x, update, start)`, on the raw bits of a 16-bit float `x` (which XLA:CPU
+    would otherwise convert whole to float32 and back for the write: a cache read and written twice per step)."""
+    if not _is_16_bit_float(x):
+        return jax.lax.dynamic_update_slice(x, update, start)
+    bits = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(x, jnp.uint16),
+                                        jax.lax.bitcast_convert_type(update.astype(x.dtype), jnp.uint16), start)
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+@update_slice.defjvp
+def _update_slice_jvp(primals, tangents):
+    x, update, *start = primals
+    return update_slice(x, update, *start), jax.lax.dynamic_update_slice(tangents[0], tangents[1], start)
+
+
+def _bits(x):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_16_bit_float(x) else x
+
+
+def scan_layers(body, h, stacks):
+    """`jax.lax.scan(body, h, stacks)` over the layers axis of every leaf of `stacks`. Where a leaf is a 16-bit
+    float (bf16 weights or caches of inference), the scan runs over the layer index instead and slices those
+    leaves with `take_layer`, the rest as scan does. Gradients are the same either way; only the scan over the
+    leaves themselves accumulates a closed-over stack's gradient without a whole-stack add per layer, so float32
+    master weights (training) keep it."""
+    leaves = jax.tree.leaves(stacks)
+    if not any(_is_16_bit_float(x) for x in leaves):
+        return jax.lax.scan(body, h, stacks)
+
+    def by_index(carry, i):
+        return body(carry, jax.tree.map(lambda x: take_layer(x, i) if _is_16_bit_float(x)
+                                        else jax.lax.dynamic_index_in_dim(x, i, keepdims=False), stacks))
+
+    return jax.lax.scan(by_index, h, jnp.arange(leaves[0].shape[0]))
+
+
 def rope_frequencies(config: ModelConfig) -> Float[Array, " head_dim/2"]:
     """Inverse RoPE frequencies, with Llama 3 scaling when configured (as transformers computes them)."""
     d = config.head_dim
@@ -189,8 +248,8 @@ class Attention(nnx.Module):
             k_layer, v_layer = cache_kv
             new_cache = (k.astype(k_layer.dtype).transpose(0, 2, 1, 3), v.astype(v_layer.dtype).transpose(0, 2, 1, 3))
             start = (0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(k_layer, new_cache[0], start)
-            v_all = jax.lax.dynamic_update_slice(v_layer, new_cache[1], start)
+            k_all = update_slice(k_layer, new_cache[0], *start)
+            v_all = update_slice(v_layer, new_cache[1], *start)
             keys = "bksd"  # the cache's layout
         else:
             k_all, v_all, new_cache = k, v, None
@@ -395,7 +454,11 @@ class Transformer(nnx.Module):
             state, layer_kv, prefix_kv = inputs
             layer = nnx.merge(graphdef, state)
             prefix_kv = None if prefix_kv is None else (*prefix_kv, prefix.mask, prefix_grid)
-            return layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv, packing)
+            h, new_kv = layer(h, positions, inv_freq, query_slots, key_mask, layer_kv, cache_index, prefix_kv,
+                              packing)
+            # A 16-bit cache's new keys and values leave the scan as raw bits (stacked, then written, without a
+            # float32 round trip); what gets written to a cache carries no gradient.
+            return h, None if new_kv is None else jax.tree.map(_bits, new_kv)
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
@@ -404,16 +467,17 @@ class Transformer(nnx.Module):
         # one layer per iteration made XLA copy them whole at every layer.
         kv = None if cache is None else (cache.k, cache.v)
         prefix_kv = None if prefix is None else (prefix.k, prefix.v)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, kv, prefix_kv))
+        x, new_kv = scan_layers(body, x, (layer_state, kv, prefix_kv))
         x = self.norm(x)
         if packing is not None:
             x = packing.unpack(x[0])
         if cache is None:
             return x, None
+        new_k, new_v = (jax.lax.bitcast_convert_type(n, c.dtype) if n.dtype != c.dtype else n
+                        for n, c in zip(new_kv, (cache.k, cache.v)))
         start = (0, 0, 0, cache.index, 0)
-        return x, KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], start),
-                          v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], start), mask=key_mask,
-                          index=cache.index + t)
+        return x, KVCache(k=update_slice(cache.k, new_k, *start), v=update_slice(cache.v, new_v, *start),
+                          mask=key_mask, index=cache.index + t)
 
 
 class CausalLM(nnx.Module):
