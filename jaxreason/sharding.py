@@ -140,6 +140,12 @@ def batch_devices(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def split_rows(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up to a multiple of `mesh`'s batch devices, so a batch of them splits over the mesh (`rows`
+    itself without a mesh)."""
+    return rows if mesh is None else -(-rows // batch_devices(mesh)) * batch_devices(mesh)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

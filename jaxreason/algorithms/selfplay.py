@@ -383,7 +383,8 @@ def _comparison_verifiers(r: _Run, policy, base, ids, genrm, reward_model, judge
     """The verifiers `comparison.verifiers` names, the ones not trained by the loop trained on D_0 .. D_T."""
     c, cmp = r.config, r.config.comparison
     data = r.labelled(c.num_steps)
-    lora, trains = c.verifier_lora, lm_parameters(c.verifier_lora is not None)
+    lora = c.verifier_lora
+    trains = lm_parameters(lora is not None)
     out = {}
     for name in cmp.verifiers:
         if name == "genrm":

@@ -124,10 +124,10 @@ def _bits(x):
 
 def scan_layers(body, h, stacks):
     """`jax.lax.scan(body, h, stacks)` over the layers axis of every leaf of `stacks`. Where a leaf is a 16-bit
-    float (bf16 weights or caches of inference), the scan runs over the layer index instead and slices those
-    leaves with `take_layer`, the rest as scan does. Gradients are the same either way; only the scan over the
-    leaves themselves accumulates a closed-over stack's gradient without a whole-stack add per layer, so float32
-    master weights (training) keep it."""
+    float (bf16 weights or caches of inference), the scan runs over the layer index instead, slicing those leaves
+    with `take_layer` and the others with a dynamic index. Both give the same values and gradients, but the
+    gradient of a stack indexed inside the loop is accumulated with a whole-stack add per layer, so stacks of
+    other dtypes (float32 master weights in training) keep the plain scan."""
     leaves = jax.tree.leaves(stacks)
     if not any(_is_16_bit_float(x) for x in leaves):
         return jax.lax.scan(body, h, stacks)

@@ -15,7 +15,6 @@ from jaxreason.distributed import addressable
 from jaxreason.models.kv_cache import KVCache
 from jaxreason.models.llama import CausalLM
 from jaxreason.sampling.alignment import right_align
-from jaxreason.sampling.buckets import round_up
 from jaxreason.sampling.generate import SamplingConfig, generate
 from jaxreason.sampling.prompts import pad_left
 from jaxreason.train.metrics import progress
@@ -43,9 +42,7 @@ def sample_continuations(
     if not prefixes:
         return []
     width = -(-max(len(p) for p in prefixes) // 64) * 64
-    rows = min(chunk_rows, len(prefixes))
-    if mesh is not None:
-        rows = round_up(rows, sharding.batch_devices(mesh))
+    rows = sharding.split_rows(min(chunk_rows, len(prefixes)), mesh)
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(len(prefixes)))
     out: list[np.ndarray] = []
     with progress(len(prefixes), description=description) as bar:

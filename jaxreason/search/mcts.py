@@ -75,7 +75,7 @@ def batched_trees(
         tokens[row, : len(ids)] = ids
     prompt_len = np.asarray([len(p) for p in prompts], np.int32)
     mesh = mesh if mesh is not None and mesh.size > 1 else None
-    batch = round_up(min(config.batch_size, len(prompts)), 1 if mesh is None else sharding.batch_devices(mesh))
+    batch = sharding.split_rows(min(config.batch_size, len(prompts)), mesh)
 
     spec = ExpansionSpec(
         max_len=max_len, max_depth=config.max_depth, sampling=config.sampling, prompt_width=round_up(longest, 16),

@@ -629,7 +629,7 @@ def rstar_trees(problems: Sequence[Problem], *, policy: CausalLM, tokenizer, tas
                        else None, verifier_def)
     if mesh is not None:
         tables = jax.device_put(tables, sharding.replicated(mesh))
-    batch = round_up(min(config.batch_size, len(problems)), 1 if mesh is None else sharding.batch_devices(mesh))
+    batch = sharding.split_rows(min(config.batch_size, len(problems)), mesh)
     for start in range(0, len(problems), batch):
         rows = np.minimum(np.arange(start, start + batch), len(problems) - 1)
         row_keys = jnp.stack([jax.random.key_data(jax.random.fold_in(key, first_index + int(r))) for r in rows])

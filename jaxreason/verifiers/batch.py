@@ -15,7 +15,6 @@ from jax.sharding import Mesh
 
 from jaxreason import sharding
 from jaxreason.distributed import addressable
-from jaxreason.sampling.buckets import round_up
 from jaxreason.sampling.placement import inference_state
 from jaxreason.verifiers.base import Verifier
 from jaxreason.verifiers.positions import StepSplitter
@@ -71,12 +70,8 @@ def score_solutions(
     ends = [e if len(e) else np.asarray([len(p)], np.int32) for e, p in zip(ends, prompts)]  # no step: the prompt
     width = -(-max(len(r) for r in rows) // width_multiple) * width_multiple
     most_steps = max(len(e) for e in ends)
-    size = min(chunk_rows, len(rows))
-    if mesh is None:
-        graphdef, state = nnx.split(verifier)
-    else:
-        graphdef, state = inference_state(verifier, mesh)
-        size = round_up(size, sharding.batch_devices(mesh))
+    size = sharding.split_rows(min(chunk_rows, len(rows)), mesh)
+    graphdef, state = nnx.split(verifier) if mesh is None else inference_state(verifier, mesh)
     steps_out, scores_out, prompt_out = [], [], []
     for start in range(0, len(rows), size):
         chunk = list(range(start, min(start + size, len(rows))))

@@ -174,7 +174,7 @@ def _complete(model, tokenizer, prompts: list[list[int]], rows: list[tuple[int, 
     # One prefix width for every call, so batchings of the same rows read the same padded inputs.
     width = round_up(max(len(tail) for _, tail in rows), _WIDTH_MULTIPLE)
     texts, generated = [], []
-    size = config.batch_size if mesh is None else round_up(config.batch_size, sharding.batch_devices(mesh))
+    size = sharding.split_rows(config.batch_size, mesh)
     with progress(len(rows), description="discriminator") as bar:
         for start in range(0, len(rows), size):
             chunk, ids = rows[start:start + size], index[start:start + size]
