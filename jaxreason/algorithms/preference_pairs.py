@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxreason.data.trace_store import FLAG_CORRECT, Trace, pad_traces
 from jaxreason.distributed import addressable
+from jaxreason.models.lora import lora_disabled
 from jaxreason.sampling.buckets import round_up
 from jaxreason.train.losses import sequence_logprob
 
@@ -62,8 +63,8 @@ def _sequence_logprobs(graphdef, state, tokens, attention_mask, loss_mask):
 
 
 def with_reference(pairs: Sequence[Pair], reference, max_len: int, pad_id: int, chunk_rows: int = 64) -> list[Pair]:
-    """The pairs with log pi_ref of each solution given its prompt, from the `reference` model (one jitted
-    forward per chunk of `chunk_rows` rows; the last chunk is filled with copies)."""
+    """The pairs with log pi_ref of each solution given its prompt, from the `reference` model with any LoRA
+    adapters off (one jitted forward per chunk of `chunk_rows` rows; the last chunk is filled with copies)."""
     rows = [t for p in pairs for t in (p.chosen, p.rejected)]
     if not rows:
         return []
@@ -72,7 +73,8 @@ def with_reference(pairs: Sequence[Pair], reference, max_len: int, pad_id: int, 
         raise ValueError(f"a solution of problem {too_long[0].problem_id} has {len(too_long[0].tokens)} tokens, "
                          f"more than max_len = {max_len}: raise the verifier's max_len")
     width = min(round_up(max(len(t.tokens) for t in rows), 16), max_len)
-    graphdef, state = nnx.split(reference)
+    with lora_disabled(reference):  # a LoRA model's reference is its base
+        graphdef, state = nnx.split(reference)
     out = []
     for start in range(0, len(rows), chunk_rows):
         chunk = list(rows[start:start + chunk_rows])

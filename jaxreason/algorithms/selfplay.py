@@ -418,7 +418,7 @@ def _comparison_verifiers(r: _Run, policy, base, ids, genrm, reward_model, judge
             verifier = dpo_verifier_from(policy, base, cmp.dpo_beta, c.seed, lora)
             pairs, _ = preference_pairs(data, cmp.pairs_per_problem, c.seed)
             if "dpo" not in r.stages:  # a finished stage restores its checkpoint and needs no reference
-                pairs = with_reference(pairs, verifier.reference or verifier.model, cmp.train.max_len, r.pad_id)
+                pairs = with_reference(pairs, verifier.reference_model, cmp.train.max_len, r.pad_id)
             r.train_model("dpo", verifier.model, dpo_objective(cmp.dpo_beta), pairs, cmp.train,
                           lambda batch: pair_batch(batch, cmp.train.max_len, r.pad_id), trains)
             out[name] = verifier

@@ -332,8 +332,7 @@ def _train_verifier(r: _Run, verifier: DPOVerifier, d_ver: list[Trace]) -> None:
     if "verifier_pairs" not in r.stages:
         r.stages.run("verifier_pairs", lambda: counts)
     if "verifier" not in r.stages:  # a finished stage restores its checkpoint and trains no step
-        # before training, pi_V (LoRA adapters start at zero) computes what the reference does
-        pairs = with_reference(pairs, verifier.reference or verifier.model, v.train.max_len, r.pad_id)
+        pairs = with_reference(pairs, verifier.reference_model, v.train.max_len, r.pad_id)
     r.train_model("verifier", verifier.model, dpo_objective(v.beta, v.label_smoothing), pairs, v.train,
                   lambda batch: pair_batch(batch, v.train.max_len, r.pad_id),
                   trainable=lm_parameters(v.lora is not None))

@@ -40,6 +40,11 @@ class DPOVerifier(Verifier):
         self.model, self.reference = model, reference
         self.beta, self.aggregation = float(beta), aggregation
 
+    @property
+    def reference_model(self) -> CausalLM:
+        """pi_ref's weights: `reference`, or `model` itself, whose reference is its base (`lora_disabled`)."""
+        return self.model if self.reference is None else self.reference
+
     def rewards(self, tokens: Int[Array, "B T"], mask: Int[Array, "B T"]) -> Float[Array, "B T"]:
         """The implicit reward of each row's tokens up to and including each position (0 at the first real
         token and on padding's own columns)."""

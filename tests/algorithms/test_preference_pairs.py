@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny
+from flax import nnx
 
 from jaxreason.algorithms.preference_pairs import pair_batch, preference_pairs, with_reference
 from jaxreason.data.trace_store import FLAG_CORRECT, Trace
+from jaxreason.models.lora import add_lora
 from jaxreason.sharding import MeshConfig, make_mesh
 from jaxreason.train.losses import sequence_logprob
 from jaxreason.train.objectives import dpo_objective
@@ -61,6 +63,24 @@ def test_reference_log_probs_are_those_of_the_solution_given_the_prompt():
                                                                  mask)[0]), abs=1e-4)
     with pytest.raises(ValueError, match="more than max_len = 3"):
         with_reference(pairs, model, max_len=3, pad_id=tiny.PAD)
+
+
+def test_a_lora_models_reference_is_its_base_even_after_training():
+    base = tiny.policy(0)
+    model = tiny.policy(0)
+    add_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    layers = model.transformer.layers
+    for module in (layers.attention, layers.mlp):  # adapters as after training: B no longer zero
+        for name, value in list(vars(module).items()):
+            if name.endswith("_lora_b"):
+                value[...] = jnp.full_like(value[...], 0.1)
+    pairs, _ = preference_pairs(_traces(), max_per_problem=4, seed=0)
+    tokens = jnp.asarray(pairs[0].chosen.tokens)[None]
+    assert not np.allclose(model(tokens)[0], base(tokens)[0], atol=1e-3)  # the adapters change the model
+    got = with_reference(pairs, model, max_len=8, pad_id=tiny.PAD)
+    want = with_reference(pairs, base, max_len=8, pad_id=tiny.PAD)
+    np.testing.assert_allclose([p.ref_chosen for p in got], [p.ref_chosen for p in want], rtol=1e-5)
+    np.testing.assert_allclose([p.ref_rejected for p in got], [p.ref_rejected for p in want], rtol=1e-5)
 
 
 def test_dpo_starts_at_log_two_and_learns_the_preference():
