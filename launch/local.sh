@@ -23,7 +23,10 @@ shift $((OPTIND - 1))
 python=${PYTHON:-python}
 
 if [[ -n $devices ]]; then
-  export JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+  # A collective waits for every fake device's thread; on a loaded machine one can lag past XLA's default
+  # wait, which aborts the process, so the waits are raised.
+  waits="--xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_timeout_seconds=1800"
+  export JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices $waits"
 fi
 if (( processes == 1 )); then
   exec "$python" -m jaxreason "$@"

@@ -5,8 +5,12 @@ import tempfile
 
 import pytest
 
+# A collective on fake CPU devices waits for all eight device threads; on a loaded 2-core machine one can lag
+# past XLA's default wait, which aborts the whole worker process, so the waits are raised.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_timeout_seconds=1800"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
