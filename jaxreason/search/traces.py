@@ -28,7 +28,7 @@ from jaxreason.search.selection import is_valid_action
 class Decoder(Protocol):
     """What `decode` needs of a tokenizer (any Hugging Face tokenizer qualifies)."""
 
-    def decode(self, token_ids: list[int]) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,10 @@ class SearchPath:
         return [self.tokens[s:e] for s, e in zip(starts, self.step_ends, strict=True)]
 
     def decode(self, tokenizer: Decoder) -> SearchPath:
-        return dataclasses.replace(self, text=tokenizer.decode(self.tokens[self.prompt_len :].tolist()))
+        # Without the EOS a finished step ends on: answer checks that read the whole text (Countdown's, code
+        # run in the sandbox) fail on it, as on any sample's (`decode_completions` skips it too).
+        text = tokenizer.decode(self.tokens[self.prompt_len :].tolist(), skip_special_tokens=True)
+        return dataclasses.replace(self, text=text)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,10 @@ import jax
 import numpy as np
 import pytest
 import synthetic as S
+from tiny import EOS, TOKENIZER
 
-from jaxreason.search.traces import extract_traces
+from jaxreason.search.traces import SearchPath, extract_traces
+from jaxreason.tasks import get_task
 
 KEY = jax.random.key(0)
 
@@ -14,7 +16,7 @@ KEY = jax.random.key(0)
 class StepNames:
     """A tokenizer stand-in: step token STEP_TOKEN + i decodes to "s<i>"."""
 
-    def decode(self, token_ids):
+    def decode(self, token_ids, skip_special_tokens=False):
         return " ".join(f"s{t - S.STEP_TOKEN}" for t in token_ids)
 
 
@@ -153,3 +155,18 @@ def test_traces_with_max_depth_cut(tables, rule):
     re_expanded = (host.node_visits > 1 + host.children_visits.sum(-1)) & (host.embeddings.depth == 2)
     assert re_expanded.any()  # the case was exercised (copies below terminal nodes have depth <= 1 here)
     check_consistent(tables, tree, extract_traces(tree), max_depth=2)
+
+
+def test_a_finished_paths_text_leaves_out_the_eos_so_strict_checks_pass():
+    """A finished step ends on EOS: its text must not carry it, or Countdown's whole-text check (like code run in
+    the sandbox) fails every solution the search finds."""
+    task = get_task("countdown", min_numbers=3, max_numbers=3, max_number=9)
+    problem = task.problems("test", n=1)[0]
+    solution = task.format_solution(problem.solution_steps, problem.answer)
+    prompt = TOKENIZER.encode(task.prompt(problem), add_special_tokens=False)
+    tokens = np.array(prompt + TOKENIZER.encode(solution, add_special_tokens=False) + [EOS])
+    path = SearchPath(nodes=np.arange(2), actions=np.zeros(1, int), values=np.zeros(2), scores=np.zeros(2),
+                      visits=np.ones(2, int), qvalues=np.zeros(1), terminal=np.array([False, True]), tokens=tokens,
+                      prompt_len=len(prompt), step_ends=np.array([len(tokens)]), terminal_value=1.0)
+    text = path.decode(TOKENIZER).text
+    assert text == solution and task.is_correct(problem, text)
